@@ -461,7 +461,11 @@ class RoutingStats:
 # Two dispatch implementations compute the same function, and a test proves it:
 # `_experts_loop` visits each expert and finds its tokens with torch.where, the
 # way mistral-inference writes it; `_experts_grouped` sorts the assignments by
-# expert once, so each expert reads one contiguous block of rows.
+# expert once, so each expert reads one contiguous block of rows, with one
+# gather, one scatter and one host sync instead of one per expert. On a 2-core
+# CPU the two run at the same speed (an h64lm-sized layer, 1024 tokens, forward
+# and backward: 1.06 s loop, 1.12 s grouped); the sorted layout is the input
+# that grouped-GEMM kernels, one kernel for all experts, take on a GPU.
 
 class MoE(nn.Module):
     def __init__(self, config: H64LMConfig):
@@ -477,9 +481,16 @@ class MoE(nn.Module):
         self.w_down = nn.Parameter(torch.empty(E, Fh, D))
         self.stats: RoutingStats | None = None
 
-    def expert(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        """Expert i's SwiGLU on the rows x (n, D) -> (n, D)."""
-        return (F.silu(x @ self.w_gate[i]) * (x @ self.w_up[i])) @ self.w_down[i]
+    def expert_weights(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(w_gate, w_up, w_down) of each expert. Split once per forward with unbind: indexing w_gate[i] for each
+        expert instead makes backward write a zero-filled full-size (E, D, F) gradient per expert, which took
+        58% of an h64lm-sized MoE layer's forward+backward on CPU (torch.profiler)."""
+        return list(zip(self.w_gate.unbind(0), self.w_up.unbind(0), self.w_down.unbind(0)))
+
+    @staticmethod
+    def expert(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+        """One expert's SwiGLU on the rows x (n, D) -> (n, F) -> (n, D)."""
+        return (F.silu(x @ w_gate) * (x @ w_up)) @ w_down
 
     def capacity_keep(self, expert_ids: torch.Tensor) -> torch.Tensor:
         """True for the assignments that fit in their expert's capacity, in token order. (N, k) -> (N, k)"""
@@ -521,11 +532,11 @@ class MoE(nn.Module):
     def _experts_loop(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """The readable dispatch: for each expert, gather its tokens, run it, add the weighted result back."""
         y = torch.zeros_like(x)  # (N, D)
-        for i in range(self.num_experts):
+        for i, w in enumerate(self.expert_weights()):
             token, slot = torch.where(expert_ids == i)  # which tokens chose expert i, and as their slot-th choice
             if token.numel() == 0:
                 continue
-            out = self.expert(i, x[token]) * weights[token, slot, None]  # (n_i, D)
+            out = self.expert(x[token], *w) * weights[token, slot, None]  # (n_i, D)
             y.index_add_(0, token, out)
         return y
 
@@ -538,7 +549,7 @@ class MoE(nn.Module):
         order = order[: sum(counts)]  # drop the dropped
         token = order // self.top_k  # (A',) the token of each sorted assignment
         rows = x[token]  # (A', D), expert 0's rows first, then expert 1's, ...
-        out = torch.cat([self.expert(i, block) for i, block in enumerate(rows.split(counts))])  # (A', D)
+        out = torch.cat([self.expert(block, *w) for block, w in zip(rows.split(counts), self.expert_weights())])
         out = out * weights.reshape(-1)[order, None]
         return torch.zeros_like(x).index_add_(0, token, out)  # (N, D)
 
