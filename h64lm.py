@@ -4,31 +4,58 @@ Read it top to bottom: every part of a modern sparse transformer is built
 before the whole that uses it, and each section is mirrored, with the same
 number and title, by a section of the notebook H64LM.ipynb.
 
-     1. Configuration              8. SwiGLU feed-forward
-     2. RMSNorm                    9. The router and its losses
-     3. Rotary position embedding 10. The Mixture-of-Experts layer
-     4. ALiBi                     11. The transformer block
-     5. Attention masks           12. The H64LM model
-     6. The KV cache              13. Generation
+   The model                       The program
+     1. Configuration               14. Data
+     2. RMSNorm                     15. Training
+     3. Rotary position embedding   16. Evaluation
+     4. ALiBi                       17. Command line
+     5. Attention masks
+     6. The KV cache
      7. Grouped-query attention
+     8. SwiGLU feed-forward
+     9. The router and its losses
+    10. The Mixture-of-Experts layer
+    11. The transformer block
+    12. The H64LM model
+    13. Generation
 
 The default model (the `h64lm` preset) is a 6-layer, 768-wide decoder whose odd
 layers are top-2-of-8 Mixture-of-Experts layers: 250M parameters, of which
 122M are active for any one token.
 
 Importing this file only defines things; nothing runs until you call it.
+As a program: python h64lm.py {train,eval,generate,export} --help.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import functools
+import gzip
+import hashlib
+import inspect
+import json
 import math
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import sys
+import threading
+import time
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 # -----------------------------------------------------------------------------
 # 1. Configuration
@@ -616,6 +643,8 @@ class H64LM(nn.Module):
         self.register_buffer("rope_inv_freq", rope_inverse_frequencies(config.head_dim, config.rope_theta),
                              persistent=False)
         self.register_buffer("alibi_slopes", alibi_slopes(config.num_heads), persistent=False)
+        # Recompute each block's activations in backward instead of storing them: less memory, about 1/3 more compute.
+        self.gradient_checkpointing = False
         self.reset_parameters()
 
     @torch.no_grad()
@@ -662,7 +691,10 @@ class H64LM(nn.Module):
         x = self.embed(idx)  # (B, T, D)
         router_losses = []
         for block in self.blocks:
-            x, aux = block(x, rope, bias, cache)
+            if self.gradient_checkpointing and self.training:
+                x, aux = torch.utils.checkpoint.checkpoint(block, x, rope, bias, cache, use_reentrant=False)
+            else:
+                x, aux = block(x, rope, bias, cache)
             if aux is not None:
                 router_losses.append(aux)
         if cache is not None:
@@ -865,3 +897,1225 @@ def generate(model: H64LM, prompts: list[list[int]], max_new_tokens: int, **samp
                 out[row].append(t)
                 finished[row] = t == eos_id
     return out
+
+
+# -----------------------------------------------------------------------------
+# 14. Data
+# -----------------------------------------------------------------------------
+# Text comes in splits (train, valid, test) of lines, from one of four sources:
+#   wikitext-103  the Hugging Face dataset Salesforce/wikitext, wikitext-103-raw-v1
+#   sample        the Wikipedia sample bundled in data/ (WikiText's raw layout)
+#   PATH          a folder of WikiText raw files, the hub's parquet shards, or .txt files
+#   auto          wikitext-103 when it can be loaded, else the sample
+#
+# Each document (a WikiText article, from one ' = Title = ' heading to the next)
+# is encoded the way a prompt is encoded at generation time: <s>, then its text.
+# The documents of a split are concatenated into one array of token ids, saved
+# as uint16 on disk and memory-mapped, so a second run skips tokenizing. The
+# cache is keyed by a fingerprint of the text and of the tokenizer.
+#
+# Training reads packed windows of seq_len + 1 consecutive tokens (inputs and
+# next-token targets) that cross document boundaries freely: no padding, no
+# truncated documents.
+
+ROOT = Path(__file__).resolve().parent
+SAMPLE_DIR = ROOT / "data" / "wikipedia_sample"
+DEFAULT_TOKENIZER = ROOT / "mistral_tokenizer"
+DEFAULT_CACHE = ROOT / "data" / "cache"
+SPLITS = ("train", "valid", "test")
+SPLIT_ALIASES = {"train": "train", "valid": "valid", "validation": "valid", "val": "valid", "test": "test"}
+WIKITEXT_HUB = ("Salesforce/wikitext", "wikitext-103-raw-v1")
+TOKEN_CACHE_VERSION = 1  # bump when the way text becomes tokens changes
+
+
+class H64LMError(Exception):
+    """A problem the user can fix; the command line prints its one-sentence message and exits with status 2."""
+
+
+@dataclass
+class TextSource:
+    """Where a corpus comes from, and how to read it."""
+    name: str  # for messages, e.g. "the bundled Wikipedia sample"
+    fingerprint: str  # changes whenever the text does
+    read: callable  # split name -> list of lines (without their newline)
+
+
+def is_article_heading(line: str) -> bool:
+    """' = Title = ' starts a WikiText article; ' = = Section = = ' does not."""
+    s = line.strip()
+    return s.startswith("= ") and s.endswith(" =") and not s.startswith("= =")
+
+
+def count_words(lines: list[str]) -> int:
+    """WikiText's word count, used for word-level perplexity: whitespace-separated words plus one end-of-line per
+    line (Merity et al. 2016; Transformer-XL's evaluation), so numbers compare with the literature."""
+    return sum(len(line.split()) + 1 for line in lines)
+
+
+def _hash_files(paths: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(paths):
+        digest.update(path.name.encode())
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def _read_lines(path: Path) -> list[str]:
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            return f.read().splitlines()
+    except UnicodeDecodeError:
+        raise H64LMError(f"{path} is not UTF-8 text; convert it to UTF-8 or remove it from the folder.") from None
+    except OSError as e:
+        raise H64LMError(f"Could not read {path} ({e.strerror or e}); check the file and its permissions.") from None
+
+
+def _split_of(path: Path) -> str | None:
+    """The split a file belongs to, from its name: wiki.valid.raw, validation-00000-of-00001.parquet, test.txt."""
+    for word in re.split(r"[^a-z]+", path.name.lower()):
+        if word in SPLIT_ALIASES:
+            return SPLIT_ALIASES[word]
+    return None
+
+
+def _folder_source(folder: Path) -> TextSource:
+    if not folder.exists():
+        raise H64LMError(f"--data {folder}: no such folder; give a folder of wiki.*.raw, parquet or .txt files, "
+                         "or use --data sample.")
+    if not folder.is_dir():
+        raise H64LMError(f"--data {folder} is a file; give the folder that holds it.")
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    raw = [p for p in files if p.name.endswith((".raw", ".raw.gz", ".txt", ".txt.gz"))]
+    parquet = [p for p in files if p.suffix == ".parquet"]
+    by_split: dict[str, list[Path]] = {}
+    for p in raw or parquet:
+        if (split := _split_of(p)) is not None:
+            by_split.setdefault(split, []).append(p)
+    missing = [s for s in SPLITS if s not in by_split]
+    if not (raw or parquet):
+        raise H64LMError(f"--data {folder} holds no wiki.*.raw, .txt or .parquet files; put WikiText-103 there "
+                         "or use --data sample.")
+    if missing:
+        raise H64LMError(f"--data {folder} has no file for the {', '.join(missing)} split; name files by split "
+                         "(wiki.train.raw, wiki.valid.raw, wiki.test.raw, or train/validation/test parquet shards).")
+
+    if raw:
+        def read(split: str) -> list[str]:
+            return [line for p in by_split[split] for line in _read_lines(p)]
+    else:
+        def read(split: str) -> list[str]:
+            import datasets  # imported here: it is slow to import and only needed for parquet and the hub
+            ds = datasets.load_dataset("parquet", data_files={split: [str(p) for p in by_split[split]]}, split=split)
+            if "text" not in ds.column_names:
+                raise H64LMError(f"The parquet files in {folder} have no 'text' column; WikiText's shards do.")
+            return [line.rstrip("\n") for line in ds["text"]]
+    return TextSource(name=str(folder), fingerprint=_hash_files([p for ps in by_split.values() for p in ps]),
+                      read=read)
+
+
+def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _wikitext103_source() -> TextSource:
+    import datasets
+    import datasets.config
+    import huggingface_hub.constants
+
+    offline = not _hub_reachable()
+    saved = datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE
+    try:
+        # Without a network, ask only the local cache: otherwise datasets retries for half a minute.
+        if offline:
+            datasets.config.HF_HUB_OFFLINE = huggingface_hub.constants.HF_HUB_OFFLINE = True
+        ds = datasets.load_dataset(*WIKITEXT_HUB)
+    except Exception as e:  # datasets raises ConnectionError, FileNotFoundError, DatasetNotFoundError, ...
+        raise H64LMError(
+            "WikiText-103 could not be loaded from the Hugging Face hub or its cache "
+            f"({type(e).__name__}); use --data sample for the bundled Wikipedia sample, or download "
+            "wiki.train.raw, wiki.valid.raw and wiki.test.raw (or the hub's parquet shards) into a folder "
+            "and pass --data FOLDER.") from None
+    finally:
+        datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE = saved
+    names = {"train": "train", "valid": "validation", "test": "test"}
+    fingerprint = hashlib.sha256("".join(ds[names[s]]._fingerprint for s in SPLITS).encode()).hexdigest()
+    return TextSource(name="WikiText-103 (Salesforce/wikitext, wikitext-103-raw-v1)", fingerprint=fingerprint,
+                      read=lambda split: [line.rstrip("\n") for line in ds[names[split]]["text"]])
+
+
+def open_text_source(data: str) -> TextSource:
+    """The corpus named by --data: "auto", "wikitext-103", "sample" or a folder."""
+    if data == "wikitext-103":
+        return _wikitext103_source()
+    if data == "sample":
+        source = _folder_source(SAMPLE_DIR)
+        source.name = "the bundled Wikipedia sample (data/wikipedia_sample)"
+        return source
+    if data == "auto":
+        try:
+            return _wikitext103_source()
+        except H64LMError:
+            return open_text_source("sample")
+    return _folder_source(Path(data).expanduser())
+
+
+def load_tokenizer(path: str | Path = DEFAULT_TOKENIZER):
+    """The fast Hugging Face tokenizer in `path` (the Mistral tokenizer by default), loaded offline."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not (path / "tokenizer.json").exists() and not (path / "tokenizer.model").exists():
+        raise H64LMError(f"No tokenizer in {path}; point --tokenizer at a folder with tokenizer.json.")
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
+
+
+def documents(lines: list[str]) -> Iterator[str]:
+    """Group lines into documents: a new one starts at each WikiText article heading (or at the first line)."""
+    current: list[str] = []
+    for line in lines:
+        if is_article_heading(line) and any(s.strip() for s in current):
+            yield "\n".join(current) + "\n"
+            current = []
+        current.append(line)
+    if any(s.strip() for s in current):
+        yield "\n".join(current) + "\n"
+
+
+def tokenize_documents(docs: list[str], tokenizer, desc: str, batch_size: int = 64) -> np.ndarray:
+    """Encode documents in batches (the fast tokenizer runs a batch on every core), each as <s> + text,
+    and concatenate them into one uint16 array."""
+    from tqdm.auto import tqdm
+
+    chunks = []
+    for start in tqdm(range(0, len(docs), batch_size), desc=desc, unit="batch", leave=False):
+        # split_special_tokens: a literal "<s>" in the text is text, not the BOS token.
+        encoded = tokenizer(docs[start:start + batch_size], add_special_tokens=True,
+                            split_special_tokens=True)["input_ids"]
+        chunks.append(np.fromiter((t for ids in encoded for t in ids), dtype=np.uint16))
+    return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.uint16)
+
+
+@dataclass
+class TokenSplit:
+    tokens: np.ndarray  # (n,) uint16 token ids, memory-mapped from the cache
+    words: int  # WikiText word count of the split's text (see count_words)
+    lines: int
+
+
+def load_token_splits(data: str, tokenizer, cache_dir: str | Path = DEFAULT_CACHE,
+                      log=print) -> tuple[TextSource, dict[str, TokenSplit]]:
+    """Every split of --data as tokens, tokenizing only what the cache does not hold yet."""
+    if len(tokenizer) > np.iinfo(np.uint16).max + 1:
+        raise H64LMError(f"The tokenizer has {len(tokenizer)} tokens; the token cache stores uint16 ids, "
+                         "so at most 65536.")
+    source = open_text_source(data)
+    key = hashlib.sha256(f"{TOKEN_CACHE_VERSION}|{source.fingerprint}|{tokenizer_fingerprint(tokenizer)}"
+                         .encode()).hexdigest()[:20]
+    folder = Path(cache_dir) / key
+    splits = {}
+    for split in SPLITS:
+        bin_path, meta_path = folder / f"{split}.bin", folder / f"{split}.json"
+        if not meta_path.exists():
+            lines = source.read(split)
+            tokens = tokenize_documents(list(documents(lines)), tokenizer, desc=f"tokenizing {split}")
+            if len(tokens) < 2:
+                raise H64LMError(f"The {split} split of {source.name} holds no text; give every split some text.")
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp = bin_path.with_suffix(".tmp")
+            tokens.tofile(tmp)
+            os.replace(tmp, bin_path)
+            meta = {"tokens": int(len(tokens)), "words": count_words(lines), "lines": len(lines)}
+            meta_path.write_text(json.dumps(meta))  # written last: its presence means the .bin is complete
+        meta = json.loads(meta_path.read_text())
+        tokens = np.memmap(bin_path, dtype=np.uint16, mode="r")
+        splits[split] = TokenSplit(tokens=tokens, words=meta["words"], lines=meta["lines"])
+    return source, splits
+
+
+class PackedWindows:
+    """Non-overlapping windows of seq_len + 1 tokens over a token array: window i holds tokens
+    [i*seq_len, (i+1)*seq_len], its first seq_len as inputs and its last seq_len as targets."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int):
+        self.tokens, self.seq_len = tokens, seq_len
+        self.count = (len(tokens) - 1) // seq_len
+
+    def batch(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = np.stack([self.tokens[i * self.seq_len:(i + 1) * self.seq_len + 1] for i in indices])
+        rows = torch.from_numpy(rows.astype(np.int64))  # (B, T + 1)
+        return rows[:, :-1], rows[:, 1:]  # inputs (B, T), targets (B, T)
+
+
+@functools.lru_cache(maxsize=2)
+def _epoch_permutation(seed: int, epoch: int, num_windows: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(num_windows)
+
+
+def train_window_indices(step: int, global_batch: int, num_windows: int, seed: int) -> np.ndarray:
+    """The windows of optimizer step `step`: steps walk through a fresh random permutation of all windows each
+    epoch, so every window is seen once per epoch and the order depends only on (seed, step)."""
+    slots = np.arange(step * global_batch, (step + 1) * global_batch)
+    epochs, offsets = np.divmod(slots, num_windows)
+    out = np.empty_like(slots)
+    for epoch in np.unique(epochs):
+        chosen = epochs == epoch
+        out[chosen] = _epoch_permutation(seed, int(epoch), num_windows)[offsets[chosen]]
+    return out
+
+
+# -----------------------------------------------------------------------------
+# 15. Training
+# -----------------------------------------------------------------------------
+# The loop, phase by phase: take a batch, forward and backward over
+# grad_accum micro-batches (the loss divided by grad_accum, so the gradient is
+# the mean over the whole batch), clip the gradient norm, set the learning rate
+# for this step, step the optimizer. Every eval_every steps, and always at the
+# end, measure the validation loss and save the latest and the best checkpoint.
+#
+# Device and precision are decided once: bf16 autocast on CUDA (weights and
+# optimizer state stay float32), fp16 with a gradient scaler if asked, float32
+# on CPU. Several processes are started by torchrun, which sets RANK,
+# WORLD_SIZE and LOCAL_RANK; each process takes its share of every batch,
+# DistributedDataParallel averages the gradients, and rank 0 alone prints and
+# saves.
+
+@dataclass
+class TrainConfig:
+    data: str = "auto"  # "auto", "wikitext-103", "sample" or a folder of wiki.*.raw / parquet / .txt files
+    run_name: str | None = None  # name of the run folder under --out-dir; default: the preset's name
+    out_dir: str = str(ROOT / "checkpoints")  # where run folders are written
+    overwrite: bool = False  # replace a run folder that already holds a run
+    tokenizer: str = str(DEFAULT_TOKENIZER)  # folder of a Hugging Face tokenizer
+    cache_dir: str = str(DEFAULT_CACHE)  # where tokenized splits are cached
+    seq_len: int | None = None  # tokens per training sequence; default: the model's max_position_embeddings
+    batch_size: int = 16  # sequences per micro-batch per process
+    grad_accum: int = 4  # micro-batches per optimizer step; global batch = batch_size x grad_accum x processes
+    max_steps: int = 5000  # optimizer steps
+    lr: float = 6e-4  # peak learning rate; GPT-3 (Brown et al. 2020, table 2.1) for a model of 125M active
+    min_lr: float = 6e-5  # learning rate at the end of the cosine decay; lr / 10 as in Chinchilla
+    warmup_steps: int = 200  # steps of linear warm-up from 0 to lr
+    weight_decay: float = 0.1  # AdamW decoupled weight decay on matrices only (GPT-3)
+    beta1: float = 0.9  # AdamW first-moment decay (GPT-3)
+    beta2: float = 0.95  # AdamW second-moment decay (GPT-3)
+    grad_clip: float = 1.0  # maximum global gradient norm; 0 = no clipping (GPT-3)
+    eval_every: int = 250  # steps between validations; each one also saves latest.pt, and best.pt when it improves
+    save_every: int = 250  # steps between saves of latest.pt (also saved at every validation and at the end)
+    stop_at: int | None = None  # stop after this step, saved, without changing the schedule; continue with --resume
+    eval_batches: int = 20  # validation micro-batches per evaluation
+    log_every: int = 10  # steps between entries of training_history.json
+    precision: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU), "bf16", "fp16" or "fp32"
+    compile: bool = False  # torch.compile the model
+    gradient_checkpointing: bool = False  # recompute activations in backward to save memory
+    device: str = "auto"  # "auto", "cpu" or "cuda"
+    seed: int = 1337  # seeds the weights, the data order and the router noise
+
+
+# Training recipes, like the model presets, list only what differs from the defaults above (the h64lm GPU recipe).
+TRAIN_RECIPES: dict[str, dict] = {
+    # The CPU demo: 800 steps of 8 x 128 tokens, about 6 minutes on 2 cores.
+    "tiny": dict(batch_size=8, grad_accum=1, seq_len=128, max_steps=800, lr=2e-3, min_lr=2e-4, warmup_steps=40,
+                 eval_every=200, save_every=200, eval_batches=10),
+    "small": dict(batch_size=16, grad_accum=2, max_steps=3000, lr=1e-3, min_lr=1e-4, warmup_steps=100),
+    "h64lm": dict(),
+}
+
+# Dense bf16 peak of common GPUs, in FLOP/s, for model FLOP utilisation (vendor data sheets, without sparsity).
+GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12,
+                  "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12}
+
+
+@dataclass
+class Runtime:
+    """Where this process runs: decided once, from torchrun's environment and --device / --precision."""
+    device: torch.device
+    rank: int = 0  # this process among all of them
+    world_size: int = 1
+    dtype: torch.dtype = torch.float32  # autocast dtype; float32 = no autocast
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+    def autocast(self):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+
+def setup_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
+    if device == "cuda" and not torch.cuda.is_available():
+        raise H64LMError("--device cuda was asked for, but PyTorch sees no CUDA GPU; use --device cpu.")
+    if device not in ("auto", "cpu", "cuda"):
+        raise H64LMError(f"--device must be auto, cpu or cuda, got {device!r}.")
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if use_cuda:
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    if world_size > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend="nccl" if use_cuda else "gloo")
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
+              "auto": torch.bfloat16 if use_cuda else torch.float32}
+    if precision not in dtypes:
+        raise H64LMError(f"--precision must be auto, bf16, fp16 or fp32, got {precision!r}.")
+    if precision == "fp16" and not use_cuda:
+        raise H64LMError("--precision fp16 needs a CUDA GPU; on CPU use fp32 (or bf16).")
+    return Runtime(device=dev, rank=rank, world_size=world_size, dtype=dtypes[precision])
+
+
+def peak_flops(device: torch.device) -> float:
+    """The FLOP/s that utilisation is measured against: a GPU's dense bf16 peak from its data sheet, or on CPU the
+    float32 matmul rate this process actually reaches (one 2048 x 2048 torch.mm, best of 5)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, flops in GPU_PEAK_FLOPS.items():
+            if key in name:
+                return flops
+        return float("nan")
+    generator = torch.Generator().manual_seed(0)  # its own, so measuring draws nothing from the run's generators
+    a, b = torch.randn(2048, 2048, generator=generator), torch.randn(2048, 2048, generator=generator)
+    a @ b  # warm-up
+    best = min(_timed(lambda: a @ b) for _ in range(5))
+    return 2 * 2048 ** 3 / best
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def make_optimizer(model: nn.Module, tc: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW (Loshchilov & Hutter 2019) with weight decay on matrices (and the stacked expert matrices) only:
+    decaying norm gains pulls them towards 0, which is not the prior we want for a scale."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), fused=device.type == "cuda")
+
+
+def learning_rate(step: int, tc: TrainConfig) -> float:
+    """Linear warm-up to lr over warmup_steps, then cosine decay to min_lr at max_steps (Loshchilov & Hutter 2017)."""
+    if step < tc.warmup_steps:
+        return tc.lr * (step + 1) / tc.warmup_steps
+    progress = min(1.0, (step - tc.warmup_steps) / max(1, tc.max_steps - tc.warmup_steps))
+    return tc.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (tc.lr - tc.min_lr)
+
+
+# --- Checkpoints --------------------------------------------------------------
+# A checkpoint is one file that holds everything a run needs to go on exactly
+# where it stopped: weights, optimizer and gradient-scaler state, step, the
+# random-number generators of every process, the best validation loss and the
+# history so far. (The data order needs nothing saved: it is a function of the
+# seed and the step, see train_window_indices.)
+#
+# It is written to a temporary name in the same folder, flushed to disk and
+# then renamed over the old file (os.replace is atomic): a crash or a SIGKILL
+# at any moment leaves either the old checkpoint or the new one, never half of
+# one. It holds only tensors and plain Python values, so it is read with
+# torch.load(weights_only=True), which refuses any pickle that would run code.
+#
+# For sharing, `h64lm.py export` writes just the weights as safetensors plus the
+# config as JSON; load_checkpoint reads that form too.
+
+CHECKPOINT_FORMAT = "h64lm-checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+def save_checkpoint(path: Path, payload: dict) -> None:
+    """Write payload atomically to path, after checking that the disk has room for it."""
+    tensor_bytes = sum(t.numel() * t.element_size() for t in _tensors(payload))
+    free = shutil.disk_usage(path.parent).free
+    if free < tensor_bytes * 1.1 + (64 << 20):
+        raise H64LMError(f"Only {free / 2**30:.2f} GiB are free next to {path}, and the checkpoint needs about "
+                         f"{tensor_bytes / 2**30:.2f} GiB; free disk space or choose another --out-dir.")
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **payload}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise H64LMError(f"Saving the checkpoint {path} failed ({e.strerror or e}); free disk space or choose "
+                         "another --out-dir.") from None
+
+
+def _tensors(obj) -> Iterator[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors(v)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file, an exported folder (model.safetensors), or a run folder (its best.pt, else latest.pt)."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        for name in ("best.pt", "latest.pt", "model.safetensors"):
+            if (path / name).exists():
+                return path / name
+        raise H64LMError(f"{path} holds no best.pt, latest.pt or model.safetensors; point --ckpt at a run folder "
+                         "of `h64lm.py train`.")
+    if not path.exists():
+        raise H64LMError(f"No checkpoint at {path}; point --ckpt at a run folder or a .pt file.")
+    return path
+
+
+def read_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dict:
+    """The checkpoint dict at path, validated: right format and version, a valid config. Nothing in it can run code."""
+    path = resolve_checkpoint(path)
+    if path.suffix == ".safetensors":
+        return _read_safetensors(path, device)
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # truncated files, pickles that would run code, anything torch.load refuses
+        raise H64LMError(f"{path} is not a readable H64LM checkpoint ({type(e).__name__}: it is damaged or "
+                         "holds objects other than tensors); use another checkpoint or retrain.") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise H64LMError(f"{path} is not an H64LM checkpoint; use one written by `h64lm.py train`.")
+    if ckpt.get("version") != CHECKPOINT_VERSION:
+        raise H64LMError(f"{path} is an H64LM checkpoint of format version {ckpt.get('version')}, and this "
+                         f"h64lm.py reads version {CHECKPOINT_VERSION}; use the h64lm.py that wrote it.")
+    _config_of(ckpt, path)  # validate now, so every later use can trust it
+    return ckpt
+
+
+def _read_safetensors(path: Path, device) -> dict:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    config_path = path.with_name("config.json")
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError):
+        raise H64LMError(f"{path} needs its config.json beside it; export the checkpoint again with "
+                         "`h64lm.py export`.") from None
+    try:
+        state = load_file(path, device=str(device))
+    except (SafetensorError, OSError) as e:
+        raise H64LMError(f"{path} is not a readable safetensors file ({e}); export the checkpoint again.") from None
+    ckpt = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "model": state, "config": config}
+    _config_of(ckpt, path)
+    return ckpt
+
+
+def _config_of(ckpt: dict, path) -> H64LMConfig:
+    try:
+        return H64LMConfig(**ckpt["config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise H64LMError(f"The config stored in {path} is not valid for this h64lm.py ({e}); use the h64lm.py "
+                         "that wrote it.") from None
+
+
+def strip_prefixes(state: dict) -> dict:
+    """Names as a plain H64LM has them: DistributedDataParallel adds 'module.', torch.compile '_orig_mod.'."""
+    return {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in state.items()}
+
+
+def model_from_checkpoint(ckpt: dict, device: torch.device | str = "cpu", path="the checkpoint") -> H64LM:
+    model = H64LM(_config_of(ckpt, path)).to(device)
+    try:
+        model.load_state_dict(strip_prefixes(ckpt["model"]))
+    except (KeyError, RuntimeError):
+        raise H64LMError(f"The weights in {path} do not fit the model its config describes; the file is damaged "
+                         "or was edited.") from None
+    return model
+
+
+def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tuple[H64LM, dict]:
+    """The model saved at path (a .pt file, a run folder or an exported folder), and the checkpoint dict."""
+    ckpt = read_checkpoint(path, device)
+    return model_from_checkpoint(ckpt, device, resolve_checkpoint(path)), ckpt
+
+
+def export_checkpoint(path: str | Path, out: str | Path) -> Path:
+    """Write the weights of a checkpoint as out/model.safetensors and its config as out/config.json."""
+    from safetensors.torch import save_file
+
+    model, ckpt = load_checkpoint(path)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "model.safetensors.tmp"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp),
+              metadata={"format": CHECKPOINT_FORMAT, "step": str(ckpt.get("step", ""))})
+    os.replace(tmp, out / "model.safetensors")
+    (out / "config.json").write_text(json.dumps(model.config.to_dict(), indent=1) + "\n")
+    return out / "model.safetensors"
+
+
+def rng_state() -> dict:
+    """Every random-number generator a run draws from, as tensors and plain values (weights_only-loadable)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": random.getstate(), "numpy": [name, keys.tolist(), pos, has_gauss, cached],
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(tuple(t if not isinstance(t, list) else tuple(t) for t in state["python"]))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"].cpu())
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+# --- Plots --------------------------------------------------------------------
+
+def save_plots(history: dict, folder: Path) -> None:
+    """loss.png (train and validation), lr.png and expert_load.png (share of tokens per expert over time)."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only; chosen here so that importing h64lm touches no global state
+    import matplotlib.pyplot as plt
+
+    train, val = history["train"], history["val"]
+    if not train:
+        return
+    steps = [r["step"] for r in train]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, [r["lm_loss"] for r in train], label="train")
+    if val:
+        ax.plot([r["step"] for r in val], [r["loss"] for r in val], "o-", label="validation")
+    ax.set(xlabel="step", ylabel="cross-entropy (nats/token)", title="Loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(folder / "loss.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 3))
+    ax.plot(steps, [r["lr"] for r in train])
+    ax.set(xlabel="step", ylabel="learning rate", title="Learning rate")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(folder / "lr.png", dpi=110)
+    plt.close(fig)
+
+    layers = sorted(train[-1].get("expert_load", {}), key=int)
+    if layers:
+        fig, axes = plt.subplots(1, len(layers), figsize=(4 * len(layers), 3.4), squeeze=False, sharey=True)
+        for ax, layer in zip(axes[0], layers):
+            load = np.array([r["expert_load"][layer] for r in train])  # (records, E) shares of assignments
+            ax.stackplot(steps, load.T, labels=[f"expert {i}" for i in range(load.shape[1])])
+            ax.set(xlabel="step", title=f"layer {layer}", ylim=(0, 1))
+        axes[0][0].set_ylabel("share of token assignments")
+        axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1, 0.5))
+        fig.suptitle("Expert load per MoE layer")
+        fig.tight_layout()
+        fig.savefig(folder / "expert_load.png", dpi=110)
+        plt.close(fig)
+
+
+# --- The loop -----------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate(model: H64LM, tokens: np.ndarray, seq_len: int, batch_size: int, rt: Runtime,
+             max_batches: int | None = None) -> tuple[float, int]:
+    """Summed next-token NLL (nats) and the number of predicted tokens over non-overlapping windows of the
+    token array, in order; each process takes every world_size-th batch and the sums are all-reduced.
+    With max_batches=None every token after the first is predicted exactly once."""
+    was_training = model.training
+    model.eval()
+    windows = PackedWindows(tokens, seq_len)
+    starts = list(range(0, windows.count, batch_size))[: max_batches]
+    total = torch.zeros(2, dtype=torch.float64, device=rt.device)  # (NLL, tokens)
+    for start in starts[rt.rank::rt.world_size]:
+        x, y = windows.batch(range(start, min(start + batch_size, windows.count)))
+        x, y = x.to(rt.device), y.to(rt.device)
+        with rt.autocast():
+            logits = model(x).logits
+        total[0] += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").double()
+        total[1] += y.numel()
+    # The tokens after the last full window: one more window that ends at the last token, scoring only them.
+    tail = len(tokens) - 1 - windows.count * seq_len
+    if tail > 0 and max_batches is None and rt.master:
+        span = min(seq_len, len(tokens) - 1)
+        x = torch.from_numpy(tokens[-span - 1:-1].astype(np.int64))[None].to(rt.device)  # (1, span)
+        y = torch.from_numpy(tokens[-span:].astype(np.int64))[None].to(rt.device)
+        with rt.autocast():
+            logits = model(x).logits[:, -tail:]
+        total[0] += F.cross_entropy(logits.float().flatten(0, 1), y[:, -tail:].flatten(), reduction="sum").double()
+        total[1] += tail
+    if rt.world_size > 1:
+        torch.distributed.all_reduce(total)
+    model.train(was_training)
+    return total[0].item(), int(total[1].item())
+
+
+RUN_FILES = ("latest.pt", "best.pt", "training_history.json", "loss.png", "lr.png", "expert_load.png")
+
+
+class _StopRequest:
+    """Remembers a SIGINT or SIGTERM so the loop can save and stop at the end of the step; a second signal
+    stops at once (the last saved checkpoint stays)."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self.previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def train(config: H64LMConfig, tc: TrainConfig, preset: str = "custom", resume: str | Path | None = None) -> dict:
+    """Pretrain a model, or continue the run saved at `resume`; return the run's history.
+    Writes checkpoints/<run>/ (rank 0 only)."""
+    rt = setup_runtime(tc.device, tc.precision)
+    log = print if rt.master else (lambda *a, **k: None)
+    seq_len = tc.seq_len or config.max_position_embeddings
+    if seq_len > config.max_position_embeddings:
+        raise H64LMError(f"--seq-len {seq_len} is longer than the model's max_position_embeddings "
+                         f"({config.max_position_embeddings}); lower it or raise --max-position-embeddings.")
+    for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "eval_every", "save_every", "eval_batches",
+                 "log_every", "warmup_steps"):
+        if getattr(tc, name) is not None and getattr(tc, name) < (0 if name == "warmup_steps" else 1):
+            raise H64LMError(f"--{name.replace('_', '-')} must be at least {0 if name == 'warmup_steps' else 1}.")
+    if not 0 <= tc.min_lr <= tc.lr:
+        raise H64LMError(f"--min-lr ({tc.min_lr}) must be between 0 and --lr ({tc.lr}).")
+    run_dir = Path(tc.out_dir) / (tc.run_name or preset)
+    held = [name for name in RUN_FILES if (run_dir / name).exists()]
+    if resume is None and held and not tc.overwrite:
+        raise H64LMError(f"{run_dir} already holds a run; pass --resume to continue it, --overwrite to replace it, "
+                         "or --run-name NAME for a new one.")
+
+    ckpt = read_checkpoint(resume, rt.device) if resume is not None else None
+    if ckpt is not None and ckpt["config"] != config.to_dict():
+        changed = [k for k, v in config.to_dict().items() if ckpt["config"].get(k) != v]
+        raise H64LMError(f"The run in {resume} is a different model ({', '.join(changed)} differ); resume it with "
+                         "its own settings, or start a new --run-name.")
+
+    random.seed(tc.seed)
+    np.random.seed(tc.seed)
+    torch.manual_seed(tc.seed + rt.rank)  # router jitter differs per rank; the weights are broadcast by DDP
+    tokenizer = load_tokenizer(tc.tokenizer)
+    if len(tokenizer) > config.vocab_size:
+        raise H64LMError(f"The tokenizer has {len(tokenizer)} tokens but the model only {config.vocab_size}; "
+                         "set --vocab-size to at least the tokenizer's size, or use the tokenizer it was made for.")
+    source, splits = load_token_splits(tc.data, tokenizer, tc.cache_dir, log=log)
+    train_windows = PackedWindows(splits["train"].tokens, seq_len)
+    global_batch = tc.batch_size * tc.grad_accum * rt.world_size
+    if train_windows.count < global_batch:
+        raise H64LMError(f"The training split has {train_windows.count} windows of {seq_len} tokens, fewer than "
+                         f"one batch ({global_batch}); lower --batch-size or --seq-len.")
+    if PackedWindows(splits["valid"].tokens, seq_len).count < 1:
+        raise H64LMError(f"The validation split has fewer than {seq_len + 1} tokens; give it more text or lower "
+                         "--seq-len.")
+    log(f"data: {source.name}: {len(splits['train'].tokens):,} training tokens, "
+        f"{len(splits['valid'].tokens):,} validation tokens"
+        + ("" if tc.data == "wikitext-103" else "; --data wikitext-103 insists on WikiText-103"))
+
+    torch.manual_seed(tc.seed)  # the same initial weights on every rank
+    model = H64LM(config).to(rt.device)
+    model.gradient_checkpointing = tc.gradient_checkpointing
+    optimizer = make_optimizer(model, tc, rt.device)
+    scaler = torch.amp.GradScaler(enabled=rt.dtype == torch.float16)
+    history = {"config": config.to_dict(), "train_config": asdict(tc), "train": [], "val": []}
+    start_step, best_val = 0, float("inf")
+    if ckpt is not None:
+        model.load_state_dict(strip_prefixes(ckpt["model"]))
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        start_step, best_val = ckpt["step"], ckpt["best_val_loss"]
+        history["train"] = [r for r in ckpt["history"]["train"] if r["step"] < start_step]
+        history["val"] = [r for r in ckpt["history"]["val"] if r["step"] <= start_step]
+        log(f"resuming {run_dir} from step {start_step} of {tc.max_steps}")
+    else:
+        log(model.parameter_table(seq_len))
+    if start_step >= tc.max_steps:
+        raise H64LMError(f"The run in {run_dir} already finished its {tc.max_steps} steps; raise --max-steps to "
+                         "train it further.")
+
+    raw_model = model
+    if tc.compile:
+        model = torch.compile(model)
+    if rt.world_size > 1:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=None if rt.device.type == "cpu"
+                                                    else [rt.device.index])
+    flops_per_token = raw_model.flops_per_token(seq_len)
+    peak = peak_flops(rt.device)
+    if rt.master:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if resume is None:
+            for name in held:  # --overwrite: the old run's files go, so none is mistaken for this run's
+                (run_dir / name).unlink()
+    tokens_per_step = global_batch * seq_len
+
+    def save(step: int, val_loss: float | None) -> None:
+        # Every process's random state travels with the checkpoint, gathered on rank 0.
+        states = [None] * rt.world_size
+        if rt.world_size > 1:
+            torch.distributed.all_gather_object(states, rng_state())
+        else:
+            states = [rng_state()]
+        if not rt.master:
+            return
+        payload = {"model": raw_model.state_dict(), "config": config.to_dict(), "train_config": asdict(tc),
+                   "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step,
+                   "tokens_seen": step * tokens_per_step, "best_val_loss": best_val, "val_loss": val_loss,
+                   "history": history, "rng": states, "world_size": rt.world_size, "data": source.name}
+        save_checkpoint(run_dir / "latest.pt", payload)
+        if val_loss is not None and val_loss <= best_val:
+            save_checkpoint(run_dir / "best.pt", payload)
+        tmp = run_dir / "training_history.json.tmp"
+        tmp.write_text(json.dumps(history, indent=1))
+        os.replace(tmp, run_dir / "training_history.json")
+        save_plots(history, run_dir)
+
+    from tqdm.auto import tqdm
+
+    if ckpt is not None:  # last, so that nothing above draws from the restored generators
+        states = ckpt["rng"]
+        if len(states) != rt.world_size:
+            warnings.warn(f"The run was saved by {len(states)} processes and goes on with {rt.world_size}; "
+                          "the random state (router jitter only) is not continued exactly.")
+        set_rng_state(states[rt.rank % len(states)])
+    bar = tqdm(range(start_step, tc.max_steps), desc="training", unit="step", disable=not rt.master,
+               dynamic_ncols=True, initial=start_step, total=tc.max_steps)
+    model.train()
+    t_last = time.perf_counter()
+    with _StopRequest() as stop:
+        for step in bar:
+            # 1. the learning rate for this step
+            lr = learning_rate(step, tc)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            # 2. forward and backward over the micro-batches; DDP syncs gradients only on the last one
+            indices = train_window_indices(step, global_batch, train_windows.count, tc.seed)
+            sums = torch.zeros(3, device=rt.device)  # lm loss, load-balancing loss, z-loss
+            for micro in range(tc.grad_accum):
+                first = (micro * rt.world_size + rt.rank) * tc.batch_size
+                x, y = train_windows.batch(indices[first:first + tc.batch_size])
+                x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
+                last = micro == tc.grad_accum - 1
+                with (model.no_sync() if rt.world_size > 1 and not last else contextlib.nullcontext()), rt.autocast():
+                    out = model(x, y)
+                scaler.scale(out.loss / tc.grad_accum).backward()
+                sums += torch.stack([out.lm_loss, out.aux_loss, out.z_loss]).detach() / tc.grad_accum
+            # 3. clip, step, clear
+            scaler.unscale_(optimizer)
+            grad_norm = nn.utils.clip_grad_norm_(raw_model.parameters(), tc.grad_clip or float("inf"))
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            # 4. report: the mean over all processes, checked for divergence
+            if rt.world_size > 1:
+                torch.distributed.all_reduce(sums)
+                sums /= rt.world_size
+            lm_loss, aux_loss, z_loss = sums.tolist()
+            if not math.isfinite(lm_loss):
+                kept = run_dir / "latest.pt"
+                where = f"; the last good checkpoint, {kept}, is kept" if kept.exists() else ""
+                raise H64LMError(f"The loss became {lm_loss} at step {step}{where}; lower --lr or raise "
+                                 "--warmup-steps, then --resume.")
+            now = time.perf_counter()
+            tokens_per_s = tokens_per_step / (now - t_last)
+            t_last = now
+            mfu = tokens_per_s * flops_per_token / peak
+            bar.set_postfix(loss=f"{lm_loss:.3f}", aux=f"{aux_loss:.3f}", lr=f"{lr:.2e}",
+                            tok_s=f"{tokens_per_s:,.0f}", mfu=f"{mfu:.1%}")
+            if step % tc.log_every == 0 or step == tc.max_steps - 1:
+                stats = raw_model.routing_stats()
+                history["train"].append({
+                    "step": step, "lm_loss": lm_loss, "aux_loss": aux_loss, "z_loss": z_loss, "lr": lr,
+                    "grad_norm": float(grad_norm), "tokens": (step + 1) * tokens_per_step,
+                    "tokens_per_s": tokens_per_s, "mfu": mfu,
+                    "expert_load": {str(i): (s.tokens_per_expert / s.tokens_per_expert.sum().clamp_min(1)).tolist()
+                                    for i, s in stats.items()}})
+            # 5. validate and save; a signal (agreed on by all processes) saves and stops
+            done = step + 1
+            signalled = torch.tensor(float(stop.signum is not None), device=rt.device)
+            if rt.world_size > 1:
+                torch.distributed.all_reduce(signalled)
+            stopping = bool(signalled) or done == tc.stop_at
+            val_loss = None
+            if done % tc.eval_every == 0 or done == tc.max_steps:
+                nll, count = evaluate(raw_model, splits["valid"].tokens, seq_len, tc.batch_size, rt, tc.eval_batches)
+                val_loss = nll / count
+                best_val = min(best_val, val_loss)
+                history["val"].append({"step": done, "loss": val_loss, "ppl": math.exp(min(val_loss, 50))})
+                if rt.master:
+                    tqdm.write(f"step {done}: validation loss {val_loss:.4f}, perplexity "
+                               f"{math.exp(min(val_loss, 50)):.2f}")
+            if val_loss is not None or stopping or done % tc.save_every == 0:
+                save(done, val_loss)
+            if stopping:
+                why = (f"after {signal.Signals(stop.signum).name}" if stop.signum is not None
+                       else f"at --stop-at {tc.stop_at}")
+                bar.close()
+                log(f"stopped {why}, step {done} of {tc.max_steps}, saved in {run_dir / 'latest.pt'}; "
+                    "continue with --resume")
+                history["stopped"] = why
+                break
+    bar.close()
+    if rt.world_size > 1:
+        torch.distributed.destroy_process_group()
+    return history
+
+
+# -----------------------------------------------------------------------------
+# 16. Evaluation
+# -----------------------------------------------------------------------------
+# Perplexity is exp(mean NLL). Per token it depends on the tokenizer, so papers
+# on WikiText-103 report it per word instead: the split's total NLL divided by
+# its number of words, counted as whitespace-separated words plus one
+# end-of-line per line (count_words). Every token after the first is scored
+# once, in non-overlapping windows of seq_len tokens, so a token sees on
+# average seq_len / 2 tokens of context; the NLL includes the <s> that starts
+# each article, the model's guess that an article ends there.
+
+def evaluate_checkpoint(ckpt: str | Path, data: str | None = None, split: str = "test", *,
+                        tokenizer: str | Path = DEFAULT_TOKENIZER, cache_dir: str | Path = DEFAULT_CACHE,
+                        batch_size: int = 8, seq_len: int | None = None, max_batches: int | None = None,
+                        device: str = "auto", precision: str = "auto", log=print) -> dict:
+    """Loss, token- and word-level perplexity of a checkpoint on one split of a corpus (by default the corpus
+    it was trained on)."""
+    if split not in SPLIT_ALIASES:
+        raise H64LMError(f"--split must be train, valid or test, got {split!r}.")
+    if batch_size < 1 or (max_batches is not None and max_batches < 1):
+        raise H64LMError("--batch-size and --max-batches must be at least 1.")
+    rt = setup_runtime(device, precision)
+    model, saved = load_checkpoint(ckpt, rt.device)
+    trained = saved.get("train_config", {})
+    data = data or trained.get("data", "auto")
+    seq_len = seq_len or trained.get("seq_len") or model.config.max_position_embeddings
+    if seq_len > model.config.max_position_embeddings:
+        raise H64LMError(f"--seq-len {seq_len} is longer than the model's context "
+                         f"({model.config.max_position_embeddings} tokens); lower it.")
+    tok = load_tokenizer(tokenizer)
+    check_vocab(tok, model.config)
+    source, splits = load_token_splits(data, tok, cache_dir, log=log)
+    part = splits[SPLIT_ALIASES[split]]
+    nll, count = evaluate(model, part.tokens, seq_len, batch_size, rt, max_batches)
+    words = part.words if max_batches is None else None  # a partial pass has no word count to divide by
+    return {"checkpoint": str(resolve_checkpoint(ckpt)), "data": source.name, "split": SPLIT_ALIASES[split],
+            "loss": nll / count, "token_ppl": math.exp(nll / count),
+            "word_ppl": math.exp(nll / words) if words else None, "nll": nll, "tokens": count, "words": words,
+            "seq_len": seq_len}
+
+
+def check_vocab(tokenizer, config: H64LMConfig) -> None:
+    if len(tokenizer) > config.vocab_size:
+        raise H64LMError(f"The tokenizer has {len(tokenizer)} tokens but the model only {config.vocab_size}; use "
+                         "the tokenizer the model was trained with (--tokenizer).")
+
+
+# -----------------------------------------------------------------------------
+# 17. Command line
+# -----------------------------------------------------------------------------
+#   python h64lm.py train    [--preset tiny] [--data sample] [--max-steps 200] [--resume] ...
+#   python h64lm.py eval     --ckpt checkpoints/tiny [--split test] [--json]
+#   python h64lm.py generate --ckpt checkpoints/tiny --prompt "The history of"
+#   python h64lm.py export   --ckpt checkpoints/tiny --out checkpoints/tiny-export
+#
+# Every field of H64LMConfig and TrainConfig is a flag of `train`, and its help
+# is the comment beside the field, so the two cannot drift apart. Problems the
+# user can fix (H64LMError, an invalid config) print one sentence and exit with
+# status 2; --debug shows the traceback instead.
+
+# String fields with a fixed set of values, for argparse's choices=.
+FIELD_CHOICES = {"attention_type": ATTENTION_TYPES, "attn_impl": ATTENTION_IMPLS, "moe_impl": MOE_IMPLS,
+                 "precision": ("auto", "bf16", "fp16", "fp32"), "device": ("auto", "cpu", "cuda")}
+
+
+def field_comments(cls) -> dict[str, str]:
+    """The comment beside each field of a dataclass (with a comment line right under it as continuation)."""
+    comments, last = {}, None
+    for line in inspect.getsource(cls).splitlines():
+        if m := re.match(r"\s{4}(\w+): [^#]*?#\s(.*)$", line):
+            last = m.group(1)
+            comments[last] = m.group(2).strip()
+        elif last and (m := re.match(r"\s{4}#\s(.*)$", line)):
+            comments[last] += " " + m.group(1).strip()
+        else:
+            last = None
+    return comments
+
+
+def _flag_type(annotation: str):
+    """An argparse type for a field annotation such as 'int', 'float | None' ('none' gives None)."""
+    base = {"int": int, "float": float, "str": str}[annotation.split("|")[0].strip()]
+    if "None" not in annotation:
+        return base
+
+    def parse(text: str):
+        return None if text.lower() == "none" else base(text)
+    parse.__name__ = base.__name__  # argparse names the type in its error messages
+    return parse
+
+
+def add_dataclass_flags(group, cls, overrides: dict[str, dict]) -> None:
+    """One flag per field of cls; overrides maps a preset or recipe name to the fields it changes, for the help."""
+    comments = field_comments(cls)
+    for f in fields(cls):
+        if not f.init:
+            continue
+        default = f.default if f.default is not MISSING else None
+        changed = ", ".join(f"{name}: {values[f.name]}" for name, values in overrides.items() if f.name in values)
+        text = comments.get(f.name, "").replace("%", "%%") + f" (default: {default}{'; ' + changed if changed else ''})"
+        flag = "--" + f.name.replace("_", "-")
+        if f.type == "bool":
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text)
+        else:
+            group.add_argument(flag, type=_flag_type(f.type), choices=FIELD_CHOICES.get(f.name),
+                               default=argparse.SUPPRESS, help=text,
+                               metavar=None if f.name in FIELD_CHOICES else {"int": "N", "float": "X"}.get(
+                                   f.type.split("|")[0].strip(), "TEXT"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="h64lm.py", description="H64LM: pretrain, evaluate and sample from a "
+                                     "Mixture-of-Experts language model.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help: str, description: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=description,
+                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        sub.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+        return sub
+
+    p = command("train", "pretrain a model (or continue one with --resume)",
+                "Pretrain a model from a preset, with any model or training setting overridden. Writes "
+                "<out-dir>/<run>/: latest.pt, best.pt, training_history.json and PNG plots. Several processes: "
+                "torchrun --nproc_per_node=N h64lm.py train ...")
+    p.add_argument("--preset", choices=PRESETS, default=argparse.SUPPRESS,
+                   help="model preset, and the training recipe of the same name (default: h64lm)")
+    p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="PATH",
+                   help="continue the run in <out-dir>/<run> from its latest.pt, or the run at PATH (a run folder "
+                        "or a .pt file); settings come from the checkpoint, and flags given may change only the "
+                        "schedule and logging, not the model or the data order")
+    add_dataclass_flags(p.add_argument_group("model (H64LMConfig)"), H64LMConfig, PRESETS)
+    add_dataclass_flags(p.add_argument_group("training (TrainConfig)"), TrainConfig, TRAIN_RECIPES)
+    p.set_defaults(func=cmd_train)
+    # ArgumentDefaultsHelpFormatter would print "(default: ==SUPPRESS==)" for these; the help says the default.
+    p.formatter_class = argparse.HelpFormatter
+
+    p = command("eval", "loss and perplexity of a checkpoint on a data split",
+                "Score every token of a split once: mean loss (nats/token), token-level perplexity and word-level "
+                "perplexity (total NLL over WikiText's word count: whitespace words plus one per line).")
+    p.add_argument("--ckpt", required=True, help="a run folder (its best.pt), a .pt file or an exported folder")
+    p.add_argument("--data", default=None, help="auto, wikitext-103, sample or a folder; default: the data the "
+                                                 "checkpoint was trained on")
+    p.add_argument("--split", default="test", choices=("train", "valid", "validation", "test"))
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per window; default: the training seq_len")
+    p.add_argument("--max-batches", type=int, default=None, help="score only the first N batches (no word_ppl)")
+    p.add_argument("--json", action="store_true", help="print one JSON object with the keys checkpoint, data, "
+                   "split, loss, token_ppl, word_ppl, nll, tokens, words, seq_len")
+    _add_common(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = command("generate", "continue a prompt with a trained model",
+                "Stream the continuation of each --prompt to stdout.")
+    p.add_argument("--ckpt", required=True, help="a run folder (its best.pt), a .pt file or an exported folder")
+    p.add_argument("--prompt", action="append", required=True,
+                   help="text to continue; give it several times for a batch")
+    p.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate per prompt")
+    p.add_argument("--temperature", type=float, default=0.8, help="divides the logits; 0 = greedy")
+    p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens; 0 = all")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling: the smallest set reaching "
+                                                              "probability p; 1 = all")
+    p.add_argument("--repetition-penalty", type=float, default=1.1, help="> 1 discourages tokens already "
+                                                                          "in the text (CTRL)")
+    p.add_argument("--greedy", action="store_true", help="always the most likely token (--temperature 0)")
+    p.add_argument("--seed", type=int, default=None, help="seed for sampling, for repeatable output")
+    p.add_argument("--no-eos", action="store_true", help="keep going after the model ends the text with </s>")
+    _add_common(p, cache=False)
+    p.set_defaults(func=cmd_generate)
+
+    p = command("export", "write a checkpoint's weights as safetensors",
+                "Write <out>/model.safetensors and <out>/config.json: the weights alone, in a format that cannot "
+                "hold code, for sharing; eval and generate read the folder.")
+    p.add_argument("--ckpt", required=True, help="a run folder (its best.pt) or a .pt file")
+    p.add_argument("--out", required=True, help="folder to write")
+    p.set_defaults(func=cmd_export)
+    return parser
+
+
+def _add_common(p: argparse.ArgumentParser, cache: bool = True) -> None:
+    p.add_argument("--tokenizer", default=str(DEFAULT_TOKENIZER), help="folder of a Hugging Face tokenizer")
+    if cache:
+        p.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help="where tokenized splits are cached")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
+                   help="auto: bf16 on CUDA, fp32 on CPU")
+
+
+# Flags that may differ when a run is resumed: they change neither the model nor which data each step sees.
+RESUMABLE_FLAGS = {"max_steps", "stop_at", "eval_every", "save_every", "eval_batches", "log_every", "compile",
+                   "gradient_checkpointing", "device", "precision", "lr", "min_lr", "warmup_steps", "grad_clip",
+                   "weight_decay", "beta1", "beta2", "cache_dir", "tokenizer"}
+
+
+def train_settings(args: argparse.Namespace) -> tuple[H64LMConfig, TrainConfig, str, Path | None]:
+    """The model config, training config, run name and checkpoint to resume that `train`'s flags ask for:
+    defaults, then the preset and its recipe, then the flags given; with --resume, the checkpoint's settings."""
+    given = vars(args)
+    model_flags = {f.name: given[f.name] for f in fields(H64LMConfig) if f.init and f.name in given}
+    train_flags = {f.name: given[f.name] for f in fields(TrainConfig) if f.name in given}
+    resume = None
+    if args.resume is not None:
+        if "preset" in given or model_flags:
+            raise H64LMError("--resume takes the model from the checkpoint; drop --preset and the model flags.")
+        if args.resume == "latest":
+            out_dir = Path(train_flags.get("out_dir", TrainConfig.out_dir))
+            if "run_name" in train_flags:
+                resume = out_dir / train_flags["run_name"] / "latest.pt"
+            else:  # the one run in out_dir is the obvious one to continue
+                runs = sorted(out_dir.glob("*/latest.pt"))
+                if len(runs) > 1:
+                    raise H64LMError(f"{out_dir} holds several runs ({', '.join(r.parent.name for r in runs)}); "
+                                     "say which with --run-name NAME.")
+                resume = runs[0] if runs else out_dir / "h64lm" / "latest.pt"
+            if not resume.exists():
+                raise H64LMError(f"Nothing to resume: {resume} does not exist; start the run without --resume, or "
+                                 "name it with --run-name NAME or --resume PATH.")
+        else:
+            resume = Path(args.resume).expanduser()
+            resume = resume / "latest.pt" if resume.is_dir() else resume
+            if not resume.exists():
+                raise H64LMError(f"Nothing to resume at {resume}; give a run folder holding latest.pt or a .pt file.")
+        ckpt = read_checkpoint(resume)
+        saved_tc = ckpt.get("train_config")
+        if not isinstance(saved_tc, dict) or "step" not in ckpt:
+            raise H64LMError(f"{resume} holds weights but no training state; start a new run instead.")
+        fixed = {k: v for k, v in train_flags.items() if k not in RESUMABLE_FLAGS | {"run_name", "out_dir"}
+                 and saved_tc.get(k) != v}
+        if fixed:
+            raise H64LMError(f"--resume cannot change {', '.join('--' + k.replace('_', '-') for k in fixed)}: the run "
+                             "would no longer continue the same way; start a new --run-name instead.")
+        config = H64LMConfig(**ckpt["config"])
+        tc = TrainConfig(**{**saved_tc, **train_flags, "out_dir": str(resume.parent.parent),
+                            "run_name": resume.parent.name, "overwrite": False})
+        preset = resume.parent.name
+    else:
+        preset = given.get("preset", "h64lm")
+        try:
+            config = H64LMConfig.from_preset(preset, **model_flags)
+            tc = TrainConfig(**{**TRAIN_RECIPES[preset], **train_flags})
+        except ValueError as e:
+            raise H64LMError(str(e)) from None
+    return config, tc, preset, resume
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    config, tc, preset, resume = train_settings(args)
+    history = train(config, tc, preset=preset, resume=resume)
+    stopped = history.get("stopped", "")
+    return 128 + signal.SIGTERM if "SIGTERM" in stopped else 130 if "SIGINT" in stopped else 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    result = evaluate_checkpoint(args.ckpt, args.data, args.split, tokenizer=args.tokenizer,
+                                 cache_dir=args.cache_dir, batch_size=args.batch_size, seq_len=args.seq_len,
+                                 max_batches=args.max_batches, device=args.device, precision=args.precision,
+                                 log=(lambda *a, **k: print(*a, **k, file=sys.stderr)) if args.json else print)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        word = f"{result['word_ppl']:.2f}" if result["word_ppl"] is not None else "n/a (partial pass)"
+        print(f"{result['data']}, {result['split']} split: {result['tokens']:,} tokens, "
+              f"{result['words'] or 0:,} words\n"
+              f"  loss             {result['loss']:.4f} nats/token\n"
+              f"  token perplexity {result['token_ppl']:.2f}\n"
+              f"  word perplexity  {word}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    rt = setup_runtime(args.device, args.precision)
+    if any(not p.strip() for p in args.prompt):
+        raise H64LMError("--prompt is empty; give some text for the model to continue.")
+    model, _ = load_checkpoint(args.ckpt, rt.device)
+    config = model.config
+    tokenizer = load_tokenizer(args.tokenizer)
+    check_vocab(tokenizer, config)
+    if not 1 <= args.max_new_tokens < config.max_position_embeddings:
+        raise H64LMError(f"--max-new-tokens must be between 1 and {config.max_position_embeddings - 1}, the "
+                         "model's context minus one.")
+    prompts = [tokenizer(p)["input_ids"] for p in args.prompt]
+    room = config.max_position_embeddings - args.max_new_tokens
+    if max(len(p) for p in prompts) > room:
+        raise H64LMError(f"A prompt has {max(len(p) for p in prompts)} tokens, but only {room} fit before "
+                         f"{args.max_new_tokens} new ones in the model's {config.max_position_embeddings}-token "
+                         "context; shorten it or lower --max-new-tokens.")
+    for name in ("temperature", "top_k", "top_p", "repetition_penalty"):
+        if getattr(args, name) < 0 or (name == "repetition_penalty" and args.repetition_penalty <= 0):
+            raise H64LMError(f"--{name.replace('_', '-')} must be positive.")
+    sampling = dict(temperature=0.0 if args.greedy else args.temperature, top_k=args.top_k or None,
+                    top_p=args.top_p if args.top_p < 1 else None, repetition_penalty=args.repetition_penalty,
+                    eos_id=None if args.no_eos else tokenizer.eos_token_id, seed=args.seed)
+    if len(prompts) == 1:
+        # Stream: decode everything generated so far and print what is new (a word can span several tokens).
+        out, shown = [], ""
+        print(args.prompt[0], end="", flush=True)
+        for token in stream_generate(model, prompts, args.max_new_tokens, **sampling):
+            if token.item() == sampling["eos_id"]:
+                break
+            out.append(token.item())
+            text = tokenizer.decode(prompts[0] + out, skip_special_tokens=True)
+            prefix = tokenizer.decode(prompts[0], skip_special_tokens=True)
+            new = text[len(prefix):]
+            print(new[len(shown):], end="", flush=True)
+            shown = new
+        print()
+    else:
+        for prompt, ids, new in zip(args.prompt, prompts, generate(model, prompts, args.max_new_tokens, **sampling)):
+            new = [t for t in new if t != sampling["eos_id"]]
+            text = tokenizer.decode(ids + new, skip_special_tokens=True)
+            print(text, end="\n\n", flush=True)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    print(f"wrote {export_checkpoint(args.ckpt, args.out)} and config.json")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except H64LMError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
