@@ -1,4 +1,11 @@
-"""Shared helpers: small configurations that keep every test in the suite fast on a 2-core CPU."""
+"""Shared helpers: small configurations that keep every test in the suite fast on a 2-core CPU, and a way to run
+the command line as a user does."""
+
+import gzip
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,3 +24,48 @@ def small_config(**overrides) -> h64lm.H64LMConfig:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+REPO = Path(h64lm.__file__).resolve().parent
+
+# A model small enough that a CLI run of a few steps takes seconds: 2 layers (dense, MoE), 4 experts.
+TINY_FLAGS = ["--preset", "tiny", "--hidden-size", "32", "--num-layers", "2", "--num-heads", "2", "--num-kv-heads",
+              "1", "--intermediate-size", "64", "--expert-intermediate-size", "32", "--num-experts", "4",
+              "--max-position-embeddings", "64", "--seq-len", "32", "--warmup-steps", "2", "--log-every", "1",
+              "--eval-batches", "2"]
+
+
+def run_cli(*args, cwd=REPO, env_extra=None, timeout=300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **(env_extra or {})}
+    return subprocess.run([sys.executable, str(REPO / "h64lm.py"), *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def sample_articles(count: int, split: str = "valid") -> list[list[str]]:
+    """The first `count` articles of a split of the bundled sample, each as its lines."""
+    with gzip.open(REPO / "data" / "wikipedia_sample" / f"wiki.{split}.raw.gz", "rt", encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    articles, current = [], []
+    for line in lines:
+        if h64lm.is_article_heading(line) and current:
+            articles.append(current)
+            current = []
+        current.append(line)
+    articles.append(current)
+    return [a for a in articles if any(s.strip() for s in a)][:count]
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return h64lm.load_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    """A folder in WikiText-103's raw layout: wiki.train.raw, wiki.valid.raw, wiki.test.raw, of real articles."""
+    folder = tmp_path_factory.mktemp("wikitext")
+    articles = sample_articles(60)
+    parts = {"train": articles[:40], "valid": articles[40:50], "test": articles[50:]}
+    for split, arts in parts.items():
+        (folder / f"wiki.{split}.raw").write_text("".join(line + "\n" for a in arts for line in a), encoding="utf-8")
+    return folder

@@ -1,0 +1,323 @@
+"""Runs that survive: exact resume, checkpoints that a SIGKILL cannot corrupt, safe loading, and one clear sentence
+(exit status 2, nothing overwritten) for every bad input."""
+
+import hashlib
+import json
+import os
+import pickle
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import h64lm
+from conftest import REPO, TINY_FLAGS, run_cli
+
+STEPS = ["--batch-size", "4", "--max-steps", "8", "--eval-every", "4", "--save-every", "4"]
+
+
+def losses(run_dir: Path) -> list[tuple[int, float, float, float]]:
+    history = json.loads((run_dir / "training_history.json").read_text())
+    return [(r["step"], r["lm_loss"], r["aux_loss"], r["grad_norm"]) for r in history["train"]]
+
+
+def val_losses(run_dir: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in json.loads((run_dir / "training_history.json").read_text())["val"]]
+
+
+# --- Exact resume ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("jitter", ["0", "0.1"])  # router jitter draws from the torch generator each step
+def test_stopped_and_resumed_run_is_bit_identical_to_a_straight_run(corpus, tmp_path, jitter):
+    common = [*TINY_FLAGS, *STEPS, "--data", corpus, "--out-dir", tmp_path, "--cache-dir", tmp_path / "cache",
+              "--router-jitter-noise", jitter]
+    straight = run_cli("train", *common, "--run-name", "straight")
+    assert straight.returncode == 0, straight.stderr
+    stopped = run_cli("train", *common, "--run-name", "resumed", "--stop-at", "3")
+    assert stopped.returncode == 0, stopped.stderr
+    assert "continue with --resume" in stopped.stdout
+    assert h64lm.read_checkpoint(tmp_path / "resumed" / "latest.pt")["step"] == 3
+    resumed = run_cli("train", "--resume", tmp_path / "resumed", "--cache-dir", tmp_path / "cache")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stdout
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")  # exact float equality, every step
+    assert val_losses(tmp_path / "resumed") == val_losses(tmp_path / "straight")
+    a = h64lm.read_checkpoint(tmp_path / "straight" / "latest.pt")
+    b = h64lm.read_checkpoint(tmp_path / "resumed" / "latest.pt")
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+
+
+def test_two_process_run_resumes_bit_identically(corpus, tmp_path):
+    common = [*TINY_FLAGS, *STEPS, "--data", corpus, "--out-dir", tmp_path, "--cache-dir", tmp_path / "cache",
+              "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+    def torchrun(*args):
+        result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                 str(REPO / "h64lm.py"), "train", *map(str, args)],
+                                cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    torchrun(*common, "--run-name", "straight")
+    torchrun(*common, "--run-name", "resumed", "--stop-at", "5")
+    torchrun("--resume", tmp_path / "resumed", "--cache-dir", tmp_path / "cache")
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")
+    assert val_losses(tmp_path / "resumed") == val_losses(tmp_path / "straight")
+    assert len(h64lm.read_checkpoint(tmp_path / "resumed" / "latest.pt")["rng"]) == 2  # one state per process
+
+
+def test_resume_may_extend_the_run_but_not_change_its_data_order(corpus, tmp_path):
+    common = [*TINY_FLAGS, *STEPS, "--data", corpus, "--out-dir", tmp_path, "--cache-dir", tmp_path / "cache"]
+    assert run_cli("train", *common, "--run-name", "r", "--max-steps", "4").returncode == 0
+    refused = run_cli("train", "--resume", tmp_path / "r", "--batch-size", "2")
+    assert refused.returncode == 2 and "--resume cannot change --batch-size" in refused.stderr
+    longer = run_cli("train", "--resume", tmp_path / "r", "--max-steps", "6", "--cache-dir", tmp_path / "cache")
+    assert longer.returncode == 0, longer.stderr
+    assert [s for s, *_ in losses(tmp_path / "r")] == list(range(6))
+
+
+# --- Killed runs ------------------------------------------------------------------------------------------------------
+
+def start_training(*args, log: Path) -> subprocess.Popen:
+    """A training run in the background; its stderr (the progress bar) goes to the file `log`."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    return subprocess.Popen([sys.executable, str(REPO / "h64lm.py"), "train", *map(str, args)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=open(log, "w"), text=True)
+
+
+def wait_until(condition, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process.poll() is None, f"the run ended early: {process.communicate()[0][-2000:]}"
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_sigkill_at_random_moments_always_leaves_a_loadable_checkpoint(corpus, tmp_path):
+    # A checkpoint after every step, so that many of the kills land in the middle of writing one.
+    common = [*TINY_FLAGS, "--data", corpus, "--out-dir", tmp_path, "--cache-dir", tmp_path / "cache",
+              "--batch-size", "4", "--max-steps", "30", "--eval-every", "10", "--save-every", "1",
+              "--run-name", "killed"]
+    latest = tmp_path / "killed" / "latest.pt"
+    rng = random.Random(0)
+    steps_seen = []
+    for attempt in range(4):
+        before = latest.stat().st_mtime_ns if latest.exists() else None
+        args = common if attempt == 0 else ["--resume", tmp_path / "killed", "--cache-dir", tmp_path / "cache"]
+        process = start_training(*args, log=tmp_path / f"attempt{attempt}.log")
+        # Wait for this process's first save, then kill it at a random moment of the steps and saves that follow.
+        wait_until(lambda: latest.exists() and latest.stat().st_mtime_ns != before, process)
+        time.sleep(rng.uniform(0.0, 0.6))
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        ckpt = h64lm.read_checkpoint(latest)  # loads, whatever the moment of the kill
+        h64lm.model_from_checkpoint(ckpt)
+        steps_seen.append(ckpt["step"])
+    finish = run_cli("train", "--resume", tmp_path / "killed", "--cache-dir", tmp_path / "cache")
+    assert finish.returncode == 0, finish.stderr
+    assert h64lm.read_checkpoint(latest)["step"] == 30
+    assert [s for s, *_ in losses(tmp_path / "killed")] == list(range(30))
+    assert steps_seen == sorted(steps_seen)
+
+
+@pytest.mark.parametrize("sig, status", [(signal.SIGTERM, 128 + signal.SIGTERM), (signal.SIGINT, 130)])
+def test_sigterm_and_sigint_save_before_exiting(corpus, tmp_path, sig, status):
+    common = [*TINY_FLAGS, "--data", corpus, "--out-dir", tmp_path, "--cache-dir", tmp_path / "cache",
+              "--batch-size", "4", "--max-steps", "200", "--eval-every", "100", "--save-every", "100",
+              "--run-name", "signalled"]
+    log = tmp_path / "stderr.log"
+    process = start_training(*common, log=log)
+    wait_until(lambda: "training:" in log.read_text(), process)  # the loop has started: the handlers are in place
+    time.sleep(1.0)
+    process.send_signal(sig)
+    out, _ = process.communicate(timeout=120)
+    assert process.returncode == status, log.read_text()[-2000:]
+    assert f"stopped after {sig.name}" in out
+    run_dir = tmp_path / "signalled"
+    ckpt = h64lm.read_checkpoint(run_dir / "latest.pt")
+    assert 0 < ckpt["step"] < 200
+    assert [s for s, *_ in losses(run_dir)] == list(range(ckpt["step"]))
+
+
+# --- Safe loading --------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def saved_run(corpus, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("saved")
+    result = run_cli("train", *TINY_FLAGS, "--data", corpus, "--out-dir", out, "--cache-dir", out / "cache",
+                     "--batch-size", "4", "--max-steps", "2", "--eval-every", "2", "--run-name", "run")
+    assert result.returncode == 0, result.stderr
+    return out / "run"
+
+
+class _Payload:
+    """Unpickling this runs code: it creates the file named in its argument."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_and_the_code_never_runs(saved_run, tmp_path):
+    marker = tmp_path / "payload-ran"
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": h64lm.CHECKPOINT_FORMAT, "version": 1, "model": _Payload(str(marker))}, evil)
+    with pytest.raises(h64lm.H64LMError, match="not a readable H64LM checkpoint"):
+        h64lm.load_checkpoint(evil)
+    assert not marker.exists()
+    # And a plain pickle that is not even a torch file.
+    with open(tmp_path / "plain.pt", "wb") as f:
+        pickle.dump(_Payload(str(marker)), f)
+    with pytest.raises(h64lm.H64LMError, match="not a readable H64LM checkpoint"):
+        h64lm.load_checkpoint(tmp_path / "plain.pt")
+    assert not marker.exists()
+    # The unsafe loader would have run it: the test's payload is real.
+    torch.load(evil, weights_only=False)
+    assert marker.exists()
+
+
+def test_truncated_foreign_and_mismatched_checkpoints_are_refused(saved_run, tmp_path):
+    data = (saved_run / "latest.pt").read_bytes()
+    (tmp_path / "truncated.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(h64lm.H64LMError, match="not a readable H64LM checkpoint"):
+        h64lm.load_checkpoint(tmp_path / "truncated.pt")
+
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, tmp_path / "foreign.pt")
+    with pytest.raises(h64lm.H64LMError, match="is not an H64LM checkpoint"):
+        h64lm.load_checkpoint(tmp_path / "foreign.pt")
+
+    ckpt = torch.load(saved_run / "latest.pt", weights_only=True)
+    ckpt["config"]["hidden_size"] = 64  # the weights are 32 wide
+    torch.save(ckpt, tmp_path / "mismatched.pt")
+    with pytest.raises(h64lm.H64LMError, match="do not fit the model its config describes"):
+        h64lm.load_checkpoint(tmp_path / "mismatched.pt")
+
+    ckpt["config"]["hidden_size"] = 33  # not divisible by the heads
+    torch.save(ckpt, tmp_path / "invalid.pt")
+    with pytest.raises(h64lm.H64LMError, match="config stored in .* is not valid"):
+        h64lm.load_checkpoint(tmp_path / "invalid.pt")
+
+    ckpt["config"]["hidden_size"], ckpt["version"] = 32, 99
+    torch.save(ckpt, tmp_path / "future.pt")
+    with pytest.raises(h64lm.H64LMError, match="format version 99"):
+        h64lm.load_checkpoint(tmp_path / "future.pt")
+
+
+def test_ddp_and_compiled_prefixes_are_stripped(saved_run, tmp_path):
+    ckpt = torch.load(saved_run / "latest.pt", weights_only=True)
+    reference, _ = h64lm.load_checkpoint(saved_run / "latest.pt")
+    for prefix in ("module.", "_orig_mod.", "module._orig_mod."):
+        prefixed = {**ckpt, "model": {prefix + k: v for k, v in ckpt["model"].items()}}
+        torch.save(prefixed, tmp_path / "prefixed.pt")
+        model, _ = h64lm.load_checkpoint(tmp_path / "prefixed.pt")
+        for (name, a), (_, b) in zip(model.state_dict().items(), reference.state_dict().items()):
+            assert torch.equal(a, b), (prefix, name)
+
+
+def test_safetensors_export_round_trips_and_refuses_damage(saved_run, tmp_path):
+    h64lm.export_checkpoint(saved_run, tmp_path / "export")
+    model, _ = h64lm.load_checkpoint(tmp_path / "export")
+    reference, _ = h64lm.load_checkpoint(saved_run)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "config.json").write_text((tmp_path / "export" / "config.json").read_text())
+    (damaged / "model.safetensors").write_bytes((tmp_path / "export" / "model.safetensors").read_bytes()[:1000])
+    with pytest.raises(h64lm.H64LMError, match="not a readable safetensors file"):
+        h64lm.load_checkpoint(damaged)
+
+
+def test_a_full_disk_is_a_loud_error_and_the_old_checkpoint_stays(saved_run, tmp_path, monkeypatch):
+    target = tmp_path / "latest.pt"
+    target.write_bytes(b"the previous checkpoint")
+    monkeypatch.setattr(h64lm.shutil, "disk_usage", lambda path: SimpleNamespace(total=10**12, used=10**12, free=1000))
+    with pytest.raises(h64lm.H64LMError, match="free disk space"):
+        h64lm.save_checkpoint(target, {"model": {"w": torch.zeros(10_000)}})
+    assert target.read_bytes() == b"the previous checkpoint"
+    assert not target.with_name("latest.pt.tmp").exists()
+
+
+# --- Bad input: one sentence, exit status 2, nothing changed -------------------------------------------------------
+
+def _snapshot(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+BAD_INPUTS = [
+    # (name, arguments (with {run}, {corpus}, {tmp} filled in), what stderr must say)
+    ("missing data", "train --data {tmp}/nowhere --run-name x", "no such folder"),
+    ("empty data folder", "train --data {tmp}/empty --run-name x", "holds no wiki"),
+    ("non-UTF-8 data", "train --data {tmp}/latin1 --run-name x", "is not UTF-8"),
+    ("unknown preset", "train --preset huge", "invalid choice: 'huge'"),
+    ("unknown attention type", "train --attention-type cosine", "invalid choice: 'cosine'"),
+    ("not a number", "train --max-steps many", "invalid int value: 'many'"),
+    ("impossible config", "train --hidden-size 100 --num-heads 12", "must be divisible by num_heads"),
+    ("sequence longer than the context", "train --preset tiny --seq-len 512 --data {corpus} --run-name x",
+     "longer than the model's max_position_embeddings"),
+    ("batch larger than the data", "train {tiny} --batch-size 4000 --data {corpus} --run-name x",
+     "fewer than one batch"),
+    ("zero steps", "train {tiny} --max-steps 0 --data {corpus} --run-name x", "--max-steps must be at least 1"),
+    ("folder holds another run", "train {tiny} --data {corpus} --run-name run", "already holds a run"),
+    ("nothing to resume", "train --resume --run-name nothing", "Nothing to resume"),
+    ("resume a missing path", "train --resume {tmp}/nowhere", "Nothing to resume at"),
+    ("resume with another model", "train --resume {run} --hidden-size 64", "takes the model from the checkpoint"),
+    ("resume changing the data order", "train --resume {run} --seed 7", "--resume cannot change --seed"),
+    ("vocabulary larger than the model", "train {tiny} --vocab-size 1000 --data {corpus} --run-name x",
+     "tokenizer has 32000 tokens but the model only 1000"),
+    ("CUDA absent", "train {tiny} --device cuda --data {corpus} --run-name x", "sees no CUDA GPU"),
+    ("no checkpoint", "eval --ckpt {tmp}/nowhere", "No checkpoint at"),
+    ("empty prompt", "generate --ckpt {run} --prompt ' '", "--prompt is empty"),
+    ("over-long prompt", "generate --ckpt {run} --prompt '{long}' --max-new-tokens 8", "only 56 fit"),
+    ("too many new tokens", "generate --ckpt {run} --prompt Hi --max-new-tokens 64", "--max-new-tokens must be"),
+    ("foreign checkpoint", "generate --ckpt {tmp}/foreign.pt --prompt Hi", "is not an H64LM checkpoint"),
+]
+
+
+@pytest.mark.parametrize("name, arguments, message", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_is_one_sentence_exit_2_and_changes_nothing(saved_run, corpus, tmp_path, monkeypatch, capsys,
+                                                              name, arguments, message):
+    import shlex
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "latin1").mkdir()
+    for split in ("train", "valid", "test"):
+        (tmp_path / "latin1" / f"wiki.{split}.raw").write_bytes(" = Caf\xe9 = \n".encode("latin-1"))
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "foreign.pt")
+    out_dir = saved_run.parent
+    tiny = " ".join(TINY_FLAGS)
+    argv = shlex.split(arguments.format(run=saved_run, corpus=corpus, tmp=tmp_path, tiny=tiny,
+                                        long="word " * 100))
+    if argv[0] == "train" and "--out-dir" not in argv:
+        argv += ["--out-dir", str(out_dir), "--cache-dir", str(out_dir / "cache")]
+    before = _snapshot(out_dir), _snapshot(corpus)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    try:
+        status = h64lm.main(argv)
+    except SystemExit as e:  # argparse's own errors
+        status = e.code
+    err = capsys.readouterr().err
+    assert status == 2, err
+    assert message in err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(("error: ", "h64lm.py ")), last
+    assert (_snapshot(out_dir), _snapshot(corpus)) == before
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    result = run_cli("eval", "--ckpt", tmp_path / "nowhere", "--debug")
+    assert result.returncode != 0 and "Traceback" in result.stderr and "H64LMError" in result.stderr
+    plain = run_cli("eval", "--ckpt", tmp_path / "nowhere")
+    assert plain.returncode == 2 and "Traceback" not in plain.stderr
+    assert plain.stderr.strip() == f"error: No checkpoint at {tmp_path / 'nowhere'}; point --ckpt at a run folder " \
+                                   "or a .pt file."
