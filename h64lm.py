@@ -8,9 +8,9 @@ number and title, by a section of the notebook H64LM.ipynb.
      1. Configuration               14. Data
      2. RMSNorm                     15. Training
      3. Rotary position embedding   16. Evaluation
-     4. ALiBi                       17. Command line
-     5. Attention masks
-     6. The KV cache
+     4. ALiBi                       17. Routing analysis
+     5. Attention masks             18. Benchmark
+     6. The KV cache                19. Command line
      7. Grouped-query attention
      8. SwiGLU feed-forward
      9. The router and its losses
@@ -24,7 +24,7 @@ layers are top-2-of-8 Mixture-of-Experts layers: 250M parameters, of which
 122M are active for any one token.
 
 Importing this file only defines things; nothing runs until you call it.
-As a program: python h64lm.py {train,eval,generate,export} --help.
+As a program: python h64lm.py {train,eval,generate,analyze,bench,export} --help.
 """
 
 from __future__ import annotations
@@ -1831,12 +1831,333 @@ def check_vocab(tokenizer, config: H64LMConfig) -> None:
                          "the tokenizer the model was trained with (--tokenizer).")
 
 
+
 # -----------------------------------------------------------------------------
-# 17. Command line
+# 17. Routing analysis
+# -----------------------------------------------------------------------------
+# What did the experts specialise in? Run texts of different kinds through the
+# model and count, per MoE layer, which experts their tokens were sent to. A
+# well-balanced router spreads every kind over all experts; a specialised one
+# sends each kind to a few; an expert that gets almost nothing is dead weight.
+# (Mixtral's authors found little specialisation by topic and more by syntax:
+# Jiang et al. 2024, section 5.)
+
+ANALYSIS_TEXTS: dict[str, list[str]] = {
+    "prose": [
+        "The river rises in the hills north of the town and flows slowly south through farmland, where it was used "
+        "for centuries to drive the mills that ground the region's grain.",
+        "After the war she returned to the university, finished her degree in chemistry and spent the next thirty "
+        "years teaching and writing about the history of science.",
+    ],
+    "code": [
+        "def mean(values):\n    total = 0\n    for v in values:\n        total += v\n    return total / len(values)\n",
+        "for (int i = 0; i < n; i++) {\n    if (a[i] > max) max = a[i];\n}\nreturn max;\n",
+    ],
+    "dialogue": [
+        '"Where are you going?" she asked.\n"To the station," he said. "The train leaves at six."\n'
+        '"Then you had better hurry."',
+        "A: Did you finish the report?\nB: Almost. I still need the numbers from March.\nA: I'll send them now.",
+    ],
+    "numbers": [
+        "1. Apples: 42\n2. Pears: 17\n3. Plums: 8\n4. Cherries: 120\nTotal: 187",
+        "In 1969 the population was 12,400; by 1990 it had reached 31,250 and in 2011 it stood at 58,902.",
+    ],
+}
+
+
+@torch.no_grad()
+def routing_profile(model: H64LM, tokenizer, texts: dict[str, list[str]] | None = None) -> dict:
+    """For each kind of text and each MoE layer, the share of token-expert assignments each expert received,
+    and the mean router entropy. Returns {"layers": [...], "kinds": [...], "share": {kind: (L, E) array},
+    "entropy": {kind: (L,) array}, "tokens": {kind: int}}."""
+    texts = texts or ANALYSIS_TEXTS
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    layers = list(model.config.moe_layer_ids)
+    E = model.config.num_experts
+    profile = {"layers": layers, "kinds": list(texts), "share": {}, "entropy": {}, "tokens": {}}
+    for kind, items in texts.items():
+        counts, entropy, tokens = np.zeros((len(layers), E)), np.zeros(len(layers)), 0
+        for text in items:
+            ids = tokenizer(text)["input_ids"][: model.config.max_position_embeddings]
+            model(torch.tensor([ids], device=device))
+            stats = model.routing_stats()
+            for row, layer in enumerate(layers):
+                counts[row] += stats[layer].tokens_per_expert.cpu().numpy()
+                entropy[row] += stats[layer].router_entropy.item() * len(ids)  # weighted by tokens
+            tokens += len(ids)
+        profile["share"][kind] = counts / counts.sum(axis=1, keepdims=True).clip(min=1)
+        profile["entropy"][kind] = entropy / max(tokens, 1)
+        profile["tokens"][kind] = tokens
+    model.train(was_training)
+    return profile
+
+
+def dead_experts(profile: dict, threshold: float = 0.1) -> list[tuple[int, int]]:
+    """(layer, expert) pairs that received less than threshold x the uniform share 1/E over all kinds of text."""
+    total = sum(profile["share"][k] * profile["tokens"][k] for k in profile["kinds"])  # (L, E) assignments / k
+    share = total / total.sum(axis=1, keepdims=True)
+    E = share.shape[1]
+    return [(profile["layers"][r], e) for r, e in zip(*np.nonzero(share < threshold / E))]
+
+
+def routing_table(profile: dict) -> str:
+    """One block per MoE layer: rows are kinds of text, columns experts (% of the kind's assignments)."""
+    E = next(iter(profile["share"].values())).shape[1]
+    lines = []
+    for row, layer in enumerate(profile["layers"]):
+        lines.append(f"layer {layer:<4}" + "".join(f"{'e' + str(e):>7}" for e in range(E)) + "   entropy (nats)")
+        for kind in profile["kinds"]:
+            cells = "".join(f"{100 * v:6.1f}%" for v in profile["share"][kind][row])
+            lines.append(f"  {kind:<8}{cells}   {profile['entropy'][kind][row]:.3f}")
+        lines.append("")
+    lines.append(f"uniform: {100 / E:.1f}% per expert, entropy up to log({E}) = {math.log(E):.3f} nats")
+    return "\n".join(lines)
+
+
+def save_routing_heatmap(profile: dict, path: str | Path) -> None:
+    """A (layer x expert) heatmap of the share of assignments, one panel per kind of text."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = profile["kinds"]
+    fig, axes = plt.subplots(1, len(kinds), figsize=(3.2 * len(kinds), 0.6 * len(profile["layers"]) + 1.6),
+                             squeeze=False)
+    vmax = max(profile["share"][k].max() for k in kinds)
+    for ax, kind in zip(axes[0], kinds):
+        image = ax.imshow(profile["share"][kind], vmin=0, vmax=vmax, cmap="viridis", aspect="auto")
+        ax.set(title=kind, xlabel="expert", yticks=range(len(profile["layers"])),
+               yticklabels=[f"layer {i}" for i in profile["layers"]])
+    fig.colorbar(image, ax=axes[0].tolist(), label="share of assignments")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+# -----------------------------------------------------------------------------
+# 18. Benchmark
+# -----------------------------------------------------------------------------
+# `h64lm.py bench` times what matters for pretraining and serving, always side
+# by side with a reference measured in the same process, so that the ratios
+# hold even on a busy machine:
+#   - a training step (forward, backward, AdamW): tokens/s, model FLOPs per
+#     token (6 N_active + attention, as torchtitan counts them), achieved FLOP/s
+#     and utilisation of the device's peak (on CPU the float32 matmul rate this
+#     process measures; on CUDA the data-sheet bf16 peak);
+#   - the MoE overhead: one MoE layer's forward+backward over a dense SwiGLU
+#     with the same active FLOPs (hidden width expert_intermediate_size x k);
+#   - with --compare-hf, transformers' MixtralForCausalLM of the same shape
+#     (every layer MoE, RoPE only: what Mixtral is), timed in alternation with
+#     H64LM in the same form, and cached decoding against its generate().
+
+def _median(values: list[float]) -> float:
+    return float(np.median(values))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_alternating(fns: dict[str, callable], repeats: int, device: torch.device) -> dict[str, float]:
+    """Median seconds of each function, called in turn repeats times (after one warm-up call each)."""
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: _median(t) for name, t in times.items()}
+
+
+def _train_step_fn(model: nn.Module, x: torch.Tensor, rt: Runtime, loss_of) -> callable:
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=rt.device.type == "cuda")
+
+    def step():
+        with rt.autocast():
+            loss = loss_of(model, x)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def mixtral_like(config: H64LMConfig):
+    """transformers' MixtralForCausalLM with H64LM's shape (config must be all-MoE, RoPE only)."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    hf_config = MixtralConfig(
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size, num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads, num_key_value_heads=config.num_kv_heads, head_dim=config.head_dim,
+        intermediate_size=config.expert_intermediate_size, num_local_experts=config.num_experts,
+        num_experts_per_tok=config.num_experts_per_tok, max_position_embeddings=config.max_position_embeddings,
+        rope_theta=config.rope_theta, rms_norm_eps=config.rms_norm_eps, sliding_window=config.sliding_window,
+        tie_word_embeddings=config.tie_word_embeddings, output_router_logits=True,
+        router_aux_loss_coef=config.router_aux_loss_coef, attn_implementation="sdpa")
+    return MixtralForCausalLM(hf_config)
+
+
+def _fastest_hf_experts(hf_model, x: torch.Tensor, rt: Runtime, repeats: int) -> tuple[str, callable]:
+    """Time transformers' experts implementations that run here and keep the fastest."""
+    candidates = {}
+    for impl in ("eager", "batched_mm", "grouped_mm"):
+        try:
+            hf_model.set_experts_implementation(impl)
+            fn = _train_step_fn(hf_model, x, rt, lambda m, ids: m(input_ids=ids, labels=ids).loss)
+            fn()
+            candidates[impl] = fn
+        except Exception:  # an implementation this device or version does not support
+            continue
+    if not candidates:
+        raise H64LMError("None of transformers' experts implementations ran here; run bench without --compare-hf.")
+    times = {}
+    for impl, fn in candidates.items():
+        hf_model.set_experts_implementation(impl)
+        times[impl] = _time_alternating({impl: fn}, max(2, repeats // 2), rt.device)[impl]
+    best = min(times, key=times.get)
+    hf_model.set_experts_implementation(best)
+    return best, candidates[best]
+
+
+def _peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    import resource  # on CPU: the peak resident memory of the whole process (Linux reports KiB)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def bench(preset: str = "tiny", device: str = "auto", precision: str = "auto", seq_len: int | None = None,
+          batch_size: int = 8, repeats: int = 10, compare_hf: bool = False, decode_tokens: int = 32,
+          compile: bool = False, log=print, **overrides) -> dict:
+    """Measure a training step, the MoE overhead and (with compare_hf) transformers' Mixtral; see section 18."""
+    rt = setup_runtime(device, precision)
+    if compare_hf:  # Mixtral's form: every layer MoE, RoPE only
+        overrides = {**overrides, "moe_layers": "all", "attention_type": "rope"}
+    try:
+        config = H64LMConfig.from_preset(preset, **overrides)
+    except ValueError as e:
+        raise H64LMError(str(e)) from None
+    seq_len = seq_len or TRAIN_RECIPES.get(preset, {}).get("seq_len") or config.max_position_embeddings
+    if seq_len > config.max_position_embeddings:
+        raise H64LMError(f"--seq-len {seq_len} is longer than the model's context ({config.max_position_embeddings}).")
+    torch.manual_seed(0)
+    model = H64LM(config).to(rt.device)
+    step_model = torch.compile(model) if compile else model
+    x = torch.randint(0, config.vocab_size, (batch_size, seq_len + 1), device=rt.device)
+    ids, targets = x[:, :-1], x[:, 1:]
+    ours = _train_step_fn(step_model, ids, rt, lambda m, _: m(ids, targets).loss)
+    if rt.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(rt.device)
+    ours()  # warm-up, and the memory peak of H64LM's training step alone
+    peak_memory = _peak_memory(rt.device)
+    fns = {"h64lm": ours}
+    hf_impl = None
+    if compare_hf:
+        hf = mixtral_like(config).to(rt.device).train()
+        hf_impl, fns["transformers"] = _fastest_hf_experts(hf, ids, rt, repeats)
+    times = _time_alternating(fns, repeats, rt.device)
+    tokens = batch_size * seq_len
+    flops_per_token = model.flops_per_token(seq_len)
+    peak = peak_flops(rt.device)
+    result = {
+        "device": str(torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else
+                      f"cpu ({torch.get_num_threads()} threads)"),
+        "preset": preset, "config": config.to_dict(), "batch_size": batch_size, "seq_len": seq_len,
+        "dtype": str(rt.dtype).replace("torch.", ""), "step_seconds": times["h64lm"],
+        "tokens_per_s": tokens / times["h64lm"], "flops_per_token": flops_per_token,
+        "achieved_flops": tokens * flops_per_token / times["h64lm"], "peak_flops": peak,
+    }
+    result["utilization"] = result["achieved_flops"] / peak
+    result["peak_memory_bytes"] = peak_memory
+    result.update(moe_overhead(config, tokens, rt, repeats))
+    if compare_hf:
+        result["hf_experts_implementation"] = hf_impl
+        result["hf_tokens_per_s"] = tokens / times["transformers"]
+        result["speedup_vs_hf"] = times["transformers"] / times["h64lm"]
+        result.update(decode_bench(model, hf, rt, decode_tokens, repeats))
+    return result
+
+
+def moe_overhead(config: H64LMConfig, tokens: int, rt: Runtime, repeats: int) -> dict:
+    """One MoE layer's forward+backward time over that of a dense SwiGLU with the same active FLOPs."""
+    moe = MoE(config).to(rt.device)
+    nn.init.normal_(moe.router.weight, std=config.initializer_range)
+    for w in (moe.w_gate, moe.w_up, moe.w_down):
+        nn.init.normal_(w, std=config.initializer_range)
+    dense = SwiGLU(config.hidden_size, config.expert_intermediate_size * config.num_experts_per_tok).to(rt.device)
+    x = torch.randn(1, tokens, config.hidden_size, device=rt.device, requires_grad=True)
+
+    def run(layer, first):
+        def fn():
+            with rt.autocast():
+                out = layer(x)
+                out = out[0] if first else out
+            out.float().sum().backward()
+        return fn
+    times = _time_alternating({"moe": run(moe, True), "dense": run(dense, False)}, repeats, rt.device)
+    return {"moe_layer_seconds": times["moe"], "dense_layer_seconds": times["dense"],
+            "moe_overhead": times["moe"] / times["dense"]}
+
+
+@torch.no_grad()
+def decode_bench(model: H64LM, hf, rt: Runtime, new_tokens: int, repeats: int) -> dict:
+    """Greedy cached decoding, tokens/s at batch 1 and 8: H64LM's stream_generate against transformers' generate."""
+    out = {}
+    prompt_len = 16
+    for batch in (1, 8):
+        prompt = torch.randint(3, model.config.vocab_size, (batch, prompt_len), device=rt.device)
+
+        def ours():
+            with rt.autocast():
+                for _ in stream_generate(model, prompt.tolist(), new_tokens, temperature=0.0):
+                    pass
+
+        def theirs():
+            with rt.autocast():
+                hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+                            min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        hf.eval()
+        times = _time_alternating({"h64lm": ours, "transformers": theirs}, max(3, repeats // 2), rt.device)
+        suffix = "" if batch == 1 else f"_batch{batch}"
+        out[f"decode_tokens_per_s{suffix}"] = batch * new_tokens / times["h64lm"]
+        out[f"hf_decode_tokens_per_s{suffix}"] = batch * new_tokens / times["transformers"]
+        out[f"decode_speedup_vs_hf{suffix}"] = times["transformers"] / times["h64lm"]
+    return out
+
+
+def bench_report(r: dict) -> str:
+    lines = [f"device {r['device']}, {r['dtype']}, preset {r['preset']}"
+             f"{' (all-MoE, RoPE: Mixtral form)' if 'speedup_vs_hf' in r else ''}, batch {r['batch_size']} x "
+             f"{r['seq_len']} tokens",
+             f"  training step        {r['step_seconds'] * 1e3:9.1f} ms   {r['tokens_per_s']:,.0f} tokens/s",
+             f"  model FLOPs/token    {r['flops_per_token']:,}",
+             f"  achieved             {r['achieved_flops'] / 1e9:9.1f} GFLOP/s = {r['utilization']:.1%} of "
+             f"{r['peak_flops'] / 1e9:.1f} GFLOP/s peak",
+             f"  MoE layer / dense    {r['moe_overhead']:9.2f}x   ({r['moe_layer_seconds'] * 1e3:.1f} vs "
+             f"{r['dense_layer_seconds'] * 1e3:.1f} ms, same active FLOPs)",
+             f"  peak memory          {r['peak_memory_bytes'] / 2**20:9.0f} MiB"]
+    if "speedup_vs_hf" in r:
+        lines += [f"  transformers Mixtral {r['hf_tokens_per_s']:,.0f} tokens/s ({r['hf_experts_implementation']} "
+                  f"experts) -> H64LM is {r['speedup_vs_hf']:.2f}x",
+                  f"  decode, batch 1      {r['decode_tokens_per_s']:,.0f} vs {r['hf_decode_tokens_per_s']:,.0f} "
+                  f"tokens/s -> {r['decode_speedup_vs_hf']:.2f}x",
+                  f"  decode, batch 8      {r['decode_tokens_per_s_batch8']:,.0f} vs "
+                  f"{r['hf_decode_tokens_per_s_batch8']:,.0f} tokens/s -> {r['decode_speedup_vs_hf_batch8']:.2f}x"]
+    return "\n".join(lines)
+
+# -----------------------------------------------------------------------------
+# 19. Command line
 # -----------------------------------------------------------------------------
 #   python h64lm.py train    [--preset tiny] [--data sample] [--max-steps 200] [--resume] ...
 #   python h64lm.py eval     --ckpt checkpoints/tiny [--split test] [--json]
 #   python h64lm.py generate --ckpt checkpoints/tiny --prompt "The history of"
+#   python h64lm.py analyze  --ckpt checkpoints/tiny
+#   python h64lm.py bench    --preset tiny --compare-hf
 #   python h64lm.py export   --ckpt checkpoints/tiny --out checkpoints/tiny-export
 #
 # Every field of H64LMConfig and TrainConfig is a flag of `train`, and its help
@@ -1953,6 +2274,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-eos", action="store_true", help="keep going after the model ends the text with </s>")
     _add_common(p, cache=False)
     p.set_defaults(func=cmd_generate)
+
+    p = command("analyze", "which experts tokens of different kinds of text go to",
+                "Run prose, code, dialogue and numbers through a trained model and show, per MoE layer, the share "
+                "of token-expert assignments each expert received, the router entropy, and a warning for experts "
+                "that get almost nothing. Writes a (layer x expert) heatmap PNG per kind of text.")
+    p.add_argument("--ckpt", required=True, help="a run folder (its best.pt), a .pt file or an exported folder")
+    p.add_argument("--out", default=None, help="heatmap PNG to write; default: routing.png beside the checkpoint")
+    p.add_argument("--text", action="append", default=[], metavar="KIND=FILE",
+                   help="analyse the text in FILE as KIND instead of the built-in examples (repeatable)")
+    p.add_argument("--json", action="store_true", help="print the profile as one JSON object")
+    _add_common(p, cache=False)
+    p.set_defaults(func=cmd_analyze)
+
+    p = command("bench", "time a training step, the MoE overhead, and transformers' Mixtral",
+                "Median of timed training steps (forward, backward, AdamW) after warm-up. --json keys: "
+                "tokens_per_s, flops_per_token (6 N_active + attention), achieved_flops (FLOP/s), utilization "
+                "(of peak_flops: measured fp32 matmul rate on CPU, data-sheet bf16 peak on CUDA), moe_overhead "
+                "(one MoE layer over a dense SwiGLU with the same active FLOPs), peak_memory_bytes (CUDA: allocated; "
+                "CPU: process RSS), device; with --compare-hf also hf_tokens_per_s, speedup_vs_hf, "
+                "decode_tokens_per_s, hf_decode_tokens_per_s, decode_speedup_vs_hf (batch 1; the same with "
+                "_batch8 for batch 8), hf_experts_implementation. --compare-hf measures both models in Mixtral's "
+                "form: every layer MoE, RoPE only.")
+    p.add_argument("--preset", choices=PRESETS, default="tiny")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
+                   help="auto: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence; default: the preset's recipe")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=10, help="timed steps; the median is reported")
+    p.add_argument("--decode-tokens", type=int, default=32, help="new tokens per decode measurement")
+    p.add_argument("--compare-hf", action="store_true", help="also time transformers' MixtralForCausalLM")
+    p.add_argument("--compile", action="store_true", help="torch.compile H64LM's training step")
+    p.add_argument("--attn-impl", choices=ATTENTION_IMPLS, default=None, help="override the preset's")
+    p.add_argument("--moe-impl", choices=MOE_IMPLS, default=None, help="override the preset's")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_bench)
 
     p = command("export", "write a checkpoint's weights as safetensors",
                 "Write <out>/model.safetensors and <out>/config.json: the weights alone, in a format that cannot "
@@ -2095,6 +2452,55 @@ def cmd_generate(args: argparse.Namespace) -> int:
             new = [t for t in new if t != sampling["eos_id"]]
             text = tokenizer.decode(ids + new, skip_special_tokens=True)
             print(text, end="\n\n", flush=True)
+    return 0
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    rt = setup_runtime(args.device, args.precision)
+    model, _ = load_checkpoint(args.ckpt, rt.device)
+    tokenizer = load_tokenizer(args.tokenizer)
+    check_vocab(tokenizer, model.config)
+    if not model.config.moe_layer_ids:
+        raise H64LMError("This model has no MoE layers (moe_layers='none'); there is no routing to analyse.")
+    texts = None
+    if args.text:
+        texts = {}
+        for spec in args.text:
+            kind, sep, path = spec.partition("=")
+            if not sep or not kind:
+                raise H64LMError(f"--text {spec!r} should be KIND=FILE, e.g. --text code=example.py.")
+            texts.setdefault(kind, []).extend(_read_lines_as_text(Path(path)))
+    profile = routing_profile(model, tokenizer, texts)
+    out = Path(args.out) if args.out else resolve_checkpoint(args.ckpt).parent / "routing.png"
+    save_routing_heatmap(profile, out)
+    dead = dead_experts(profile)
+    if args.json:
+        print(json.dumps({"layers": profile["layers"], "kinds": profile["kinds"], "tokens": profile["tokens"],
+                          "share": {k: v.tolist() for k, v in profile["share"].items()},
+                          "entropy": {k: v.tolist() for k, v in profile["entropy"].items()},
+                          "dead_experts": [list(map(int, d)) for d in dead], "heatmap": str(out)}))
+        return 0
+    print(routing_table(profile))
+    for layer, expert in dead:
+        print(f"warning: expert {expert} of layer {layer} received under 10% of a uniform share: it is nearly dead")
+    print(f"heatmap: {out}")
+    return 0
+
+
+def _read_lines_as_text(path: Path) -> list[str]:
+    text = "\n".join(_read_lines(path)) if path.is_file() else None
+    if not text or not text.strip():
+        raise H64LMError(f"--text {path}: no such file, or it is empty; give a UTF-8 text file.")
+    return [text]
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.batch_size < 1 or args.repeats < 1 or args.decode_tokens < 1:
+        raise H64LMError("--batch-size, --repeats and --decode-tokens must be at least 1.")
+    overrides = {k: v for k, v in (("attn_impl", args.attn_impl), ("moe_impl", args.moe_impl)) if v}
+    result = bench(args.preset, args.device, args.precision, args.seq_len, args.batch_size, args.repeats,
+                   args.compare_hf, args.decode_tokens, args.compile, **overrides)
+    print(json.dumps(result) if args.json else bench_report(result))
     return 0
 
 

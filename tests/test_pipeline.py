@@ -331,3 +331,16 @@ def test_no_train_flag_is_taken_by_torchrun():
     train = h64lm.build_parser()._subparsers._group_actions[0].choices["train"]
     ours = [s for a in train._actions for s in a.option_strings if s not in ("-h", "--help")]
     assert not [o for o in ours if any(t.startswith(o) for t in theirs)]
+
+
+def test_analyze_prints_the_table_and_writes_the_heatmap(trained_run, tmp_path):
+    run_dir, _ = trained_run
+    result = run_cli("analyze", "--ckpt", run_dir, "--out", tmp_path / "routing.png")
+    assert result.returncode == 0, result.stderr
+    for kind in ("prose", "code", "dialogue", "numbers"):
+        assert kind in result.stdout
+    assert "layer 1" in result.stdout and (tmp_path / "routing.png").stat().st_size > 0
+    as_json = json.loads(run_cli("analyze", "--ckpt", run_dir, "--out", tmp_path / "r.png", "--json").stdout)
+    assert as_json["layers"] == [1]
+    for kind, share in as_json["share"].items():
+        assert sum(share[0]) == pytest.approx(1.0), kind

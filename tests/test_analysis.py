@@ -1,0 +1,77 @@
+"""Routing analysis and the bench command: what they count is checked against an independent count; bench's
+numbers are checked for consistency only (timings are never asserted: the machines are shared and noisy)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import h64lm
+from conftest import run_cli, small_config
+
+
+class _ByteTokenizer:
+    """Stands in for the real tokenizer: one token per byte, <s> = 1."""
+
+    def __call__(self, text):
+        return {"input_ids": [1] + [b % 97 + 3 for b in text.encode()]}
+
+
+def test_routing_profile_counts_what_the_router_chooses():
+    model = h64lm.H64LM(small_config(num_layers=4, moe_layers="odd", vocab_size=101))
+    texts = {"a": ["first text", "and another one"], "b": ["12345 67890"]}
+    # Independently: the router's own top-k over the inputs the MoE layers receive, captured by hooks.
+    inputs = {}
+    hooks = [b.ffn.register_forward_hook(lambda mod, args, out, i=i: inputs.setdefault(i, []).append(args[0]))
+             for i, b in enumerate(model.blocks) if b.is_moe]
+    profile = h64lm.routing_profile(model, _ByteTokenizer(), texts)
+    for h in hooks:
+        h.remove()
+    assert profile["layers"] == [1, 3] and profile["kinds"] == ["a", "b"]
+    calls = {"a": [0, 1], "b": [2]}  # which forward passes belong to which kind
+    for row, layer in enumerate(profile["layers"]):
+        router = model.blocks[layer].ffn.router.weight
+        for kind, which in calls.items():
+            counts = np.zeros(4)
+            for call in which:
+                x = inputs[layer][call].reshape(-1, router.shape[1])
+                chosen = (x @ router.T).softmax(-1).topk(2, dim=-1).indices
+                counts += np.bincount(chosen.flatten().numpy(), minlength=4)
+            np.testing.assert_allclose(profile["share"][kind][row], counts / counts.sum())
+    assert profile["tokens"] == {"a": 11 + 16, "b": 12}
+
+
+def test_dead_experts_are_the_ones_under_a_tenth_of_uniform():
+    share = np.array([[0.5, 0.49, 0.01, 0.0]])
+    profile = {"layers": [1], "kinds": ["x"], "share": {"x": share}, "tokens": {"x": 100}}
+    assert h64lm.dead_experts(profile) == [(1, 2), (1, 3)]
+    profile["share"]["x"] = np.full((1, 4), 0.25)
+    assert h64lm.dead_experts(profile) == []
+
+
+def test_mixtral_for_the_comparison_has_exactly_our_shape():
+    config = h64lm.H64LMConfig.from_preset("tiny", moe_layers="all", attention_type="rope")
+    ours, theirs = h64lm.H64LM(config), h64lm.mixtral_like(config)
+    assert ours.num_params() == sum(p.numel() for p in theirs.parameters())
+    assert theirs.config.num_local_experts == 8 and theirs.config.num_experts_per_tok == 2
+
+
+def test_bench_json_has_every_documented_key_and_consistent_numbers():
+    result = run_cli("bench", "--preset", "tiny", "--batch-size", "1", "--seq-len", "16", "--repeats", "1",
+                     "--decode-tokens", "2", "--compare-hf", "--json", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    r = json.loads(result.stdout)
+    for key in ("tokens_per_s", "flops_per_token", "achieved_flops", "utilization", "moe_overhead",
+                "peak_memory_bytes", "device", "hf_tokens_per_s", "speedup_vs_hf", "decode_tokens_per_s",
+                "hf_decode_tokens_per_s", "decode_speedup_vs_hf"):
+        assert key in r, key
+    assert r["config"]["moe_layers"] == "all" and r["config"]["attention_type"] == "rope"
+    tiny = h64lm.H64LM(h64lm.H64LMConfig(**r["config"]))
+    assert r["flops_per_token"] == tiny.flops_per_token(16)
+    assert r["achieved_flops"] == pytest.approx(r["tokens_per_s"] * r["flops_per_token"])
+    assert r["utilization"] == pytest.approx(r["achieved_flops"] / r["peak_flops"])
+    assert r["speedup_vs_hf"] == pytest.approx(r["tokens_per_s"] / r["hf_tokens_per_s"])
+    assert r["decode_speedup_vs_hf"] == pytest.approx(r["decode_tokens_per_s"] / r["hf_decode_tokens_per_s"])
+    assert r["moe_overhead"] == pytest.approx(r["moe_layer_seconds"] / r["dense_layer_seconds"])
+    assert r["peak_memory_bytes"] > 0
