@@ -5,7 +5,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 import h64lm
 from conftest import run_cli, small_config

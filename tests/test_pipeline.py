@@ -1,13 +1,11 @@
 """The pretraining pipeline: data sources, tokenizing and its cache, packed windows, evaluation, the command line,
 and DistributedDataParallel with two gloo processes against one process with the same global batch."""
 
-import gzip
 import json
 import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
