@@ -1489,15 +1489,16 @@ def set_rng_state(state: dict) -> None:
 
 def save_plots(history: dict, folder: Path) -> None:
     """loss.png (train and validation), lr.png and expert_load.png (share of tokens per expert over time)."""
-    import matplotlib
-    matplotlib.use("Agg")  # files only; chosen here so that importing h64lm touches no global state
-    import matplotlib.pyplot as plt
+    # Figure objects, not pyplot: they draw straight to files and leave pyplot's backend and state alone
+    # (a notebook that calls train() keeps its inline plots).
+    from matplotlib.figure import Figure
 
     train, val = history["train"], history["val"]
     if not train:
         return
     steps = [r["step"] for r in train]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     ax.plot(steps, [r["lm_loss"] for r in train], label="train")
     if val:
         ax.plot([r["step"] for r in val], [r["loss"] for r in val], "o-", label="validation")
@@ -1506,19 +1507,19 @@ def save_plots(history: dict, folder: Path) -> None:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(folder / "loss.png", dpi=110)
-    plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(7, 3))
+    fig = Figure(figsize=(7, 3))
+    ax = fig.subplots()
     ax.plot(steps, [r["lr"] for r in train])
     ax.set(xlabel="step", ylabel="learning rate", title="Learning rate")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(folder / "lr.png", dpi=110)
-    plt.close(fig)
 
     layers = sorted(train[-1].get("expert_load", {}), key=int)
     if layers:
-        fig, axes = plt.subplots(1, len(layers), figsize=(4 * len(layers), 3.4), squeeze=False, sharey=True)
+        fig = Figure(figsize=(4 * len(layers), 3.4))
+        axes = fig.subplots(1, len(layers), squeeze=False, sharey=True)
         for ax, layer in zip(axes[0], layers):
             load = np.array([r["expert_load"][layer] for r in train])  # (records, E) shares of assignments
             ax.stackplot(steps, load.T, labels=[f"expert {i}" for i in range(load.shape[1])])
@@ -1528,7 +1529,6 @@ def save_plots(history: dict, folder: Path) -> None:
         fig.suptitle("Expert load per MoE layer")
         fig.tight_layout()
         fig.savefig(folder / "expert_load.png", dpi=110)
-        plt.close(fig)
 
 
 # --- The loop -----------------------------------------------------------------
@@ -1706,8 +1706,9 @@ def train(config: H64LMConfig, tc: TrainConfig, preset: str = "custom", resume: 
             warnings.warn(f"The run was saved by {len(states)} processes and goes on with {rt.world_size}; "
                           "the random state (router jitter only) is not continued exactly.")
         set_rng_state(states[rt.rank % len(states)])
-    bar = tqdm(range(start_step, tc.max_steps), desc="training", unit="step", disable=not rt.master,
-               dynamic_ncols=True, initial=start_step, total=tc.max_steps)
+    quiet = {} if rt.master else {"disable": True}  # on rank 0 the bar obeys tqdm's own TQDM_DISABLE
+    bar = tqdm(range(start_step, tc.max_steps), desc="training", unit="step", dynamic_ncols=True,
+               initial=start_step, total=tc.max_steps, **quiet)
     model.train()
     t_last = time.perf_counter()
     with _StopRequest() as stop:
@@ -1904,7 +1905,7 @@ def dead_experts(profile: dict, threshold: float = 0.1) -> list[tuple[int, int]]
     total = sum(profile["share"][k] * profile["tokens"][k] for k in profile["kinds"])  # (L, E) assignments / k
     share = total / total.sum(axis=1, keepdims=True)
     E = share.shape[1]
-    return [(profile["layers"][r], e) for r, e in zip(*np.nonzero(share < threshold / E))]
+    return [(profile["layers"][r], int(e)) for r, e in zip(*np.nonzero(share < threshold / E))]
 
 
 def routing_table(profile: dict) -> str:
@@ -1923,13 +1924,11 @@ def routing_table(profile: dict) -> str:
 
 def save_routing_heatmap(profile: dict, path: str | Path) -> None:
     """A (layer x expert) heatmap of the share of assignments, one panel per kind of text."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     kinds = profile["kinds"]
-    fig, axes = plt.subplots(1, len(kinds), figsize=(3.2 * len(kinds), 0.6 * len(profile["layers"]) + 1.6),
-                             squeeze=False)
+    fig = Figure(figsize=(3.2 * len(kinds), 0.6 * len(profile["layers"]) + 1.6))
+    axes = fig.subplots(1, len(kinds), squeeze=False)
     vmax = max(profile["share"][k].max() for k in kinds)
     for n, (ax, kind) in enumerate(zip(axes[0], kinds)):
         image = ax.imshow(profile["share"][kind], vmin=0, vmax=vmax, cmap="viridis", aspect="auto")
@@ -1937,7 +1936,6 @@ def save_routing_heatmap(profile: dict, path: str | Path) -> None:
                yticklabels=[f"layer {i}" for i in profile["layers"]] if n == 0 else [])
     fig.colorbar(image, ax=axes[0].tolist(), label="share of assignments")
     fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
 
 
 # -----------------------------------------------------------------------------
