@@ -47,7 +47,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -937,7 +937,7 @@ class TextSource:
     """Where a corpus comes from, and how to read it."""
     name: str  # for messages, e.g. "the bundled Wikipedia sample"
     fingerprint: str  # changes whenever the text does
-    read: callable  # split name -> list of lines (without their newline)
+    read: Callable[[str], list[str]]  # split name -> list of lines (without their newline)
 
 
 def is_article_heading(line: str) -> bool:
@@ -1963,7 +1963,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time_alternating(fns: dict[str, callable], repeats: int, device: torch.device) -> dict[str, float]:
+def _time_alternating(fns: dict[str, Callable[[], None]], repeats: int, device: torch.device) -> dict[str, float]:
     """Median seconds of each function, called in turn repeats times (after one warm-up call each)."""
     for fn in fns.values():
         fn()
@@ -1978,7 +1978,7 @@ def _time_alternating(fns: dict[str, callable], repeats: int, device: torch.devi
     return {name: _median(t) for name, t in times.items()}
 
 
-def _train_step_fn(model: nn.Module, x: torch.Tensor, rt: Runtime, loss_of) -> callable:
+def _train_step_fn(model: nn.Module, x: torch.Tensor, rt: Runtime, loss_of) -> Callable[[], None]:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # the same optimizer for both models
 
     def step():
@@ -2005,7 +2005,7 @@ def mixtral_like(config: H64LMConfig):
     return MixtralForCausalLM(hf_config)
 
 
-def _fastest_hf_experts(hf_model, x: torch.Tensor, rt: Runtime, repeats: int) -> tuple[str, callable]:
+def _fastest_hf_experts(hf_model, x: torch.Tensor, rt: Runtime, repeats: int) -> tuple[str, Callable[[], None]]:
     """Time transformers' experts implementations that run here and keep the fastest."""
     candidates = {}
     for impl in ("eager", "batched_mm", "grouped_mm"):
