@@ -1076,6 +1076,13 @@ def load_tokenizer(path: str | Path = DEFAULT_TOKENIZER):
     return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
 
 
+def check_vocab(tokenizer, config: H64LMConfig) -> None:
+    """A token id the embedding has no row for would fail deep inside the model; say so up front."""
+    if len(tokenizer) > config.vocab_size:
+        raise H64LMError(f"The tokenizer has {len(tokenizer)} tokens but the model only {config.vocab_size}; use "
+                         "the tokenizer the model was made for (--tokenizer), or for a new model raise --vocab-size.")
+
+
 def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
 
@@ -1127,16 +1134,21 @@ def load_token_splits(data: str, tokenizer, cache_dir: str | Path = DEFAULT_CACH
     for split in SPLITS:
         bin_path, meta_path = folder / f"{split}.bin", folder / f"{split}.json"
         if not meta_path.exists():
+            log(f"tokenizing the {split} split of {source.name} into {folder} (once)")
             lines = source.read(split)
             tokens = tokenize_documents(list(documents(lines)), tokenizer, desc=f"tokenizing {split}")
             if len(tokens) < 2:
                 raise H64LMError(f"The {split} split of {source.name} holds no text; give every split some text.")
             folder.mkdir(parents=True, exist_ok=True)
-            tmp = bin_path.with_suffix(".tmp")
+            # Temporary names of this process's own, renamed into place: two programs filling the same cache
+            # never write into one file, and a reader sees a whole file or none. The .json goes last: its
+            # presence means the .bin is complete.
+            tmp = folder / f"{split}.{os.getpid()}.tmp"
             tokens.tofile(tmp)
             os.replace(tmp, bin_path)
             meta = {"tokens": int(len(tokens)), "words": count_words(lines), "lines": len(lines)}
-            meta_path.write_text(json.dumps(meta))  # written last: its presence means the .bin is complete
+            tmp.write_text(json.dumps(meta))
+            os.replace(tmp, meta_path)
         meta = json.loads(meta_path.read_text())
         tokens = np.memmap(bin_path, dtype=np.uint16, mode="r")
         splits[split] = TokenSplit(tokens=tokens, words=meta["words"], lines=meta["lines"])
@@ -1625,10 +1637,13 @@ def train(config: H64LMConfig, tc: TrainConfig, preset: str = "custom", resume: 
     np.random.seed(tc.seed)
     torch.manual_seed(tc.seed + rt.rank)  # router jitter differs per rank; the weights are broadcast by DDP
     tokenizer = load_tokenizer(tc.tokenizer)
-    if len(tokenizer) > config.vocab_size:
-        raise H64LMError(f"The tokenizer has {len(tokenizer)} tokens but the model only {config.vocab_size}; "
-                         "set --vocab-size to at least the tokenizer's size, or use the tokenizer it was made for.")
+    check_vocab(tokenizer, config)
+    # Rank 0 tokenizes and fills the cache while the others wait, then they read its cache: the work is done once.
+    if rt.world_size > 1 and not rt.master:
+        torch.distributed.barrier()
     source, splits = load_token_splits(tc.data, tokenizer, tc.cache_dir, log=log)
+    if rt.world_size > 1 and rt.master:
+        torch.distributed.barrier()
     train_windows = PackedWindows(splits["train"].tokens, seq_len)
     global_batch = tc.batch_size * tc.grad_accum * rt.world_size
     if train_windows.count < global_batch:
@@ -1830,11 +1845,6 @@ def evaluate_checkpoint(ckpt: str | Path, data: str | None = None, split: str = 
             "word_ppl": math.exp(nll / words) if words else None, "nll": nll, "tokens": count, "words": words,
             "seq_len": seq_len}
 
-
-def check_vocab(tokenizer, config: H64LMConfig) -> None:
-    if len(tokenizer) > config.vocab_size:
-        raise H64LMError(f"The tokenizer has {len(tokenizer)} tokens but the model only {config.vocab_size}; use "
-                         "the tokenizer the model was trained with (--tokenizer).")
 
 
 
@@ -2462,13 +2472,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if len(prompts) == 1:
         # Stream: decode everything generated so far and print what is new (a word can span several tokens).
         out, shown = [], ""
+        prefix = tokenizer.decode(prompts[0], skip_special_tokens=True)
         print(args.prompt[0], end="", flush=True)
         for token in stream_generate(model, prompts, args.max_new_tokens, **sampling):
             if token.item() == sampling["eos_id"]:
                 break
             out.append(token.item())
             text = tokenizer.decode(prompts[0] + out, skip_special_tokens=True)
-            prefix = tokenizer.decode(prompts[0], skip_special_tokens=True)
             new = text[len(prefix):]
             print(new[len(shown):], end="", flush=True)
             shown = new
