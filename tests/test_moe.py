@@ -164,3 +164,12 @@ def test_router_softmax_is_float32_under_bf16_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         _, balance, z = moe(x)
     assert balance.dtype == torch.float32 and z.dtype == torch.float32
+
+
+def test_without_losses_the_output_is_the_same():
+    moe = make_moe()
+    x = torch.randn(2, 9, 32)
+    y, balance, z = moe(x)
+    y_bare, no_balance, no_z = moe(x, with_losses=False)
+    torch.testing.assert_close(y_bare, y)
+    assert no_balance is None and no_z is None and balance > 0 and z > 0
