@@ -586,7 +586,7 @@ class MoE(nn.Module):
         counts = torch.bincount(flat_ids, minlength=self.num_experts + 1)[: self.num_experts].tolist()
         order = order[: sum(counts)]  # drop the dropped
         token = order // self.top_k  # (A',) the token of each sorted assignment
-        rows = x[token]  # (A', D), expert 0's rows first, then expert 1's, ...
+        rows = x.index_select(0, token)  # (A', D), expert 0's rows first, then expert 1's, ...
         # An expert with no rows is skipped, not called on an empty block: when decoding one token, 6 of 8 are idle.
         outs = [self.expert(block, *w) for block, w, n in zip(rows.split(counts), self.expert_weights(), counts) if n]
         out = torch.cat(outs) if outs else rows  # (A', D)
@@ -642,19 +642,23 @@ class Block(nn.Module):
 # has a closed form,
 #     dL/dz_t = (softmax(z_t) - onehot(y_t)) / n      for each of the n counted tokens,
 # so `ChunkedLinearCrossEntropy` takes a few hundred rows at a time, computes
-# their logits, loss and both gradients (dL/dx = dL/dz W, dL/dW += dL/dz^T x)
-# while the rows are still in cache, and keeps only the gradients for the
-# backward pass: the idea of Liger Kernel's fused linear cross-entropy and of
+# their logits, loss and both gradients (dL/dx = dL/dz W, dL/dW += dL/dz^T x),
+# so that only one chunk's logits exist at a time, and keeps only the gradients
+# for the backward pass: the idea of Liger Kernel's fused linear cross-entropy and of
 # "Cut Your Losses" (Wijmans et al. 2024). Same three matrix multiplies, one
-# pass of exp, no (N, V) tensor. On 2 CPU cores, tiny preset, 1024 tokens: LM
-# head + loss, forward and backward, 297 ms plain vs 189 ms chunked.
-# tests/test_training.py proves it equals the plain path in loss and gradients.
+# pass of exp, no (N, V) tensor. What it buys is memory: a training step of
+# the tiny preset (all-MoE form, 1024 tokens, 2 CPU cores) peaks at 709-723 MiB
+# of RSS instead of 1305, at 239-242 ms a step against 239 ms for the plain
+# path. (Before keep_freed_memory, section 15, it also bought speed, 297 vs
+# 189 ms for the LM head and loss, because every fresh (N, V) tensor faulted
+# its pages in one by one.) tests/test_training.py proves it equals the plain
+# path in loss and gradients.
 
 def _chunk_rows(device: torch.device, vocab_size: int) -> int:
-    """Rows per chunk: about 16 MiB of float32 logits on CPU, which stay in the L3 cache (64 to 256 rows of a
-    32000-token vocabulary all measured within 2% of each other); 1 GiB on a GPU, where a chunk must fill the
-    device (not measured here: no GPU was available)."""
-    budget = 2**30 if device.type == "cuda" else 2**24
+    """Rows per chunk: 64 MiB of float32 logits on CPU (524 rows of a 32000-token vocabulary; 131-row chunks were
+    3% slower over a whole step, as each chunk adds one read and write of the (V, D) gradient); 1 GiB on a GPU,
+    where a chunk must keep the device busy (not measured: no GPU was available to this project)."""
+    budget = 2**30 if device.type == "cuda" else 2**26
     return max(1, budget // (4 * vocab_size))
 
 
@@ -938,7 +942,7 @@ def stream_generate(model: H64LM, prompts: list[list[int]], max_new_tokens: int,
                     top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
                     eos_id: int | None = None, pad_id: int = 0, seed: int | None = None) -> Iterator[torch.Tensor]:
     """Yield the next token of every prompt (B,), step by step, until max_new_tokens or every row has produced
-    eos_id. A row that has finished keeps yielding eos_id (or pad_id without one)."""
+    eos_id. A row that has finished keeps yielding eos_id. pad_id fills the left of shorter prompts."""
     config = model.config
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("Every prompt needs at least one token; a text prompt gets <s> from the tokenizer.")
@@ -962,7 +966,6 @@ def stream_generate(model: H64LM, prompts: list[list[int]], max_new_tokens: int,
     seen = torch.zeros(len(prompts), config.vocab_size, dtype=torch.bool, device=device)
     seen.scatter_(1, idx, positions >= 0)  # tokens of the prompt, for the repetition penalty
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
-    filler = eos_id if eos_id is not None else pad_id
 
     was_training = model.training
     model.eval()  # no router jitter or capacity dropping while generating
@@ -973,13 +976,14 @@ def stream_generate(model: H64LM, prompts: list[list[int]], max_new_tokens: int,
         for step in range(max_new_tokens):
             token = sample(logits, temperature=temperature, top_k=top_k, top_p=top_p,
                            repetition_penalty=repetition_penalty, seen=seen, generator=generator)
-            token = token.masked_fill(done, filler)  # (B,)
-            yield token
-            if eos_id is not None:
+            if eos_id is not None:  # without an eos_id no row ever finishes early
+                token = token.masked_fill(done, eos_id)  # (B,): a finished row repeats eos_id
                 done |= token == eos_id
-            if bool(done.all()) or step == max_new_tokens - 1:
+            yield token
+            if step == max_new_tokens - 1 or (eos_id is not None and bool(done.all())):
                 break
-            seen.scatter_(1, token[:, None], True)
+            if repetition_penalty != 1.0:
+                seen.scatter_(1, token[:, None], True)
             logits = decode_one_token(model, token[:, None], next_pos, cache)
             next_pos = next_pos + 1
     finally:
