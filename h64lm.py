@@ -2463,6 +2463,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "split, cache bypassed (key tokenize_tokens_per_s)")
     p.add_argument("--attn-impl", choices=ATTENTION_IMPLS, default=None, help="override the preset's")
     p.add_argument("--moe-impl", choices=MOE_IMPLS, default=None, help="override the preset's")
+    p.add_argument("--loss-impl", choices=LOSS_IMPLS, default=None, help="override the preset's")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_bench)
 
@@ -2658,7 +2659,7 @@ def _read_lines_as_text(path: Path) -> list[str]:
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.batch_size < 1 or args.repeats < 1 or args.decode_tokens < 1:
         raise H64LMError("--batch-size, --repeats and --decode-tokens must be at least 1.")
-    overrides = {k: v for k, v in (("attn_impl", args.attn_impl), ("moe_impl", args.moe_impl)) if v}
+    overrides = {name: getattr(args, name) for name in ("attn_impl", "moe_impl", "loss_impl") if getattr(args, name)}
     result = bench(args.preset, args.device, args.precision, args.seq_len, args.batch_size, args.repeats,
                    args.compare_hf, args.decode_tokens, args.compile, **overrides)
     if args.tokenize:
