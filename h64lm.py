@@ -1372,9 +1372,10 @@ class Runtime:
 def keep_freed_memory() -> bool:
     """Ask glibc's malloc to keep the memory of freed tensors for reuse instead of handing it back to the OS.
 
-    By default glibc serves every block over 128 KiB to 32 MiB with a fresh mmap and unmaps it when freed, so each
-    training step's big activations arrive as untouched pages and fault in one 4 KiB page at a time: 22,600 page
-    faults and 42 ms of kernel time per 272 ms step of the tiny preset on 2 cores. With no mmap threshold and no
+    By default glibc serves a big block (over a threshold that starts at 128 KiB and adapts up to 32 MiB) with a
+    fresh mmap and unmaps it when freed, and gives the top of its heap back to the OS once more than twice that is
+    free. So each training step's big activations arrive as untouched pages and fault in one 4 KiB page at a time:
+    22,600 page faults and 42 ms of kernel time per 272 ms step of the tiny preset on 2 cores. With no mmap threshold and no
     trimming the heap keeps its peak size, as PyTorch's CUDA caching allocator does on a GPU, and the same step
     took 246 ms with 1 page fault. (jemalloc or tcmalloc through LD_PRELOAD, which PyTorch's CPU tuning guide
     recommends, do the same; this needs nothing installed.) Returns whether the setting took, False off glibc."""
