@@ -625,9 +625,11 @@ class Block(nn.Module):
 # 12. The H64LM model
 # -----------------------------------------------------------------------------
 # token ids -> embedding -> N blocks -> RMSNorm -> LM head -> logits over the
-# vocabulary. `forward` returns the logits and, given targets, the loss to
+# vocabulary. `forward` returns the logits or, given targets, the loss to
 # minimise: cross-entropy plus the weighted router losses, averaged over the MoE
-# layers so that their weight does not grow with depth.
+# layers so that their weight does not grow with depth. (With targets the
+# logits come back only with loss_impl="plain"; see "The loss without the
+# logits" below.)
 #
 # Initialisation follows GPT-2: every weight ~ N(0, 0.02), and the projections
 # that write into the residual stream (attention output, FFN and expert down
@@ -644,9 +646,9 @@ class Block(nn.Module):
 # so `ChunkedLinearCrossEntropy` takes a few hundred rows at a time, computes
 # their logits, loss and both gradients (dL/dx = dL/dz W, dL/dW += dL/dz^T x),
 # so that only one chunk's logits exist at a time, and keeps only the gradients
-# for the backward pass: the idea of Liger Kernel's fused linear cross-entropy and of
-# "Cut Your Losses" (Wijmans et al. 2024). Same three matrix multiplies, one
-# pass of exp, no (N, V) tensor. What it buys is memory: a training step of
+# for the backward pass: the idea of Liger Kernel's fused linear cross-entropy
+# and of "Cut Your Losses" (Wijmans et al. 2024). Same three matrix multiplies,
+# one pass of exp, no (N, V) tensor. What it buys is memory: a training step of
 # the tiny preset (all-MoE form, 1024 tokens, 2 CPU cores) peaks at 709-723 MiB
 # of RSS instead of 1305, at 239-242 ms a step against 239 ms for the plain
 # path. (Before keep_freed_memory, section 15, it also bought speed, 297 vs
@@ -1375,10 +1377,11 @@ def keep_freed_memory() -> bool:
     By default glibc serves a big block (over a threshold that starts at 128 KiB and adapts up to 32 MiB) with a
     fresh mmap and unmaps it when freed, and gives the top of its heap back to the OS once more than twice that is
     free. So each training step's big activations arrive as untouched pages and fault in one 4 KiB page at a time:
-    22,600 page faults and 42 ms of kernel time per 272 ms step of the tiny preset on 2 cores. With no mmap threshold and no
-    trimming the heap keeps its peak size, as PyTorch's CUDA caching allocator does on a GPU, and the same step
-    took 246 ms with 1 page fault. (jemalloc or tcmalloc through LD_PRELOAD, which PyTorch's CPU tuning guide
-    recommends, do the same; this needs nothing installed.) Returns whether the setting took, False off glibc."""
+    22,600 page faults and 42 ms of kernel time per 272 ms step of the tiny preset on 2 cores. With no mmap
+    threshold and no trimming the heap keeps its peak size, as PyTorch's CUDA caching allocator does on a GPU, and
+    the same step took 246 ms with 1 page fault. (jemalloc or tcmalloc through LD_PRELOAD, which PyTorch's CPU
+    tuning guide recommends, do the same; this needs nothing installed.) Returns whether the setting took, False
+    off glibc."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     try:
