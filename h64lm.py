@@ -965,8 +965,10 @@ def stream_generate(model: H64LM, prompts: list[list[int]], max_new_tokens: int,
     idx = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts], device=device)  # (B, T)
     positions = torch.arange(width, device=device)[None] - pad[:, None]  # (B, T), row b starts at -pad_b
     positions = positions.masked_fill(positions < 0, -1)
-    seen = torch.zeros(len(prompts), config.vocab_size, dtype=torch.bool, device=device)
-    seen.scatter_(1, idx, positions >= 0)  # tokens of the prompt, for the repetition penalty
+    seen = None  # (B, V) the tokens of each prompt and its output so far, kept only for the repetition penalty
+    if repetition_penalty != 1.0:
+        seen = torch.zeros(len(prompts), config.vocab_size, dtype=torch.bool, device=device)
+        seen.scatter_(1, idx, positions >= 0)
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
 
     was_training = model.training
@@ -984,7 +986,7 @@ def stream_generate(model: H64LM, prompts: list[list[int]], max_new_tokens: int,
             yield token
             if step == max_new_tokens - 1 or (eos_id is not None and bool(done.all())):
                 break
-            if repetition_penalty != 1.0:
+            if seen is not None:
                 seen.scatter_(1, token[:, None], True)
             logits = decode_one_token(model, token[:, None], next_pos, cache)
             next_pos = next_pos + 1
