@@ -1191,6 +1191,13 @@ def check_vocab(tokenizer, config: H64LMConfig) -> None:
                          "the tokenizer the model was made for (--tokenizer), or for a new model raise --vocab-size.")
 
 
+def check_seq_len(seq_len: int, config: H64LMConfig, remedy: str = "lower it") -> None:
+    """Windows longer than the model's context would fail on their first position past it; say so up front."""
+    if seq_len > config.max_position_embeddings:
+        raise H64LMError(f"--seq-len {seq_len} is longer than the model's max_position_embeddings "
+                         f"({config.max_position_embeddings}); {remedy}.")
+
+
 def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
 
@@ -1742,9 +1749,7 @@ def train(config: H64LMConfig, tc: TrainConfig, preset: str = "custom", resume: 
     rt = setup_runtime(tc.device, tc.precision)
     log = print if rt.master else (lambda *a, **k: None)
     seq_len = tc.seq_len or config.max_position_embeddings
-    if seq_len > config.max_position_embeddings:
-        raise H64LMError(f"--seq-len {seq_len} is longer than the model's max_position_embeddings "
-                         f"({config.max_position_embeddings}); lower it or raise --max-position-embeddings.")
+    check_seq_len(seq_len, config, remedy="lower it or raise --max-position-embeddings")
     for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "eval_every", "save_every", "eval_batches",
                  "log_every", "warmup_steps"):
         if getattr(tc, name) is not None and getattr(tc, name) < (0 if name == "warmup_steps" else 1):
@@ -1961,9 +1966,7 @@ def evaluate_checkpoint(ckpt: str | Path, data: str | None = None, split: str = 
     trained = saved.get("train_config", {})
     data = data or trained.get("data", "auto")
     seq_len = seq_len or trained.get("seq_len") or model.config.max_position_embeddings
-    if seq_len > model.config.max_position_embeddings:
-        raise H64LMError(f"--seq-len {seq_len} is longer than the model's context "
-                         f"({model.config.max_position_embeddings} tokens); lower it.")
+    check_seq_len(seq_len, model.config)
     tok = load_tokenizer(tokenizer)
     check_vocab(tok, model.config)
     source, splits = load_token_splits(data, tok, cache_dir, log=log)
@@ -2186,8 +2189,7 @@ def bench(preset: str = "tiny", device: str = "auto", precision: str = "auto", s
     except ValueError as e:
         raise H64LMError(str(e)) from None
     seq_len = seq_len or TRAIN_RECIPES.get(preset, {}).get("seq_len") or config.max_position_embeddings
-    if seq_len > config.max_position_embeddings:
-        raise H64LMError(f"--seq-len {seq_len} is longer than the model's context ({config.max_position_embeddings}).")
+    check_seq_len(seq_len, config)
     torch.manual_seed(0)
     model = H64LM(config).to(rt.device)
     step_model = torch.compile(model) if compile else model
