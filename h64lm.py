@@ -52,6 +52,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -70,6 +71,57 @@ ATTENTION_TYPES = ("rope", "alibi", "rope+alibi")
 ATTENTION_IMPLS = ("sdpa", "plain")
 MOE_IMPLS = ("grouped", "loop")
 LOSS_IMPLS = ("chunked", "plain")
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric setting may take. A config checks its fields against their ranges when it is made
+    (from a preset, from flags or from a checkpoint's file), and the command line checks each flag as it parses
+    it, so a NaN, a negative size or a probability above 1 never gets as far as the model."""
+    low: float | None = None  # None = no bound
+    high: float | None = None
+    low_open: bool = False  # True: low itself is not allowed
+    high_open: bool = False
+    integer: bool = False
+
+    def __contains__(self, x) -> bool:
+        if isinstance(x, bool) or not isinstance(x, (int, float)) or (self.integer and not isinstance(x, int)):
+            return False
+        if not math.isfinite(x) or (isinstance(x, int) and abs(x) >= 2**63):  # 2**63: too big for an int64
+            return False
+        if self.low is not None and (x < self.low or (self.low_open and x == self.low)):
+            return False
+        return self.high is None or not (x > self.high or (self.high_open and x == self.high))
+
+    def __str__(self) -> str:
+        kind = "an integer" if self.integer else "a finite number"
+        low, high = (str(int(b)) if b is not None and float(b).is_integer() else f"{b}" for b in (self.low, self.high))
+        if self.low is not None and self.high is not None:
+            return f"{kind} in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
+        if self.low is not None:
+            return f"{kind} {'above' if self.low_open else 'of at least'} {low}"
+        return kind
+
+    def refuse(self, x) -> str | None:
+        """Why x is not allowed ("must be ..., got ..."), or None when it is."""
+        if x in self:
+            return None
+        huge = isinstance(x, int) and not isinstance(x, bool) and abs(x) >= 2**63
+        return f"must be {self}{' (below 2**63)' if huge and self.high is None else ''}, got {x!r}"
+
+
+POSITIVE = Range(0, low_open=True)
+NON_NEGATIVE = Range(0)
+COUNT = Range(1, integer=True)  # sizes, lengths, steps
+SEED = Range(0, 2**32 - 1, integer=True)  # what NumPy's legacy seed accepts; torch takes any of these too
+
+
+def check_ranges(obj, ranges: dict[str, Range]) -> None:
+    """Raise ValueError naming the first field of obj outside its range (None passes: it means "not set")."""
+    for name, allowed in ranges.items():
+        value = getattr(obj, name)
+        if value is not None and (why := allowed.refuse(value)):
+            raise ValueError(f"{name} {why}.")
 
 
 @dataclass
@@ -116,13 +168,18 @@ class H64LMConfig:
     use_rope: bool = field(init=False)
     use_alibi: bool = field(init=False)
 
+    # The values each number may take (None, where a field allows it, always passes).
+    RANGES: ClassVar[dict[str, Range]] = dict(
+        vocab_size=COUNT, max_position_embeddings=COUNT, hidden_size=COUNT, num_layers=COUNT, num_heads=COUNT,
+        num_kv_heads=COUNT, intermediate_size=COUNT, num_experts=COUNT, num_experts_per_tok=COUNT,
+        expert_intermediate_size=COUNT, sliding_window=COUNT, rope_theta=POSITIVE, capacity_factor=POSITIVE,
+        router_jitter_noise=Range(0, 1, high_open=True), router_aux_loss_coef=NON_NEGATIVE,
+        router_z_loss_coef=NON_NEGATIVE, rms_norm_eps=POSITIVE, initializer_range=POSITIVE)
+
     def __post_init__(self):
-        for name in ("vocab_size", "max_position_embeddings", "hidden_size", "num_layers", "num_heads",
-                     "num_kv_heads", "intermediate_size", "num_experts", "num_experts_per_tok",
-                     "expert_intermediate_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        check_ranges(self, self.RANGES)
+        if not isinstance(self.tie_word_embeddings, bool):
+            raise ValueError(f"tie_word_embeddings must be true or false, got {self.tie_word_embeddings!r}.")
         if self.attention_type not in ATTENTION_TYPES:
             raise ValueError(f"attention_type must be one of {', '.join(ATTENTION_TYPES)}, got {self.attention_type!r}.")
         if self.hidden_size % self.num_heads:
@@ -134,14 +191,6 @@ class H64LMConfig:
         if self.num_experts_per_tok > self.num_experts:
             raise ValueError(f"num_experts_per_tok ({self.num_experts_per_tok}) cannot exceed num_experts "
                              f"({self.num_experts}).")
-        if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window < 1):
-            raise ValueError(f"sliding_window must be a positive number of tokens or None, got {self.sliding_window!r}.")
-        if self.capacity_factor is not None and not self.capacity_factor > 0:
-            raise ValueError(f"capacity_factor must be positive or None (dropless), got {self.capacity_factor!r}.")
-        if self.router_jitter_noise < 0 or self.router_jitter_noise >= 1:
-            raise ValueError(f"router_jitter_noise must be in [0, 1), got {self.router_jitter_noise!r}.")
-        if self.rope_theta <= 0 or self.rms_norm_eps <= 0 or self.initializer_range <= 0:
-            raise ValueError("rope_theta, rms_norm_eps and initializer_range must all be positive.")
         if self.attn_impl not in ATTENTION_IMPLS:
             raise ValueError(f"attn_impl must be one of {', '.join(ATTENTION_IMPLS)}, got {self.attn_impl!r}.")
         if self.moe_impl not in MOE_IMPLS:
@@ -910,10 +959,12 @@ def sample(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int | None 
     logits = logits.float()
     if repetition_penalty != 1.0 and seen is not None:
         penalised = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
-        logits = torch.where(seen, penalised, logits)
+        logits = torch.where(seen, penalised, logits).clamp(max=torch.finfo(logits.dtype).max)  # a tiny penalty
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits / temperature
+    # Shifted so that the largest logit is 0: a tiny temperature then sends the others towards -inf, and no
+    # logit towards +inf (where inf - inf would make the softmax NaN).
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if top_k is not None:
         kth_best = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth_best, float("-inf"))
@@ -1033,11 +1084,30 @@ DEFAULT_CACHE = ROOT / "data" / "cache"
 SPLITS = ("train", "valid", "test")
 SPLIT_ALIASES = {"train": "train", "valid": "valid", "validation": "valid", "val": "valid", "test": "test"}
 WIKITEXT_HUB = ("Salesforce/wikitext", "wikitext-103-raw-v1")
-TOKEN_CACHE_VERSION = 1  # bump when the way text becomes tokens changes
+TOKEN_CACHE_VERSION = 2  # bump when the way text becomes tokens, or the cache's metadata, changes
 
 
 class H64LMError(Exception):
     """A problem the user can fix; the command line prints its one-sentence message and exits with status 2."""
+
+
+def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
+    """Call write(tmp) on a temporary name of this process's own beside path, flush it to disk, then rename it
+    over path (os.replace is atomic). A reader, a second process or a crash at any moment sees the old file or
+    the new one, never half of one, and a failure leaves no temporary file behind. The file gets the permissions
+    the user's umask gives new files (some writers, such as safetensors, create theirs readable by the owner
+    only)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 @dataclass
@@ -1060,10 +1130,12 @@ def count_words(lines: list[str]) -> int:
     return sum(len(line.split()) + 1 for line in lines)
 
 
-def _hash_files(paths: list[Path]) -> str:
+def _hash_files(paths: list[Path], names: bool = True) -> str:
+    """SHA-256 of the files' contents (and names), in sorted order."""
     digest = hashlib.sha256()
     for path in sorted(paths):
-        digest.update(path.name.encode())
+        if names:
+            digest.update(path.name.encode())
         with open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
@@ -1158,7 +1230,7 @@ def _wikitext103_source() -> TextSource:
                       read=lambda split: [line.rstrip("\n") for line in ds[names[split]]["text"]])
 
 
-def open_text_source(data: str) -> TextSource:
+def open_text_source(data: str, log: Callable[[str], None] = print) -> TextSource:
     """The corpus named by --data: "auto", "wikitext-103", "sample" or a folder."""
     if data == "wikitext-103":
         return _wikitext103_source()
@@ -1169,7 +1241,10 @@ def open_text_source(data: str) -> TextSource:
     if data == "auto":
         try:
             return _wikitext103_source()
-        except H64LMError:
+        except H64LMError as e:
+            log(f"--data auto: WikiText-103 could not be loaded from the Hugging Face hub or its local cache "
+                f"({type(e.__context__).__name__}), so this run uses the bundled Wikipedia sample instead; "
+                "--data wikitext-103 insists on WikiText-103, --data FOLDER reads a copy of it.")
             return open_text_source("sample")
     return _folder_source(Path(data).expanduser())
 
@@ -1181,7 +1256,15 @@ def load_tokenizer(path: str | Path = DEFAULT_TOKENIZER):
     path = Path(path)
     if not (path / "tokenizer.json").exists() and not (path / "tokenizer.model").exists():
         raise H64LMError(f"No tokenizer in {path}; point --tokenizer at a folder with tokenizer.json.")
-    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except Exception as e:  # a damaged JSON or model file; transformers raises many kinds
+        raise H64LMError(f"The tokenizer in {path} could not be loaded ({type(e).__name__}); its files are damaged "
+                         "or incomplete: copy them again, or point --tokenizer at another folder.") from None
+    if not getattr(tokenizer, "is_fast", False):
+        raise H64LMError(f"The tokenizer in {path} has no tokenizer.json (a fast tokenizer), which H64LM needs; "
+                         "save it with a recent transformers (tokenizer.save_pretrained).")
+    return tokenizer
 
 
 def check_vocab(tokenizer, config: H64LMConfig) -> None:
@@ -1241,33 +1324,54 @@ def load_token_splits(data: str, tokenizer, cache_dir: str | Path = DEFAULT_CACH
     if len(tokenizer) > np.iinfo(np.uint16).max + 1:
         raise H64LMError(f"The tokenizer has {len(tokenizer)} tokens; the token cache stores uint16 ids, "
                          "so at most 65536.")
-    source = open_text_source(data)
+    source = open_text_source(data, log)
     key = hashlib.sha256(f"{TOKEN_CACHE_VERSION}|{source.fingerprint}|{tokenizer_fingerprint(tokenizer)}"
                          .encode()).hexdigest()[:20]
     folder = Path(cache_dir) / key
     splits = {}
     for split in SPLITS:
         bin_path, meta_path = folder / f"{split}.bin", folder / f"{split}.json"
-        if not meta_path.exists():
+        if (cached := read_cached_split(bin_path, meta_path, log)) is None:
             log(f"tokenizing the {split} split of {source.name} into {folder} (once)")
             lines = source.read(split)
             tokens = tokenize_documents(list(documents(lines)), tokenizer, desc=f"tokenizing {split}")
             if len(tokens) < 2:
                 raise H64LMError(f"The {split} split of {source.name} holds no text; give every split some text.")
             folder.mkdir(parents=True, exist_ok=True)
-            # Temporary names of this process's own, renamed into place: two programs filling the same cache
-            # never write into one file, and a reader sees a whole file or none. The .json goes last: its
-            # presence means the .bin is complete.
-            tmp = folder / f"{split}.{os.getpid()}.tmp"
-            tokens.tofile(tmp)
-            os.replace(tmp, bin_path)
-            meta = {"tokens": int(len(tokens)), "words": count_words(lines), "lines": len(lines)}
-            tmp.write_text(json.dumps(meta))
-            os.replace(tmp, meta_path)
-        meta = json.loads(meta_path.read_text())
-        tokens = np.memmap(bin_path, dtype=np.uint16, mode="r")
+            # The .json goes last: it vouches for the .bin beside it (count, dtype and SHA-256 of its bytes).
+            meta = {"tokens": int(len(tokens)), "dtype": "uint16", "sha256": hashlib.sha256(tokens).hexdigest(),
+                    "words": count_words(lines), "lines": len(lines)}
+            write_atomically(bin_path, tokens.tofile)
+            write_atomically(meta_path, lambda tmp: tmp.write_text(json.dumps(meta)))
+            cached = read_cached_split(bin_path, meta_path, log)
+        tokens, meta = cached
         splits[split] = TokenSplit(tokens=tokens, words=meta["words"], lines=meta["lines"])
     return source, splits
+
+
+def read_cached_split(bin_path: Path, meta_path: Path, log=print) -> tuple[np.memmap, dict] | None:
+    """The cached tokens of a split and their metadata, when the .bin is what the .json says it is (token count,
+    dtype and SHA-256 of the bytes); None when there is no cache or it does not match, which is said in one line.
+    A truncated or edited cache is never used: it would give wrong losses without a word."""
+    if not meta_path.exists():
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+        count, digest, _, _ = int(meta["tokens"]), meta["sha256"], meta["words"], meta["lines"]
+    except (OSError, ValueError, KeyError, TypeError):
+        problem = f"{meta_path.name} is unreadable"
+    else:
+        size = bin_path.stat().st_size if bin_path.exists() else None
+        if meta.get("dtype") != "uint16":
+            problem = f"its dtype is {meta.get('dtype')!r}, not uint16"
+        elif size != 2 * count:
+            problem = f"{bin_path.name} holds {size or 0:,} bytes, not the {2 * count:,} of {count:,} tokens"
+        elif _hash_files([bin_path], names=False) != digest:
+            problem = f"the bytes of {bin_path.name} are not the ones it was written with"
+        else:
+            return np.memmap(bin_path, dtype=np.uint16, mode="r"), meta
+    log(f"the token cache {bin_path.with_suffix('')} does not match its metadata ({problem}); tokenizing again")
+    return None
 
 
 class PackedWindows:
@@ -1317,6 +1421,10 @@ def train_window_indices(step: int, global_batch: int, num_windows: int, seed: i
 # DistributedDataParallel averages the gradients, and rank 0 alone prints and
 # saves.
 
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+DEVICES = ("auto", "cpu", "cuda")
+
+
 @dataclass
 class TrainConfig:
     data: str = "auto"  # "auto", "wikitext-103", "sample" or a folder of wiki.*.raw / parquet / .txt files
@@ -1346,6 +1454,29 @@ class TrainConfig:
     gradient_checkpointing: bool = False  # recompute activations in backward to save memory
     device: str = "auto"  # "auto", "cpu" or "cuda"
     seed: int = 1337  # seeds the weights, the data order and the router noise
+
+    RANGES: ClassVar[dict[str, Range]] = dict(
+        seq_len=COUNT, batch_size=COUNT, grad_accum=COUNT, max_steps=COUNT, lr=POSITIVE, min_lr=NON_NEGATIVE,
+        warmup_steps=Range(0, integer=True), weight_decay=NON_NEGATIVE, beta1=Range(0, 1, high_open=True),
+        beta2=Range(0, 1, high_open=True), grad_clip=NON_NEGATIVE, eval_every=COUNT, save_every=COUNT,
+        stop_at=COUNT, eval_batches=COUNT, log_every=COUNT, seed=SEED)
+
+    def __post_init__(self):
+        check_ranges(self, self.RANGES)
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr}).")
+        if self.run_name is not None:
+            check_run_name(self.run_name)
+        if self.precision not in PRECISIONS or self.device not in DEVICES:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)} and device one of "
+                             f"{', '.join(DEVICES)}, got {self.precision!r} and {self.device!r}.")
+
+
+def check_run_name(name: str) -> None:
+    """A run name names one folder inside --out-dir: no separator, not '.' or '..', nothing that leaves it."""
+    if name in ("", ".", "..") or any(c in name for c in ("/", os.sep, os.altsep or "/", "\0")):
+        raise ValueError(f"the run name {name!r} is not a folder name; give a name without '/' (the folder it goes "
+                         "in is --out-dir).")
 
 
 # Training recipes, like the model presets, list only what differs from the defaults above (the h64lm GPU recipe).
@@ -1489,23 +1620,32 @@ CHECKPOINT_VERSION = 1
 
 
 def save_checkpoint(path: Path, payload: dict) -> None:
-    """Write payload atomically to path, after checking that the disk has room for it."""
+    """Write payload atomically to path (write_atomically), after checking that the disk has room for it."""
     tensor_bytes = sum(t.numel() * t.element_size() for t in _tensors(payload))
     free = shutil.disk_usage(path.parent).free
     if free < tensor_bytes * 1.1 + (64 << 20):
         raise H64LMError(f"Only {free / 2**30:.2f} GiB are free next to {path}, and the checkpoint needs about "
                          f"{tensor_bytes / 2**30:.2f} GiB; free disk space or choose another --out-dir.")
-    tmp = path.with_name(path.name + ".tmp")
     try:
-        with open(tmp, "wb") as f:
-            torch.save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **payload}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_atomically(path, lambda tmp: torch.save(
+            {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **payload}, tmp))
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise H64LMError(f"Saving the checkpoint {path} failed ({e.strerror or e}); free disk space or choose "
                          "another --out-dir.") from None
+
+
+def nonfinite_state(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> str | None:
+    """The name of the first weight (or optimizer state) holding a NaN or an infinity, or None if all are finite.
+    Checked before every save: a loss can be finite while the step that followed it broke the weights."""
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            return f"the weight {name}"
+    names = {id(p): name for name, p in model.named_parameters()}
+    for p, state in (optimizer.state.items() if optimizer is not None else ()):
+        for key, value in state.items():
+            if torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all():
+                return f"the optimizer's {key} of {names.get(id(p), 'a weight')}"
+    return None
 
 
 def _tensors(obj) -> Iterator[torch.Tensor]:
@@ -1539,7 +1679,9 @@ def read_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dic
     if path.suffix == ".safetensors":
         return _read_safetensors(path, device)
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
+        with warnings.catch_warnings():  # about pickles it is going to refuse anyway: noise before our sentence
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # truncated files, pickles that would run code, anything torch.load refuses
         raise H64LMError(f"{path} is not a readable H64LM checkpoint ({type(e).__name__}: it is damaged or "
                          "holds objects other than tensors); use another checkpoint or retrain.") from None
@@ -1552,8 +1694,19 @@ def read_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dic
     return ckpt
 
 
+# What a checkpoint records of the tokenizer and the data it was trained on, so that a run is resumed, and a
+# model evaluated or sampled, with the same ones (see check_trained_with). An exported model keeps them in its
+# safetensors metadata, as strings.
+PROVENANCE_KEYS = ("tokenizer_fingerprint", "tokenizer_vocab", "data", "data_fingerprint")
+
+
+def provenance(tokenizer, source: TextSource) -> dict:
+    return {"tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "tokenizer_vocab": len(tokenizer),
+            "data": source.name, "data_fingerprint": source.fingerprint}
+
+
 def _read_safetensors(path: Path, device) -> dict:
-    from safetensors import SafetensorError
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     config_path = path.with_name("config.json")
@@ -1563,10 +1716,15 @@ def _read_safetensors(path: Path, device) -> dict:
         raise H64LMError(f"{path} needs its config.json beside it; export the checkpoint again with "
                          "`h64lm.py export`.") from None
     try:
+        with safe_open(path, "pt") as f:
+            metadata = f.metadata() or {}
         state = load_file(path, device=str(device))
     except (SafetensorError, OSError) as e:
         raise H64LMError(f"{path} is not a readable safetensors file ({e}); export the checkpoint again.") from None
     ckpt = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "model": state, "config": config}
+    ckpt.update({k: metadata[k] for k in PROVENANCE_KEYS if k in metadata})
+    if "tokenizer_vocab" in ckpt:
+        ckpt["tokenizer_vocab"] = int(ckpt["tokenizer_vocab"])
     _config_of(ckpt, path)
     return ckpt
 
@@ -1584,14 +1742,44 @@ def strip_prefixes(state: dict) -> dict:
     return {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in state.items()}
 
 
+def checked_weights(ckpt: dict, config: H64LMConfig, path) -> dict:
+    """The checkpoint's weights (prefixes stripped), once their names and shapes are those of the model the config
+    describes. Compared before the model is allocated: a config edited by hand (20,000 experts, say) is refused,
+    not built, and so is a checkpoint that lost a weight."""
+    with torch.device("meta"):  # the model's shapes, without its memory
+        expected = {name: tuple(t.shape) for name, t in H64LM(config).state_dict().items()}
+    state = strip_prefixes(ckpt.get("model") if isinstance(ckpt.get("model"), dict) else {})
+    found = {name: tuple(t.shape) for name, t in state.items() if torch.is_tensor(t)}
+    if found != expected:
+        wrong = sorted(set(expected) ^ set(found)) or [k for k in expected if expected[k] != found[k]]
+        raise H64LMError(f"The weights in {path} do not fit the model its config describes ({wrong[0]}: "
+                         f"{expected.get(wrong[0], 'absent')} expected, {found.get(wrong[0], 'absent')} found); the "
+                         "file is damaged or was edited.")
+    return state
+
+
 def model_from_checkpoint(ckpt: dict, device: torch.device | str = "cpu", path="the checkpoint") -> H64LM:
-    model = H64LM(_config_of(ckpt, path)).to(device)
-    try:
-        model.load_state_dict(strip_prefixes(ckpt["model"]))
-    except (KeyError, RuntimeError):
-        raise H64LMError(f"The weights in {path} do not fit the model its config describes; the file is damaged "
-                         "or was edited.") from None
+    """The model a checkpoint describes, with its weights."""
+    config = _config_of(ckpt, path)
+    state = checked_weights(ckpt, config, path)
+    model = H64LM(config).to(device)
+    model.load_state_dict(state)
     return model
+
+
+def check_trained_with(ckpt: dict, path, tokenizer=None, source: TextSource | None = None) -> None:
+    """Refuse a tokenizer, or a text, other than the ones the checkpoint records (older checkpoints record none):
+    token ids from another vocabulary, or from the same one permuted, give nonsense and wrong perplexities without
+    an error, and a resumed run would quietly train on other data."""
+    if tokenizer is not None and ckpt.get("tokenizer_fingerprint") not in (None, tokenizer_fingerprint(tokenizer)):
+        raise H64LMError(f"{path} was trained with another tokenizer than the one in {tokenizer.name_or_path} "
+                         f"({ckpt.get('tokenizer_vocab', '?')} tokens then, {len(tokenizer)} now, and not the same "
+                         "vocabulary); give the one it was trained with (--tokenizer), or pass --allow-mismatch if "
+                         "you know they agree.")
+    if source is not None and ckpt.get("data_fingerprint") not in (None, source.fingerprint):
+        raise H64LMError(f"The text of {source.name} is not the text {path} was trained on (it was "
+                         f"{ckpt.get('data', '?')}, and its files have changed since); give the same text, or pass "
+                         "--allow-mismatch to go on with this one.")
 
 
 def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tuple[H64LM, dict]:
@@ -1608,12 +1796,12 @@ def export_checkpoint(path: str | Path, out: str | Path, dtype: torch.dtype = to
     model, ckpt = load_checkpoint(path)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "model.safetensors.tmp"
-    save_file({k: v.to(dtype).contiguous() for k, v in model.state_dict().items()}, str(tmp),
-              metadata={"format": CHECKPOINT_FORMAT, "step": str(ckpt.get("step", "")),
-                        "val_loss": str(ckpt.get("val_loss", ""))})
-    os.replace(tmp, out / "model.safetensors")
-    (out / "config.json").write_text(json.dumps(model.config.to_dict(), indent=1) + "\n")
+    metadata = {"format": CHECKPOINT_FORMAT, "step": str(ckpt.get("step", "")),
+                "val_loss": str(ckpt.get("val_loss", "")), **{k: str(ckpt[k]) for k in PROVENANCE_KEYS if k in ckpt}}
+    weights = {k: v.to(dtype).contiguous() for k, v in model.state_dict().items()}
+    write_atomically(out / "model.safetensors", lambda tmp: save_file(weights, str(tmp), metadata=metadata))
+    write_atomically(out / "config.json", lambda tmp: tmp.write_text(json.dumps(model.config.to_dict(), indent=1)
+                                                                     + "\n"))
     return out / "model.safetensors"
 
 
@@ -1636,6 +1824,12 @@ def set_rng_state(state: dict) -> None:
 
 # --- Plots --------------------------------------------------------------------
 
+def save_figure(fig, path: Path) -> None:
+    """A matplotlib Figure to path, atomically; the format follows the file's extension."""
+    write_atomically(Path(path), lambda tmp: fig.savefig(tmp, format=Path(path).suffix[1:] or "png", dpi=110,
+                                                         bbox_inches="tight"))
+
+
 def save_plots(history: dict, folder: Path) -> None:
     """loss.png (train and validation), lr.png and expert_load.png (share of tokens per expert over time)."""
     # Figure objects, not pyplot: they draw straight to files and leave pyplot's backend and state alone
@@ -1655,7 +1849,7 @@ def save_plots(history: dict, folder: Path) -> None:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(folder / "loss.png", dpi=110)
+    save_figure(fig, folder / "loss.png")
 
     fig = Figure(figsize=(7, 3))
     ax = fig.subplots()
@@ -1663,7 +1857,7 @@ def save_plots(history: dict, folder: Path) -> None:
     ax.set(xlabel="step", ylabel="learning rate", title="Learning rate")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(folder / "lr.png", dpi=110)
+    save_figure(fig, folder / "lr.png")
 
     layers = sorted(train[-1].get("expert_load", {}), key=int)
     if layers:
@@ -1677,23 +1871,26 @@ def save_plots(history: dict, folder: Path) -> None:
         axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1, 0.5))
         fig.suptitle("Expert load per MoE layer")
         fig.tight_layout()
-        fig.savefig(folder / "expert_load.png", dpi=110)
+        save_figure(fig, folder / "expert_load.png")
 
 
 # --- The loop -----------------------------------------------------------------
 
 @torch.no_grad()
 def evaluate(model: H64LM, tokens: np.ndarray, seq_len: int, batch_size: int, rt: Runtime,
-             max_batches: int | None = None) -> tuple[float, int]:
+             max_batches: int | None = None, progress: bool = False) -> tuple[float, int]:
     """Summed next-token NLL (nats) and the number of predicted tokens over non-overlapping windows of the
     token array, in order; each process takes every world_size-th batch and the sums are all-reduced.
-    With max_batches=None every token after the first is predicted exactly once."""
+    With max_batches=None every token after the first is predicted exactly once. progress: a bar on stderr."""
+    from tqdm.auto import tqdm
+
     was_training = model.training
     model.eval()
     windows = PackedWindows(tokens, seq_len)
     starts = list(range(0, windows.count, batch_size))[: max_batches]
     total = torch.zeros(2, dtype=torch.float64, device=rt.device)  # (NLL, tokens)
-    for start in starts[rt.rank::rt.world_size]:
+    mine = starts[rt.rank::rt.world_size]
+    for start in tqdm(mine, desc="evaluating", unit="batch", leave=False, disable=not (progress and rt.master)):
         x, y = windows.batch(range(start, min(start + batch_size, windows.count)))
         x, y = x.to(rt.device), y.to(rt.device)
         with rt.autocast():
@@ -1720,224 +1917,399 @@ RUN_FILES = ("latest.pt", "best.pt", "training_history.json", "loss.png", "lr.pn
 
 
 class _StopRequest:
-    """Remembers a SIGINT or SIGTERM so the loop can save and stop at the end of the step; a second signal
-    stops at once (the last saved checkpoint stays)."""
+    """Remembers a SIGINT (Ctrl-C) or SIGTERM so that the loop saves and stops when the step in flight ends, and
+    says so at once; a second signal stops the process at once (the last checkpoint stays: saves are atomic).
 
-    def __init__(self):
+    A Python signal handler runs only when the main thread is between two bytecodes, which can be minutes away
+    while a big model's step runs on a CPU. So the signal is also written, by the interpreter's C-level handler,
+    to a pipe (signal.set_wakeup_fd) that a small thread watches: it answers the moment the signal arrives."""
+
+    def __init__(self, speak: bool = True):
         self.signum: int | None = None
-        self.previous = {}
+        self.speak = speak  # rank 0 speaks for every process
+        self.kept = "no checkpoint of this run was saved"  # what a second signal leaves behind (see last_good)
+        self.previous: dict = {}
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self.previous[sig] = signal.signal(sig, self._handle)
+        if threading.current_thread() is not threading.main_thread():
+            return self  # signal handlers belong to the main thread
+        read_fd, self.write_fd = os.pipe()
+        os.set_blocking(self.write_fd, False)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.previous[sig] = signal.signal(sig, lambda signum, frame: None)  # the watcher does the work
+        self.previous_wakeup = signal.set_wakeup_fd(self.write_fd, warn_on_full_buffer=False)
+        threading.Thread(target=self._watch, args=(read_fd,), daemon=True).start()
         return self
 
-    def _handle(self, signum, frame):
-        if self.signum is not None:
-            raise KeyboardInterrupt
-        self.signum = signum
+    def _watch(self, read_fd: int) -> None:
+        while data := os.read(read_fd, 1):  # b"" once __exit__ closes the write end
+            signum = data[0]
+            if signum not in (signal.SIGINT, signal.SIGTERM):
+                continue
+            name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+            if self.signum is None:
+                self.signum = signum
+                self._say(f"{name}: saving and stopping when the step in flight ends; {name} again stops at once, "
+                          f"without saving.")
+            else:
+                self._say(f"{name} again: stopped at once; {self.kept}.")
+                os._exit(128 + signum)
+        os.close(read_fd)
+
+    def _say(self, text: str) -> None:
+        if self.speak:
+            print(f"\n{text}", file=sys.stderr, flush=True)
 
     def __exit__(self, *exc):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
+        if self.previous:
+            signal.set_wakeup_fd(self.previous_wakeup)
+            for sig, handler in self.previous.items():
+                signal.signal(sig, handler)
+            os.close(self.write_fd)
 
 
-def train(config: H64LMConfig, tc: TrainConfig, preset: str = "custom", resume: str | Path | None = None) -> dict:
+class RunLock:
+    """One writer per run folder: an exclusive lock (flock) on the file .<run>.lock beside the folder, held while
+    a process trains into it, so that a second process is refused instead of writing the same checkpoints. The
+    kernel releases the lock however its holder ends (SIGKILL too), so a lock is never stale."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir, self.path, self.fd = run_dir, run_dir.with_name(f".{run_dir.name}.lock"), None
+
+    def __enter__(self):
+        try:
+            import fcntl  # Unix only; imported here so that importing h64lm works everywhere
+        except ImportError:
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while self.fd is None:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 64).decode(errors="replace").strip() or "another process"
+                os.close(fd)
+                raise H64LMError(f"{self.run_dir} is being trained into by {holder}; wait for that run to end (or "
+                                 "stop it), or choose another --run-name.") from None
+            try:  # the previous holder may have removed the file between our open and our lock: then try again
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                self.fd = fd
+            else:
+                os.close(fd)
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, f"process {os.getpid()}".encode())
+        for stale in self.run_dir.glob(".*.tmp"):  # left by a process killed mid-save; nobody else writes here
+            stale.unlink()
+        return self
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            self.path.unlink(missing_ok=True)
+            os.close(self.fd)
+            self.fd = None
+
+
+def on_rank0(rt: Runtime, fn: Callable[[], object]):
+    """fn() on rank 0 alone (the process that owns the run folder). An H64LMError it raises is raised on every
+    process, which would otherwise wait for rank 0 at their next collective call, forever."""
+    result, message = None, None
+    if rt.master:
+        try:
+            result = fn()
+        except H64LMError as e:
+            message = str(e)
+    if rt.world_size > 1:
+        box = [message]
+        torch.distributed.broadcast_object_list(box, src=0)
+        message = box[0]
+    if message is not None:
+        raise H64LMError(message)
+    return result
+
+
+def check_fits(config: H64LMConfig, device: torch.device) -> int:
+    """Refuse, before allocating anything, a model whose weights, gradients and AdamW moments (16 bytes a
+    parameter in float32) alone exceed the device's memory. Returns the parameter count."""
+    with torch.device("meta"):
+        params = H64LM(config).num_params()
+    if device.type == "cuda":
+        have, where = torch.cuda.get_device_properties(device).total_memory, "GPU"
+    else:
+        have, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "machine"
+    if 16 * params > have:
+        raise H64LMError(f"The model has {params / 1e6:,.0f}M parameters, whose weights, gradients and AdamW state "
+                         f"alone need {16 * params / 2**30:,.1f} GiB, and this {where} has {have / 2**30:,.1f} GiB; "
+                         "choose a smaller --preset or shrink the model (--hidden-size, --num-layers, --num-experts).")
+    return params
+
+
+def warn_if_slow(seconds_per_step: float, steps: int, device: torch.device, log) -> None:
+    """Say up front when a run will take hours even at the device's full speed: the first step of a big model on
+    a CPU can take minutes, and until it ends the progress bar has no estimate to show."""
+    total = seconds_per_step * steps
+    if total < 3600:
+        return
+    log(f"warning: even at this {device.type.upper()}'s full measured speed a step takes at least "
+        f"{seconds_per_step:,.1f} s, so {steps:,} steps take at least {total / 3600:,.1f} hours"
+        + ("; for a run of minutes on a CPU: python h64lm.py train --preset tiny --data sample"
+           if device.type == "cpu" else ""))
+
+
+def resume_command(run_dir: Path, rt: Runtime) -> str:
+    launcher = f"torchrun --nproc_per_node={rt.world_size} h64lm.py" if rt.world_size > 1 else "python h64lm.py"
+    return f"{launcher} train --resume {run_dir}"
+
+
+def claim_run_dir(run_dir: Path, resume, overwrite: bool, cleanup: contextlib.ExitStack) -> list[str]:
+    """Lock the run folder for this process (released by cleanup) and return the run files it holds; refuse a
+    folder that holds another run."""
+    cleanup.enter_context(RunLock(run_dir))
+    held = [name for name in RUN_FILES if (run_dir / name).exists()]
+    if resume is None and held and not overwrite:
+        raise H64LMError(f"{run_dir} already holds a run; pass --resume to continue it, --overwrite to replace it, "
+                         "or --run-name NAME for a new one.")
+    return held
+
+
+def last_good(checkpoint: tuple[Path, int] | None) -> str:
+    """What stays on disk if the run stops now: (path, step) of its last checkpoint, or None."""
+    if checkpoint is None:
+        return "no checkpoint of this run was saved before"
+    return f"the last checkpoint, {checkpoint[0]} (step {checkpoint[1]}, every number in it finite), is kept"
+
+
+def diverged(what: str, step: int, checkpoint: tuple[Path, int] | None, run_dir: Path, rt: Runtime,
+             lr: float) -> H64LMError:
+    """The error that stops a run whose loss, gradient or weights stopped being finite."""
+    then = (f"continue from it with a lower --lr (or start again with a longer --warmup-steps), e.g. "
+            f"{resume_command(run_dir, rt)} --lr {lr / 10:.2g}" if checkpoint
+            else "start again with a lower --lr or a longer --warmup-steps")
+    return H64LMError(f"{what} became NaN or infinite at step {step}, so nothing from that step on was saved; "
+                      f"{last_good(checkpoint)}; {then}.")
+
+
+def train(config: H64LMConfig, tc: TrainConfig, preset: str = "custom", resume: str | Path | None = None,
+          allow_mismatch: bool = False) -> dict:
     """Pretrain a model, or continue the run saved at `resume`; return the run's history.
-    Writes checkpoints/<run>/ (rank 0 only)."""
+    Writes <out_dir>/<run>/ (rank 0 only), the folder itself at the first save. allow_mismatch: resume although
+    the tokenizer or the text differ from the ones the checkpoint records."""
     rt = setup_runtime(tc.device, tc.precision)
     log = print if rt.master else (lambda *a, **k: None)
     seq_len = tc.seq_len or config.max_position_embeddings
     check_seq_len(seq_len, config, remedy="lower it or raise --max-position-embeddings")
-    for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "eval_every", "save_every", "eval_batches",
-                 "log_every", "warmup_steps"):
-        if getattr(tc, name) is not None and getattr(tc, name) < (0 if name == "warmup_steps" else 1):
-            raise H64LMError(f"--{name.replace('_', '-')} must be at least {0 if name == 'warmup_steps' else 1}.")
-    if not 0 <= tc.min_lr <= tc.lr:
-        raise H64LMError(f"--min-lr ({tc.min_lr}) must be between 0 and --lr ({tc.lr}).")
     run_dir = Path(tc.out_dir) / (tc.run_name or preset)
-    held = [name for name in RUN_FILES if (run_dir / name).exists()]
-    if resume is None and held and not tc.overwrite:
-        raise H64LMError(f"{run_dir} already holds a run; pass --resume to continue it, --overwrite to replace it, "
-                         "or --run-name NAME for a new one.")
+    cleanup = contextlib.ExitStack()  # the run folder's lock, released however train() ends
+    with cleanup:
+        held = on_rank0(rt, lambda: claim_run_dir(run_dir, resume, tc.overwrite, cleanup))
+        ckpt = read_checkpoint(resume, rt.device) if resume is not None else None
+        if ckpt is not None and ckpt["config"] != config.to_dict():
+            changed = [k for k, v in config.to_dict().items() if ckpt["config"].get(k) != v]
+            raise H64LMError(f"The run in {resume} is a different model ({', '.join(changed)} differ); resume it "
+                             "with its own settings, or start a new --run-name.")
+        weights = checked_weights(ckpt, config, resume) if ckpt is not None else None
+        check_fits(config, rt.device)
 
-    ckpt = read_checkpoint(resume, rt.device) if resume is not None else None
-    if ckpt is not None and ckpt["config"] != config.to_dict():
-        changed = [k for k, v in config.to_dict().items() if ckpt["config"].get(k) != v]
-        raise H64LMError(f"The run in {resume} is a different model ({', '.join(changed)} differ); resume it with "
-                         "its own settings, or start a new --run-name.")
+        random.seed(tc.seed)
+        np.random.seed(tc.seed)
+        torch.manual_seed(tc.seed + rt.rank)  # router jitter differs per rank; the weights are broadcast by DDP
+        tokenizer = load_tokenizer(tc.tokenizer)
+        check_vocab(tokenizer, config)
+        # Rank 0 tokenizes and fills the cache while the others wait, then they read its cache: done once.
+        if rt.world_size > 1 and not rt.master:
+            torch.distributed.barrier()
+        source, splits = load_token_splits(tc.data, tokenizer, tc.cache_dir, log=log)
+        if rt.world_size > 1 and rt.master:
+            torch.distributed.barrier()
+        if ckpt is not None and not allow_mismatch:
+            check_trained_with(ckpt, resume, tokenizer, source)
+        train_windows = PackedWindows(splits["train"].tokens, seq_len)
+        global_batch = tc.batch_size * tc.grad_accum * rt.world_size
+        if train_windows.count < global_batch:
+            raise H64LMError(f"The training split has {train_windows.count} windows of {seq_len} tokens, fewer "
+                             f"than one batch ({global_batch}); lower --batch-size or --seq-len.")
+        if PackedWindows(splits["valid"].tokens, seq_len).count < 1:
+            raise H64LMError(f"The validation split has fewer than {seq_len + 1} tokens; give it more text or "
+                             "lower --seq-len.")
+        log(f"data: {source.name}: {len(splits['train'].tokens):,} training tokens, "
+            f"{len(splits['valid'].tokens):,} validation tokens"
+            + ("" if tc.data == "wikitext-103" else "; --data wikitext-103 insists on WikiText-103"))
 
-    random.seed(tc.seed)
-    np.random.seed(tc.seed)
-    torch.manual_seed(tc.seed + rt.rank)  # router jitter differs per rank; the weights are broadcast by DDP
-    tokenizer = load_tokenizer(tc.tokenizer)
-    check_vocab(tokenizer, config)
-    # Rank 0 tokenizes and fills the cache while the others wait, then they read its cache: the work is done once.
-    if rt.world_size > 1 and not rt.master:
-        torch.distributed.barrier()
-    source, splits = load_token_splits(tc.data, tokenizer, tc.cache_dir, log=log)
-    if rt.world_size > 1 and rt.master:
-        torch.distributed.barrier()
-    train_windows = PackedWindows(splits["train"].tokens, seq_len)
-    global_batch = tc.batch_size * tc.grad_accum * rt.world_size
-    if train_windows.count < global_batch:
-        raise H64LMError(f"The training split has {train_windows.count} windows of {seq_len} tokens, fewer than "
-                         f"one batch ({global_batch}); lower --batch-size or --seq-len.")
-    if PackedWindows(splits["valid"].tokens, seq_len).count < 1:
-        raise H64LMError(f"The validation split has fewer than {seq_len + 1} tokens; give it more text or lower "
-                         "--seq-len.")
-    log(f"data: {source.name}: {len(splits['train'].tokens):,} training tokens, "
-        f"{len(splits['valid'].tokens):,} validation tokens"
-        + ("" if tc.data == "wikitext-103" else "; --data wikitext-103 insists on WikiText-103"))
+        torch.manual_seed(tc.seed)  # the same initial weights on every rank
+        model = H64LM(config).to(rt.device)
+        model.gradient_checkpointing = tc.gradient_checkpointing
+        optimizer = make_optimizer(model, tc, rt.device)
+        scaler = torch.amp.GradScaler(enabled=rt.dtype == torch.float16)
+        history = {"config": config.to_dict(), "train_config": asdict(tc), "train": [], "val": []}
+        start_step, best_val = 0, float("inf")
+        saved = None  # (path, step) of the last good checkpoint, for messages
+        if ckpt is not None:
+            model.load_state_dict(weights)
+            try:
+                optimizer.load_state_dict(ckpt["optimizer"])
+                scaler.load_state_dict(ckpt["scaler"])
+                start_step, best_val = ckpt["step"], ckpt["best_val_loss"]
+                history["train"] = [r for r in ckpt["history"]["train"] if r["step"] < start_step]
+                history["val"] = [r for r in ckpt["history"]["val"] if r["step"] <= start_step]
+            except (KeyError, TypeError, ValueError):
+                raise H64LMError(f"{resume} holds the weights but not a whole training state (its optimizer state "
+                                 "or history is missing or damaged); start a new run from scratch.") from None
+            saved = (Path(resume), start_step)
+            log(f"resuming {run_dir} from step {start_step} of {tc.max_steps}")
+            if ckpt["train_config"]["max_steps"] != tc.max_steps:
+                log(f"--max-steps {tc.max_steps} (was {ckpt['train_config']['max_steps']}): the cosine schedule now "
+                    f"ends at step {tc.max_steps}, so the learning rate goes from "
+                    f"{learning_rate(start_step - 1, TrainConfig(**ckpt['train_config'])):.2e} to "
+                    f"{learning_rate(start_step, tc):.2e} at step {start_step}")
+        else:
+            log(model.parameter_table(seq_len))
+        if start_step >= tc.max_steps:
+            raise H64LMError(f"The run in {run_dir} already finished its {tc.max_steps} steps; raise --max-steps to "
+                             "train it further.")
 
-    torch.manual_seed(tc.seed)  # the same initial weights on every rank
-    model = H64LM(config).to(rt.device)
-    model.gradient_checkpointing = tc.gradient_checkpointing
-    optimizer = make_optimizer(model, tc, rt.device)
-    scaler = torch.amp.GradScaler(enabled=rt.dtype == torch.float16)
-    history = {"config": config.to_dict(), "train_config": asdict(tc), "train": [], "val": []}
-    start_step, best_val = 0, float("inf")
-    if ckpt is not None:
-        model.load_state_dict(strip_prefixes(ckpt["model"]))
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        start_step, best_val = ckpt["step"], ckpt["best_val_loss"]
-        history["train"] = [r for r in ckpt["history"]["train"] if r["step"] < start_step]
-        history["val"] = [r for r in ckpt["history"]["val"] if r["step"] <= start_step]
-        log(f"resuming {run_dir} from step {start_step} of {tc.max_steps}")
-    else:
-        log(model.parameter_table(seq_len))
-    if start_step >= tc.max_steps:
-        raise H64LMError(f"The run in {run_dir} already finished its {tc.max_steps} steps; raise --max-steps to "
-                         "train it further.")
-
-    raw_model = model
-    if tc.compile:
-        model = torch.compile(model)
-    if rt.world_size > 1:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=None if rt.device.type == "cpu"
-                                                    else [rt.device.index])
-    flops_per_token = raw_model.flops_per_token(seq_len)
-    peak = peak_flops(rt.device)
-    if rt.master:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if resume is None:
+        raw_model = model
+        if tc.compile:
+            model = torch.compile(model)
+        if rt.world_size > 1:
+            model = nn.parallel.DistributedDataParallel(model, device_ids=None if rt.device.type == "cpu"
+                                                        else [rt.device.index])
+        flops_per_token = raw_model.flops_per_token(seq_len)
+        peak = peak_flops(rt.device)
+        tokens_per_step = global_batch * seq_len
+        warn_if_slow(flops_per_token * tokens_per_step / peak, tc.max_steps - start_step, rt.device, log)
+        if rt.master and resume is None:
             for name in held:  # --overwrite: the old run's files go, so none is mistaken for this run's
                 (run_dir / name).unlink()
-    tokens_per_step = global_batch * seq_len
+        provenance_of_run = provenance(tokenizer, source)
 
-    def save(step: int, val_loss: float | None) -> None:
-        # Every process's random state travels with the checkpoint, gathered on rank 0.
-        states = [None] * rt.world_size
-        if rt.world_size > 1:
-            torch.distributed.all_gather_object(states, rng_state())
-        else:
-            states = [rng_state()]
-        if not rt.master:
-            return
-        payload = {"model": raw_model.state_dict(), "config": config.to_dict(), "train_config": asdict(tc),
-                   "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step,
-                   "tokens_seen": step * tokens_per_step, "best_val_loss": best_val, "val_loss": val_loss,
-                   "history": history, "rng": states, "world_size": rt.world_size, "data": source.name}
-        save_checkpoint(run_dir / "latest.pt", payload)
-        if val_loss is not None and val_loss <= best_val:
-            save_checkpoint(run_dir / "best.pt", payload)
-        tmp = run_dir / "training_history.json.tmp"
-        tmp.write_text(json.dumps(history, indent=1))
-        os.replace(tmp, run_dir / "training_history.json")
-        save_plots(history, run_dir)
-
-    from tqdm.auto import tqdm
-
-    if ckpt is not None:  # last, so that nothing above draws from the restored generators
-        states = ckpt["rng"]
-        if len(states) != rt.world_size:
-            warnings.warn(f"The run was saved by {len(states)} processes and goes on with {rt.world_size}; "
-                          "the random state (router jitter only) is not continued exactly.")
-        set_rng_state(states[rt.rank % len(states)])
-    quiet = {} if rt.master else {"disable": True}  # on rank 0 the bar obeys tqdm's own TQDM_DISABLE
-    bar = tqdm(range(start_step, tc.max_steps), desc="training", unit="step", dynamic_ncols=True,
-               initial=start_step, total=tc.max_steps, **quiet)
-    model.train()
-    t_last = time.perf_counter()
-    with _StopRequest() as stop:
-        for step in bar:
-            # 1. the learning rate for this step
-            lr = learning_rate(step, tc)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            # 2. forward and backward over the micro-batches; DDP syncs gradients only on the last one
-            indices = train_window_indices(step, global_batch, train_windows.count, tc.seed)
-            sums = torch.zeros(3, device=rt.device)  # lm loss, load-balancing loss, z-loss
-            for micro in range(tc.grad_accum):
-                first = (micro * rt.world_size + rt.rank) * tc.batch_size
-                x, y = train_windows.batch(indices[first:first + tc.batch_size])
-                x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
-                last = micro == tc.grad_accum - 1
-                with (model.no_sync() if rt.world_size > 1 and not last else contextlib.nullcontext()), rt.autocast():
-                    out = model(x, y)
-                scaler.scale(out.loss / tc.grad_accum).backward()
-                sums += torch.stack([out.lm_loss, out.aux_loss, out.z_loss]).detach() / tc.grad_accum
-            # 3. clip, step, clear
-            scaler.unscale_(optimizer)
-            grad_norm = nn.utils.clip_grad_norm_(raw_model.parameters(), tc.grad_clip or float("inf"))
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            # 4. report: the mean over all processes, checked for divergence
+        def save(step: int, val_loss: float | None) -> None:
+            # Nothing non-finite reaches the disk: a finite loss can be followed by a step that broke the weights.
+            if (broken := nonfinite_state(raw_model, optimizer)) is not None:
+                raise diverged(broken, step - 1, saved, run_dir, rt, tc.lr)
+            # Every process's random state travels with the checkpoint, gathered on rank 0.
+            states = [None] * rt.world_size
             if rt.world_size > 1:
-                torch.distributed.all_reduce(sums)
-                sums /= rt.world_size
-            lm_loss, aux_loss, z_loss = sums.tolist()
-            if not math.isfinite(lm_loss):
-                kept = run_dir / "latest.pt"
-                where = f"; the last good checkpoint, {kept}, is kept" if kept.exists() else ""
-                raise H64LMError(f"The loss became {lm_loss} at step {step}{where}; lower --lr or raise "
-                                 "--warmup-steps, then --resume.")
-            now = time.perf_counter()
-            tokens_per_s = tokens_per_step / (now - t_last)
-            t_last = now
-            mfu = tokens_per_s * flops_per_token / peak
-            bar.set_postfix(loss=f"{lm_loss:.3f}", aux=f"{aux_loss:.3f}", lr=f"{lr:.2e}",
-                            tok_s=f"{tokens_per_s:,.0f}", mfu=f"{mfu:.1%}")
-            if step % tc.log_every == 0 or step == tc.max_steps - 1:
-                stats = raw_model.routing_stats()
-                history["train"].append({
-                    "step": step, "lm_loss": lm_loss, "aux_loss": aux_loss, "z_loss": z_loss, "lr": lr,
-                    "grad_norm": float(grad_norm), "tokens": (step + 1) * tokens_per_step,
-                    "tokens_per_s": tokens_per_s, "mfu": mfu,
-                    "expert_load": {str(i): (s.tokens_per_expert / s.tokens_per_expert.sum().clamp_min(1)).tolist()
-                                    for i, s in stats.items()}})
-            # 5. validate and save; a signal (agreed on by all processes) saves and stops
-            done = step + 1
-            signalled = torch.tensor(float(stop.signum is not None), device=rt.device)
-            if rt.world_size > 1:
-                torch.distributed.all_reduce(signalled)
-            stopping = bool(signalled) or done == tc.stop_at
-            val_loss = None
-            if done % tc.eval_every == 0 or done == tc.max_steps:
-                nll, count = evaluate(raw_model, splits["valid"].tokens, seq_len, tc.batch_size, rt, tc.eval_batches)
-                val_loss = nll / count
-                best_val = min(best_val, val_loss)
-                history["val"].append({"step": done, "loss": val_loss, "ppl": math.exp(min(val_loss, 50))})
-                if rt.master:
-                    tqdm.write(f"step {done}: validation loss {val_loss:.4f}, perplexity "
-                               f"{math.exp(min(val_loss, 50)):.2f}")
-            if val_loss is not None or stopping or done % tc.save_every == 0:
-                save(done, val_loss)
-            if stopping:
-                why = (f"after {signal.Signals(stop.signum).name}" if stop.signum is not None
-                       else f"at --stop-at {tc.stop_at}")
-                bar.close()
-                log(f"stopped {why}, step {done} of {tc.max_steps}, saved in {run_dir / 'latest.pt'}; "
-                    "continue with --resume")
-                history["stopped"] = why
-                break
-    bar.close()
+                torch.distributed.all_gather_object(states, rng_state())
+            else:
+                states = [rng_state()]
+            payload = {"model": raw_model.state_dict(), "config": config.to_dict(), "train_config": asdict(tc),
+                       "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step,
+                       "tokens_seen": step * tokens_per_step, "best_val_loss": best_val, "val_loss": val_loss,
+                       "history": history, "rng": states, "world_size": rt.world_size, **provenance_of_run}
+            on_rank0(rt, lambda: write_run_files(run_dir, payload, history, val_loss is not None
+                                                 and val_loss <= best_val))
+
+        from tqdm.auto import tqdm
+
+        if ckpt is not None:  # last, so that nothing above draws from the restored generators
+            states = ckpt["rng"]
+            if len(states) != rt.world_size:
+                warnings.warn(f"The run was saved by {len(states)} processes and goes on with {rt.world_size}; "
+                              "the random state (router jitter only) is not continued exactly.")
+            set_rng_state(states[rt.rank % len(states)])
+        quiet = {} if rt.master else {"disable": True}  # on rank 0 the bar obeys tqdm's own TQDM_DISABLE
+        bar = tqdm(range(start_step, tc.max_steps), desc="training", unit="step", dynamic_ncols=True,
+                   initial=start_step, total=tc.max_steps, **quiet)
+        model.train()
+        t_last = time.perf_counter()
+        with _StopRequest(speak=rt.master) as stop:
+            stop.kept = last_good(saved)
+            for step in bar:
+                # 1. the learning rate for this step
+                lr = learning_rate(step, tc)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                # 2. forward and backward over the micro-batches; DDP syncs gradients only on the last one
+                indices = train_window_indices(step, global_batch, train_windows.count, tc.seed)
+                sums = torch.zeros(3, device=rt.device)  # lm loss, load-balancing loss, z-loss
+                for micro in range(tc.grad_accum):
+                    first = (micro * rt.world_size + rt.rank) * tc.batch_size
+                    x, y = train_windows.batch(indices[first:first + tc.batch_size])
+                    x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
+                    last = micro == tc.grad_accum - 1
+                    no_sync = model.no_sync() if rt.world_size > 1 and not last else contextlib.nullcontext()
+                    with no_sync, rt.autocast():
+                        out = model(x, y)
+                    scaler.scale(out.loss / tc.grad_accum).backward()
+                    sums += torch.stack([out.lm_loss, out.aux_loss, out.z_loss]).detach() / tc.grad_accum
+                # 3. the mean losses over all processes and the gradient norm, checked before they reach the
+                #    weights (with fp16 an infinite gradient is the scaler's business: it skips that step)
+                if rt.world_size > 1:
+                    torch.distributed.all_reduce(sums)
+                    sums /= rt.world_size
+                scaler.unscale_(optimizer)
+                grad_norm = nn.utils.clip_grad_norm_(raw_model.parameters(), tc.grad_clip or float("inf")).item()
+                lm_loss, aux_loss, z_loss = sums.tolist()
+                if not all(map(math.isfinite, (lm_loss, aux_loss, z_loss))):
+                    raise diverged("The loss", step, saved, run_dir, rt, tc.lr)
+                if not math.isfinite(grad_norm) and not scaler.is_enabled():
+                    raise diverged("The gradient norm", step, saved, run_dir, rt, tc.lr)
+                # 4. step, clear
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                # 5. report
+                now = time.perf_counter()
+                tokens_per_s = tokens_per_step / (now - t_last)
+                t_last = now
+                mfu = tokens_per_s * flops_per_token / peak
+                bar.set_postfix(loss=f"{lm_loss:.3f}", aux=f"{aux_loss:.3f}", lr=f"{lr:.2e}",
+                                tok_s=f"{tokens_per_s:,.0f}", mfu=f"{mfu:.1%}")
+                if step % tc.log_every == 0 or step == tc.max_steps - 1:
+                    stats = raw_model.routing_stats()
+                    history["train"].append({
+                        "step": step, "lm_loss": lm_loss, "aux_loss": aux_loss, "z_loss": z_loss, "lr": lr,
+                        "grad_norm": grad_norm, "tokens": (step + 1) * tokens_per_step,
+                        "tokens_per_s": tokens_per_s, "mfu": mfu,
+                        "expert_load": {str(i): (s.tokens_per_expert / s.tokens_per_expert.sum().clamp_min(1))
+                                        .tolist() for i, s in stats.items()}})
+                # 6. validate and save; a signal (agreed on by all processes) saves and stops
+                done = step + 1
+                signalled = torch.tensor(float(stop.signum is not None), device=rt.device)
+                if rt.world_size > 1:
+                    torch.distributed.all_reduce(signalled)
+                stopping = bool(signalled) or done == tc.stop_at
+                val_loss = None
+                if done % tc.eval_every == 0 or done == tc.max_steps:
+                    nll, count = evaluate(raw_model, splits["valid"].tokens, seq_len, tc.batch_size, rt,
+                                          tc.eval_batches)
+                    val_loss = nll / count
+                    if not math.isfinite(val_loss):
+                        raise diverged("The validation loss", step, saved, run_dir, rt, tc.lr)
+                    best_val = min(best_val, val_loss)
+                    history["val"].append({"step": done, "loss": val_loss, "ppl": math.exp(min(val_loss, 50))})
+                    if rt.master:
+                        tqdm.write(f"step {done}: validation loss {val_loss:.4f}, perplexity "
+                                   f"{math.exp(min(val_loss, 50)):.2f}")
+                if val_loss is not None or stopping or done % tc.save_every == 0:
+                    save(done, val_loss)
+                    saved = (run_dir / "latest.pt", done)
+                    stop.kept = last_good(saved)
+                if stopping:
+                    why = (f"after {signal.Signals(stop.signum).name}" if stop.signum is not None
+                           else f"at --stop-at {tc.stop_at}")
+                    bar.close()
+                    log(f"stopped {why}, step {done} of {tc.max_steps}, saved in {run_dir / 'latest.pt'}; "
+                        f"continue with: {resume_command(run_dir, rt)}")
+                    history["stopped"] = why
+                    break
+        bar.close()
     if rt.world_size > 1:
+        torch.distributed.barrier()  # no process tears down gloo while another still uses it
         torch.distributed.destroy_process_group()
     return history
+
+
+def write_run_files(run_dir: Path, payload: dict, history: dict, best: bool) -> None:
+    """latest.pt, best.pt when the validation loss is the best so far, the history and the plots (rank 0)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(run_dir / "latest.pt", payload)
+    if best:
+        save_checkpoint(run_dir / "best.pt", payload)
+    write_atomically(run_dir / "training_history.json", lambda tmp: tmp.write_text(json.dumps(history, indent=1)))
+    save_plots(history, run_dir)
 
 
 # -----------------------------------------------------------------------------
@@ -1954,9 +2326,11 @@ def train(config: H64LMConfig, tc: TrainConfig, preset: str = "custom", resume: 
 def evaluate_checkpoint(ckpt: str | Path, data: str | None = None, split: str = "test", *,
                         tokenizer: str | Path = DEFAULT_TOKENIZER, cache_dir: str | Path = DEFAULT_CACHE,
                         batch_size: int = 8, seq_len: int | None = None, max_batches: int | None = None,
-                        device: str = "auto", precision: str = "auto", log=print) -> dict:
+                        device: str = "auto", precision: str = "auto", allow_mismatch: bool = False,
+                        log=print) -> dict:
     """Loss, token- and word-level perplexity of a checkpoint on one split of a corpus (by default the corpus
-    it was trained on)."""
+    it was trained on, which must then be the text it was trained on). allow_mismatch: score with a tokenizer
+    other than the one the checkpoint records."""
     if split not in SPLIT_ALIASES:
         raise H64LMError(f"--split must be train, valid or test, got {split!r}.")
     if batch_size < 1 or (max_batches is not None and max_batches < 1):
@@ -1964,14 +2338,19 @@ def evaluate_checkpoint(ckpt: str | Path, data: str | None = None, split: str = 
     rt = setup_runtime(device, precision)
     model, saved = load_checkpoint(ckpt, rt.device)
     trained = saved.get("train_config", {})
+    same_data = data is None  # then the text must be the one it was trained on; another --data is a choice
     data = data or trained.get("data", "auto")
     seq_len = seq_len or trained.get("seq_len") or model.config.max_position_embeddings
     check_seq_len(seq_len, model.config)
     tok = load_tokenizer(tokenizer)
     check_vocab(tok, model.config)
+    if not allow_mismatch:
+        check_trained_with(saved, resolve_checkpoint(ckpt), tok)
     source, splits = load_token_splits(data, tok, cache_dir, log=log)
+    if same_data and not allow_mismatch:
+        check_trained_with(saved, resolve_checkpoint(ckpt), source=source)
     part = splits[SPLIT_ALIASES[split]]
-    nll, count = evaluate(model, part.tokens, seq_len, batch_size, rt, max_batches)
+    nll, count = evaluate(model, part.tokens, seq_len, batch_size, rt, max_batches, progress=True)
     words = part.words if max_batches is None else None  # a partial pass has no word count to divide by
     return {"checkpoint": str(resolve_checkpoint(ckpt)), "data": source.name, "split": SPLIT_ALIASES[split],
             "loss": nll / count, "token_ppl": math.exp(nll / count),
@@ -2078,7 +2457,7 @@ def save_routing_heatmap(profile: dict, path: str | Path) -> None:
         ax.set(title=kind, xlabel="expert", yticks=range(len(profile["layers"])),
                yticklabels=[f"layer {i}" for i in profile["layers"]] if n == 0 else [])
     fig.colorbar(image, ax=axes[0].tolist(), label="share of assignments")
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    save_figure(fig, path)
 
 
 # -----------------------------------------------------------------------------
@@ -2325,10 +2704,130 @@ def bench_report(r: dict) -> str:
 # user can fix (H64LMError, an invalid config) print one sentence and exit with
 # status 2; --debug shows the traceback instead.
 
-# String fields with a fixed set of values, for argparse's choices=.
+class Parser(argparse.ArgumentParser):
+    """argparse, with its errors as one line (not the usage, which for `train` is a screenful) and exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message.rstrip('.')}; see `{self.prog} --help`.\n")
+
+
+# Every flag that takes a value checks it as it is parsed, with one of the types below, each tagged with the kind
+# of value it takes (tests/test_guards.py finds every flag by its kind and tries the values it must refuse).
+
+def flag_type(kind: str, **tags):
+    """Turn check(text) -> value, which raises ValueError with the reason, into an argparse type of this kind."""
+    def wrap(check):
+        @functools.wraps(check)
+        def parse(text: str):
+            try:
+                return check(text)
+            except ValueError as e:
+                raise argparse.ArgumentTypeError(str(e)) from None
+        parse.kind = kind
+        parse.__dict__.update(tags)
+        return parse
+    return wrap
+
+
+def number_flag(allowed: Range, optional: bool = False):
+    """A number in `allowed`; with optional, 'none' gives None."""
+    @flag_type("number", allowed=allowed, optional=optional)
+    def number(text: str):
+        if optional and text.lower() == "none":
+            return None
+        try:
+            value = int(text) if allowed.integer else float(text)
+        except ValueError:
+            raise ValueError(f"{text!r} is not {'an integer' if allowed.integer else 'a number'}") from None
+        if why := allowed.refuse(value):
+            raise ValueError(why)
+        return value
+    return number
+
+
+def _first_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+@flag_type("folder")
+def folder_flag(text: str) -> str:
+    """A folder that exists (a tokenizer's)."""
+    path = Path(text).expanduser()
+    if not path.is_dir():
+        raise ValueError(f"{text} is a file, not a folder" if path.exists() else f"there is no folder {text}")
+    return text
+
+
+@flag_type("output_folder")
+def output_folder_flag(text: str) -> str:
+    """A folder to write into: it may not exist yet, but it must not be a file, nor lie under one."""
+    path = Path(text).expanduser()
+    if not (existing := _first_existing(path)).is_dir():
+        raise ValueError(f"{text} is a file, not a folder" if existing == path else
+                         f"{existing} is a file, so {text} cannot be a folder in it")
+    return text
+
+
+@flag_type("output_file")
+def image_file_flag(text: str) -> str:
+    """An image file to write (.png, .pdf or .svg) in a folder that exists."""
+    path = Path(text).expanduser()
+    if path.is_dir():
+        raise ValueError(f"{text} is a folder; give a file name such as {path / 'routing.png'}")
+    if path.suffix.lower() not in (".png", ".pdf", ".svg"):
+        raise ValueError(f"{text} should end in .png, .pdf or .svg")
+    if not path.parent.is_dir():
+        raise ValueError(f"the folder {path.parent} does not exist; create it first")
+    return text
+
+
+@flag_type("name")
+def run_name_flag(text: str) -> str:
+    check_run_name(text)
+    return text
+
+
+@flag_type("data")
+def data_flag(text: str) -> str:
+    """auto, wikitext-103, sample, or a folder (whose files are checked when it is read)."""
+    if text not in ("auto", "wikitext-103", "sample") and not Path(text).expanduser().is_dir():
+        raise ValueError(f"{text} is a file; give the folder that holds it" if Path(text).exists() else
+                         f"{text}: no such folder; give a folder of wiki.*.raw, parquet or .txt files, or one of "
+                         "auto, wikitext-103, sample")
+    return text
+
+
+@flag_type("checkpoint")
+def checkpoint_flag(text: str) -> str:
+    """A checkpoint: it is looked for, and checked, where it is read (resolve_checkpoint, read_checkpoint)."""
+    return text
+
+
+@flag_type("text")
+def text_flag(text: str) -> str:
+    """Text from the command line: it must be UTF-8 (Python keeps other bytes as unpaired surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("the text is not valid UTF-8; give it in UTF-8") from None
+    return text
+
+
+@flag_type("kind_file")
+def kind_file_flag(text: str) -> tuple[str, Path]:
+    kind, sep, path = text_flag(text).partition("=")
+    if not sep or not kind or not path:
+        raise ValueError(f"{text!r} should be KIND=FILE, e.g. code=example.py")
+    return kind, Path(path).expanduser()
+
+
+# String fields with a fixed set of values, for argparse's choices=, and the other string fields' types.
 FIELD_CHOICES = {"attention_type": ATTENTION_TYPES, "attn_impl": ATTENTION_IMPLS, "moe_impl": MOE_IMPLS,
-                 "loss_impl": LOSS_IMPLS,
-                 "precision": ("auto", "bf16", "fp16", "fp32"), "device": ("auto", "cpu", "cuda")}
+                 "loss_impl": LOSS_IMPLS, "precision": PRECISIONS, "device": DEVICES}
+FIELD_TYPES = {"data": data_flag, "run_name": run_name_flag, "out_dir": output_folder_flag,
+               "tokenizer": folder_flag, "cache_dir": output_folder_flag, "moe_layers": text_flag}
 
 
 def field_comments(cls) -> dict[str, str]:
@@ -2345,18 +2844,6 @@ def field_comments(cls) -> dict[str, str]:
     return comments
 
 
-def _flag_type(annotation: str):
-    """An argparse type for a field annotation such as 'int', 'float | None' ('none' gives None)."""
-    base = {"int": int, "float": float, "str": str}[annotation.split("|")[0].strip()]
-    if "None" not in annotation:
-        return base
-
-    def parse(text: str):
-        return None if text.lower() == "none" else base(text)
-    parse.__name__ = base.__name__  # argparse names the type in its error messages
-    return parse
-
-
 def add_dataclass_flags(group, cls, overrides: dict[str, dict]) -> None:
     """One flag per field of cls; overrides maps a preset or recipe name to the fields it changes, for the help."""
     comments = field_comments(cls)
@@ -2369,15 +2856,18 @@ def add_dataclass_flags(group, cls, overrides: dict[str, dict]) -> None:
         flag = "--" + f.name.replace("_", "-")
         if f.type == "bool":
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text)
+        elif f.name in FIELD_CHOICES:
+            group.add_argument(flag, choices=FIELD_CHOICES[f.name], default=argparse.SUPPRESS, help=text)
+        elif f.name in cls.RANGES:
+            allowed = cls.RANGES[f.name]
+            group.add_argument(flag, type=number_flag(allowed, optional="None" in f.type),
+                               default=argparse.SUPPRESS, help=text, metavar="N" if allowed.integer else "X")
         else:
-            group.add_argument(flag, type=_flag_type(f.type), choices=FIELD_CHOICES.get(f.name),
-                               default=argparse.SUPPRESS, help=text,
-                               metavar=None if f.name in FIELD_CHOICES else {"int": "N", "float": "X"}.get(
-                                   f.type.split("|")[0].strip(), "TEXT"))
+            group.add_argument(flag, type=FIELD_TYPES[f.name], default=argparse.SUPPRESS, help=text, metavar="TEXT")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="h64lm.py", description="H64LM: pretrain, evaluate and sample from a "
+    parser = Parser(prog="h64lm.py", description="H64LM: pretrain, evaluate and sample from a "
                                      "Mixture-of-Experts language model.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -2393,10 +2883,12 @@ def build_parser() -> argparse.ArgumentParser:
                 "torchrun --nproc_per_node=N h64lm.py train ...")
     p.add_argument("--preset", choices=PRESETS, default=argparse.SUPPRESS,
                    help="model preset, and the training recipe of the same name (default: h64lm)")
-    p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="PATH",
+    p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="PATH", type=checkpoint_flag,
                    help="continue the run in <out-dir>/<run> from its latest.pt, or the run at PATH (a run folder "
                         "or a .pt file); settings come from the checkpoint, and flags given may change only the "
                         "schedule and logging, not the model or the data order")
+    p.add_argument("--allow-mismatch", action="store_true", help="with --resume: go on although the tokenizer or "
+                   "the text differ from the ones the checkpoint records")
     add_dataclass_flags(p.add_argument_group("model (H64LMConfig)"), H64LMConfig, PRESETS)
     add_dataclass_flags(p.add_argument_group("training (TrainConfig)"), TrainConfig, TRAIN_RECIPES)
     p.set_defaults(func=cmd_train)
@@ -2406,13 +2898,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("eval", "loss and perplexity of a checkpoint on a data split",
                 "Score every token of a split once: mean loss (nats/token), token-level perplexity and word-level "
                 "perplexity (total NLL over WikiText's word count: whitespace words plus one per line).")
-    p.add_argument("--ckpt", required=True, help="a run folder (its best.pt), a .pt file or an exported folder")
-    p.add_argument("--data", default=None, help="auto, wikitext-103, sample or a folder; default: the data the "
+    p.add_argument("--ckpt", required=True, type=checkpoint_flag,
+                   help="a run folder (its best.pt), a .pt file or an exported folder")
+    p.add_argument("--data", default=None, type=data_flag, help="auto, wikitext-103, sample or a folder; default: the data the "
                                                  "checkpoint was trained on")
     p.add_argument("--split", default="test", choices=("train", "valid", "validation", "test"))
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
-    p.add_argument("--seq-len", type=int, default=None, help="tokens per window; default: the training seq_len")
-    p.add_argument("--max-batches", type=int, default=None, help="score only the first N batches (no word_ppl)")
+    p.add_argument("--batch-size", type=number_flag(COUNT), default=8, help="sequences per forward pass")
+    p.add_argument("--seq-len", type=number_flag(COUNT), default=None,
+                   help="tokens per window; default: the training seq_len")
+    p.add_argument("--max-batches", type=number_flag(COUNT), default=None,
+                   help="score only the first N batches (no word_ppl)")
     p.add_argument("--json", action="store_true", help="print one JSON object with the keys checkpoint, data, "
                    "split, loss, token_ppl, word_ppl, nll, tokens, words, seq_len")
     _add_common(p)
@@ -2420,18 +2915,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("generate", "continue a prompt with a trained model",
                 "Stream the continuation of each --prompt to stdout.")
-    p.add_argument("--ckpt", required=True, help="a run folder (its best.pt), a .pt file or an exported folder")
-    p.add_argument("--prompt", action="append", required=True,
+    p.add_argument("--ckpt", required=True, type=checkpoint_flag,
+                   help="a run folder (its best.pt), a .pt file or an exported folder")
+    p.add_argument("--prompt", action="append", required=True, type=text_flag,
                    help="text to continue; give it several times for a batch")
-    p.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate per prompt")
-    p.add_argument("--temperature", type=float, default=0.8, help="divides the logits; 0 = greedy")
-    p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens; 0 = all")
-    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling: the smallest set reaching "
+    p.add_argument("--max-new-tokens", type=number_flag(COUNT), default=100, help="tokens to generate per prompt")
+    p.add_argument("--temperature", type=number_flag(NON_NEGATIVE), default=0.8,
+                   help="divides the logits; 0 = greedy")
+    p.add_argument("--top-k", type=number_flag(Range(0, integer=True)), default=50,
+                   help="sample among the k most likely tokens; 0 = all")
+    p.add_argument("--top-p", type=number_flag(Range(0, 1, low_open=True)), default=0.95,
+                   help="nucleus sampling: the smallest set reaching "
                                                               "probability p; 1 = all")
-    p.add_argument("--repetition-penalty", type=float, default=1.1, help="> 1 discourages tokens already "
+    p.add_argument("--repetition-penalty", type=number_flag(POSITIVE), default=1.1, help="> 1 discourages tokens already "
                                                                           "in the text (CTRL)")
     p.add_argument("--greedy", action="store_true", help="always the most likely token (--temperature 0)")
-    p.add_argument("--seed", type=int, default=None, help="seed for sampling, for repeatable output")
+    p.add_argument("--seed", type=number_flag(SEED), default=None, help="seed for sampling, for repeatable output")
     p.add_argument("--no-eos", action="store_true", help="keep going after the model ends the text with </s>")
     _add_common(p, cache=False)
     p.set_defaults(func=cmd_generate)
@@ -2440,9 +2939,11 @@ def build_parser() -> argparse.ArgumentParser:
                 "Run prose, code, dialogue and numbers through a trained model and show, per MoE layer, the share "
                 "of token-expert assignments each expert received, the router entropy, and a warning for experts "
                 "that get almost nothing. Writes a (layer x expert) heatmap PNG per kind of text.")
-    p.add_argument("--ckpt", required=True, help="a run folder (its best.pt), a .pt file or an exported folder")
-    p.add_argument("--out", default=None, help="heatmap PNG to write; default: routing.png beside the checkpoint")
-    p.add_argument("--text", action="append", default=[], metavar="KIND=FILE",
+    p.add_argument("--ckpt", required=True, type=checkpoint_flag,
+                   help="a run folder (its best.pt), a .pt file or an exported folder")
+    p.add_argument("--out", default=None, type=image_file_flag,
+                   help="heatmap (.png, .pdf or .svg) to write; default: routing.png beside the checkpoint")
+    p.add_argument("--text", action="append", default=[], metavar="KIND=FILE", type=kind_file_flag,
                    help="analyse the text in FILE as KIND instead of the built-in examples (repeatable)")
     p.add_argument("--json", action="store_true", help="print the profile as one JSON object")
     _add_common(p, cache=False)
@@ -2458,13 +2959,13 @@ def build_parser() -> argparse.ArgumentParser:
                 "_batch8 for batch 8), hf_experts_implementation. --compare-hf measures both models in Mixtral's "
                 "form: every layer MoE, RoPE only.")
     p.add_argument("--preset", choices=PRESETS, default="tiny")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
-                   help="auto: bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence; default: the preset's recipe")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--repeats", type=int, default=10, help="timed steps; the median is reported")
-    p.add_argument("--decode-tokens", type=int, default=32, help="new tokens per decode measurement")
+    p.add_argument("--device", default="auto", choices=DEVICES)
+    p.add_argument("--precision", default="auto", choices=PRECISIONS, help="auto: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--seq-len", type=number_flag(COUNT), default=None,
+                   help="tokens per sequence; default: the preset's recipe")
+    p.add_argument("--batch-size", type=number_flag(COUNT), default=8)
+    p.add_argument("--repeats", type=number_flag(COUNT), default=10, help="timed steps; the median is reported")
+    p.add_argument("--decode-tokens", type=number_flag(COUNT), default=32, help="new tokens per decode measurement")
     p.add_argument("--compare-hf", action="store_true", help="also time transformers' MixtralForCausalLM")
     p.add_argument("--compile", action="store_true", help="torch.compile H64LM's training step")
     p.add_argument("--tokenize", action="store_true", help="also time tokenizing and packing the sample's train "
@@ -2478,8 +2979,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("export", "write a checkpoint's weights as safetensors",
                 "Write <out>/model.safetensors and <out>/config.json: the weights alone, in a format that cannot "
                 "hold code, for sharing; eval and generate read the folder.")
-    p.add_argument("--ckpt", required=True, help="a run folder (its best.pt) or a .pt file")
-    p.add_argument("--out", required=True, help="folder to write")
+    p.add_argument("--ckpt", required=True, type=checkpoint_flag, help="a run folder (its best.pt) or a .pt file")
+    p.add_argument("--out", required=True, type=output_folder_flag, help="folder to write")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                    help="precision of the stored weights; bfloat16 halves the file")
     p.set_defaults(func=cmd_export)
@@ -2487,12 +2988,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_common(p: argparse.ArgumentParser, cache: bool = True) -> None:
-    p.add_argument("--tokenizer", default=str(DEFAULT_TOKENIZER), help="folder of a Hugging Face tokenizer")
+    p.add_argument("--tokenizer", default=str(DEFAULT_TOKENIZER), type=folder_flag,
+                   help="folder of a Hugging Face tokenizer")
     if cache:
-        p.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help="where tokenized splits are cached")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
-                   help="auto: bf16 on CUDA, fp32 on CPU")
+        p.add_argument("--cache-dir", default=str(DEFAULT_CACHE), type=output_folder_flag,
+                       help="where tokenized splits are cached")
+    p.add_argument("--device", default="auto", choices=DEVICES)
+    p.add_argument("--precision", default="auto", choices=PRECISIONS, help="auto: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--allow-mismatch", action="store_true", help="use a tokenizer (or data) other than the one "
+                   "the checkpoint records: only if you know they agree")
 
 
 # Flags that may differ when a run is resumed: they change neither the model nor which data each step sees.
@@ -2545,6 +3049,8 @@ def train_settings(args: argparse.Namespace) -> tuple[H64LMConfig, TrainConfig, 
         except TypeError:
             raise H64LMError(f"{resume} was written by another version of h64lm.py (its training settings "
                              "differ); resume it with that version.") from None
+        except ValueError as e:
+            raise H64LMError(f"With these flags the resumed run's settings are not valid: {e}") from None
         preset = resume.parent.name
     else:
         preset = given.get("preset", "h64lm")
@@ -2558,7 +3064,7 @@ def train_settings(args: argparse.Namespace) -> tuple[H64LMConfig, TrainConfig, 
 
 def cmd_train(args: argparse.Namespace) -> int:
     config, tc, preset, resume = train_settings(args)
-    history = train(config, tc, preset=preset, resume=resume)
+    history = train(config, tc, preset=preset, resume=resume, allow_mismatch=args.allow_mismatch)
     stopped = history.get("stopped", "")
     return 128 + signal.SIGTERM if "SIGTERM" in stopped else 130 if "SIGINT" in stopped else 0
 
@@ -2567,7 +3073,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     result = evaluate_checkpoint(args.ckpt, args.data, args.split, tokenizer=args.tokenizer,
                                  cache_dir=args.cache_dir, batch_size=args.batch_size, seq_len=args.seq_len,
                                  max_batches=args.max_batches, device=args.device, precision=args.precision,
-                                 log=(lambda *a, **k: print(*a, **k, file=sys.stderr)) if args.json else print)
+                                 allow_mismatch=args.allow_mismatch, log=(lambda *a, **k: print(*a, **k, file=sys.stderr)) if args.json else print)
     if args.json:
         print(json.dumps(result))
     else:
@@ -2584,10 +3090,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     rt = setup_runtime(args.device, args.precision)
     if any(not p.strip() for p in args.prompt):
         raise H64LMError("--prompt is empty; give some text for the model to continue.")
-    model, _ = load_checkpoint(args.ckpt, rt.device)
+    model, saved = load_checkpoint(args.ckpt, rt.device)
     config = model.config
     tokenizer = load_tokenizer(args.tokenizer)
     check_vocab(tokenizer, config)
+    if not args.allow_mismatch:
+        check_trained_with(saved, resolve_checkpoint(args.ckpt), tokenizer)
     if not 1 <= args.max_new_tokens < config.max_position_embeddings:
         raise H64LMError(f"--max-new-tokens must be between 1 and {config.max_position_embeddings - 1}, the "
                          "model's context minus one.")
@@ -2597,9 +3105,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise H64LMError(f"A prompt has {max(len(p) for p in prompts)} tokens, but only {room} fit before "
                          f"{args.max_new_tokens} new ones in the model's {config.max_position_embeddings}-token "
                          "context; shorten it or lower --max-new-tokens.")
-    for name in ("temperature", "top_k", "top_p", "repetition_penalty"):
-        if getattr(args, name) < 0 or (name == "repetition_penalty" and args.repetition_penalty <= 0):
-            raise H64LMError(f"--{name.replace('_', '-')} must be positive.")
     sampling = dict(temperature=0.0 if args.greedy else args.temperature, top_k=args.top_k or None,
                     top_p=args.top_p if args.top_p < 1 else None, repetition_penalty=args.repetition_penalty,
                     eos_id=None if args.no_eos else tokenizer.eos_token_id, seed=args.seed)
@@ -2627,19 +3132,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_analyze(args: argparse.Namespace) -> int:
     rt = setup_runtime(args.device, args.precision)
-    model, _ = load_checkpoint(args.ckpt, rt.device)
+    model, saved = load_checkpoint(args.ckpt, rt.device)
     tokenizer = load_tokenizer(args.tokenizer)
     check_vocab(tokenizer, model.config)
+    if not args.allow_mismatch:
+        check_trained_with(saved, resolve_checkpoint(args.ckpt), tokenizer)
     if not model.config.moe_layer_ids:
         raise H64LMError("This model has no MoE layers (moe_layers='none'); there is no routing to analyse.")
     texts = None
     if args.text:
         texts = {}
-        for spec in args.text:
-            kind, sep, path = spec.partition("=")
-            if not sep or not kind:
-                raise H64LMError(f"--text {spec!r} should be KIND=FILE, e.g. --text code=example.py.")
-            texts.setdefault(kind, []).extend(_read_lines_as_text(Path(path)))
+        for kind, path in args.text:  # (KIND, FILE) pairs, see kind_file_flag
+            texts.setdefault(kind, []).extend(_read_lines_as_text(path))
     profile = routing_profile(model, tokenizer, texts)
     out = Path(args.out) if args.out else resolve_checkpoint(args.ckpt).parent / "routing.png"
     save_routing_heatmap(profile, out)
@@ -2665,8 +3169,6 @@ def _read_lines_as_text(path: Path) -> list[str]:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    if args.batch_size < 1 or args.repeats < 1 or args.decode_tokens < 1:
-        raise H64LMError("--batch-size, --repeats and --decode-tokens must be at least 1.")
     overrides = {name: getattr(args, name) for name in ("attn_impl", "moe_impl", "loss_impl") if getattr(args, name)}
     result = bench(args.preset, args.device, args.precision, args.seq_len, args.batch_size, args.repeats,
                    args.compare_hf, args.decode_tokens, args.compile, **overrides)
@@ -2689,14 +3191,27 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except H64LMError as e:
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        if args.debug:
+            raise
+        print(f"error: {one_sentence(e)}", file=sys.stderr)
+        return 2
+
+
+def one_sentence(e: Exception) -> str:
+    """What the command line says of an error: an H64LMError's own sentence; for an OS error (a permission, a
+    full disk, a path that went away) what failed and where; for anything else its type and first line, with
+    the way to see more. Nothing reaches the user as a traceback unless --debug asks for it."""
+    if isinstance(e, H64LMError):
+        return str(e)
+    if isinstance(e, OSError):
+        where = f" ({e.filename})" if e.filename else ""
+        return f"{e.strerror or e}{where}; check the path, its permissions and the free disk space."
+    first = (str(e).strip().splitlines() or [""])[0][:300]
+    return f"{type(e).__name__}: {first}; this is unexpected: rerun with --debug for the traceback, and report it."
 
 
 if __name__ == "__main__":

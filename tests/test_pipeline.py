@@ -124,7 +124,10 @@ def test_wikitext103_unreachable_names_the_way_out_and_auto_falls_back(monkeypat
     with pytest.raises(h64lm.H64LMError, match="--data sample") as e:
         h64lm.open_text_source("wikitext-103")
     assert "--data FOLDER" in str(e.value)
-    assert "sample" in h64lm.open_text_source("auto").name
+    said = []
+    assert "sample" in h64lm.open_text_source("auto", log=said.append).name
+    assert len(said) == 1 and said[0].startswith("--data auto: WikiText-103 could not be loaded"), said
+    assert "uses the bundled Wikipedia sample instead" in said[0]
 
 
 # --- Windows and their order ---------------------------------------------------------------------------------------
