@@ -1091,6 +1091,19 @@ class H64LMError(Exception):
     """A problem the user can fix; the command line prints its one-sentence message and exits with status 2."""
 
 
+def one_sentence(e: Exception) -> str:
+    """What the command line says of an error: an H64LMError's own sentence; for an OS error (a permission, a
+    full disk, a path that went away) what failed and where; for anything else its type and first line, with
+    the way to see more. Nothing reaches the user as a traceback unless --debug asks for it."""
+    if isinstance(e, H64LMError):
+        return str(e)
+    if isinstance(e, OSError):
+        where = f" ({e.filename})" if e.filename else ""
+        return f"{e.strerror or e}{where}; check the path, its permissions and the free disk space."
+    first = (str(e).strip().splitlines() or [""])[0][:300]
+    return f"{type(e).__name__}: {first}; this is unexpected: rerun with --debug for the traceback, and report it."
+
+
 def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
     """Call write(tmp) on a temporary name of this process's own beside path, flush it to disk, then rename it
     over path (os.replace is atomic). A reader, a second process or a crash at any moment sees the old file or
@@ -1455,6 +1468,7 @@ class TrainConfig:
     device: str = "auto"  # "auto", "cpu" or "cuda"
     seed: int = 1337  # seeds the weights, the data order and the router noise
 
+    # The values each number may take (None, where a field allows it, always passes).
     RANGES: ClassVar[dict[str, Range]] = dict(
         seq_len=COUNT, batch_size=COUNT, grad_accum=COUNT, max_steps=COUNT, lr=POSITIVE, min_lr=NON_NEGATIVE,
         warmup_steps=Range(0, integer=True), weight_decay=NON_NEGATIVE, beta1=Range(0, 1, high_open=True),
@@ -2013,14 +2027,14 @@ class RunLock:
 
 
 def on_rank0(rt: Runtime, fn: Callable[[], object]):
-    """fn() on rank 0 alone (the process that owns the run folder). An H64LMError it raises is raised on every
-    process, which would otherwise wait for rank 0 at their next collective call, forever."""
+    """fn() on rank 0 alone (the process that owns the run folder). An H64LMError or OSError it raises is raised,
+    as an H64LMError, on every process, which would otherwise wait for rank 0 at their next collective call."""
     result, message = None, None
     if rt.master:
         try:
             result = fn()
-        except H64LMError as e:
-            message = str(e)
+        except (H64LMError, OSError) as e:
+            message = one_sentence(e)
     if rt.world_size > 1:
         box = [message]
         torch.distributed.broadcast_object_list(box, src=0)
@@ -2030,9 +2044,9 @@ def on_rank0(rt: Runtime, fn: Callable[[], object]):
     return result
 
 
-def check_fits(config: H64LMConfig, device: torch.device) -> int:
+def check_fits(config: H64LMConfig, device: torch.device) -> None:
     """Refuse, before allocating anything, a model whose weights, gradients and AdamW moments (16 bytes a
-    parameter in float32) alone exceed the device's memory. Returns the parameter count."""
+    parameter in float32) alone exceed the device's memory."""
     with torch.device("meta"):
         params = H64LM(config).num_params()
     if device.type == "cuda":
@@ -2043,7 +2057,6 @@ def check_fits(config: H64LMConfig, device: torch.device) -> int:
         raise H64LMError(f"The model has {params / 1e6:,.0f}M parameters, whose weights, gradients and AdamW state "
                          f"alone need {16 * params / 2**30:,.1f} GiB, and this {where} has {have / 2**30:,.1f} GiB; "
                          "choose a smaller --preset or shrink the model (--hidden-size, --num-layers, --num-experts).")
-    return params
 
 
 def warn_if_slow(seconds_per_step: float, steps: int, device: torch.device, log) -> None:
@@ -2700,9 +2713,11 @@ def bench_report(r: dict) -> str:
 #   python h64lm.py export   --ckpt checkpoints/tiny --out checkpoints/tiny-export
 #
 # Every field of H64LMConfig and TrainConfig is a flag of `train`, and its help
-# is the comment beside the field, so the two cannot drift apart. Problems the
-# user can fix (H64LMError, an invalid config) print one sentence and exit with
-# status 2; --debug shows the traceback instead.
+# is the comment beside the field, so the two cannot drift apart. Every flag
+# checks its value as it is parsed (a number against its field's Range, a path
+# for its kind), so a bad value is one sentence before anything runs. Problems
+# found later (H64LMError), and whatever else escapes, print one sentence too
+# and exit with status 2; --debug shows the traceback instead.
 
 class Parser(argparse.ArgumentParser):
     """argparse, with its errors as one line (not the usage, which for `train` is a screenful) and exit status 2."""
@@ -3199,19 +3214,6 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {one_sentence(e)}", file=sys.stderr)
         return 2
-
-
-def one_sentence(e: Exception) -> str:
-    """What the command line says of an error: an H64LMError's own sentence; for an OS error (a permission, a
-    full disk, a path that went away) what failed and where; for anything else its type and first line, with
-    the way to see more. Nothing reaches the user as a traceback unless --debug asks for it."""
-    if isinstance(e, H64LMError):
-        return str(e)
-    if isinstance(e, OSError):
-        where = f" ({e.filename})" if e.filename else ""
-        return f"{e.strerror or e}{where}; check the path, its permissions and the free disk space."
-    first = (str(e).strip().splitlines() or [""])[0][:300]
-    return f"{type(e).__name__}: {first}; this is unexpected: rerun with --debug for the traceback, and report it."
 
 
 if __name__ == "__main__":
