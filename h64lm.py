@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import dataclasses
 import functools
 import gzip
 import hashlib
@@ -71,6 +72,7 @@ ATTENTION_TYPES = ("rope", "alibi", "rope+alibi")
 ATTENTION_IMPLS = ("sdpa", "plain")
 MOE_IMPLS = ("grouped", "loop")
 LOSS_IMPLS = ("chunked", "plain")
+IMPL_FIELDS = ("attn_impl", "moe_impl", "loss_impl")  # H64LMConfig's run-time choices (see the config)
 
 
 @dataclass(frozen=True)
@@ -157,6 +159,9 @@ class H64LMConfig:
     rms_norm_eps: float = 1e-5  # added to the mean square inside RMSNorm; Mistral's and Mixtral's value
     tie_word_embeddings: bool = False  # share the input embedding with the LM head; H64LM keeps them separate
     initializer_range: float = 0.02  # std of the normal init of every weight matrix; GPT-2's value
+
+    # How the model is computed, not what it is: each pair computes the same function (tests prove it), so these
+    # are run-time choices, left out of to_dict, of checkpoints and of the resume check (IMPL_FIELDS).
     attn_impl: str = "sdpa"  # "sdpa": PyTorch's fused attention kernels; "plain": the same math written out
     moe_impl: str = "grouped"  # "grouped": tokens sorted by expert, one pass each; "loop": the readable per-expert loop
     loss_impl: str = "chunked"  # "chunked": LM head and cross-entropy fused, a few rows at a time, logits never stored
@@ -221,9 +226,11 @@ class H64LMConfig:
             raise ValueError(f"moe_layers {spec!r} names a layer outside 0..{num_layers - 1}.")
         return tuple(ids)
 
-    def to_dict(self) -> dict:
-        """The constructor arguments (not the derived fields), e.g. for saving in a checkpoint."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.init}
+    def to_dict(self, with_impl: bool = False) -> dict:
+        """What the model is: the constructor arguments (not the derived fields), without the implementation
+        choices unless with_impl; what a checkpoint saves and a resume compares."""
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.init and (with_impl or f.name not in IMPL_FIELDS)}
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> H64LMConfig:
@@ -370,7 +377,7 @@ class KVCache:
         self.values: list[torch.Tensor | None] = [None] * num_layers
         self.positions: torch.Tensor | None = None  # (B, S): the position of each cached key, -1 for padding
         self.sliding_window = sliding_window
-        self.next_position = 0  # where a prompt-less continuation starts
+        self.next_position: torch.Tensor | None = None  # (B or 1, 1): each row's next position, after advance
 
     def key_positions(self, new_positions: torch.Tensor) -> torch.Tensor:
         """Positions of all keys the new tokens attend to: the cached ones, then the new ones. -> (B, S)"""
@@ -397,7 +404,9 @@ class KVCache:
     def advance(self, new_positions: torch.Tensor) -> None:
         """Record the positions of the tokens every layer has just appended."""
         self.positions = self._keep(self.key_positions(new_positions), 1)
-        self.next_position = int(new_positions.max()) + 1
+        # Per row: after a left-padded batched prefill the rows have different lengths, so each goes on from its
+        # own last position (padding is -1, below every real one).
+        self.next_position = new_positions.amax(dim=1, keepdim=True) + 1
 
     def __len__(self) -> int:
         """Number of cached keys per sequence (at most W - 1 with a window)."""
@@ -545,10 +554,21 @@ class RoutingStats:
 # `_experts_loop` visits each expert and finds its tokens with torch.where, the
 # way mistral-inference writes it; `_experts_grouped` sorts the assignments by
 # expert once, so each expert reads one contiguous block of rows, with one
-# gather, one scatter and one host sync instead of one per expert. On a 2-core
-# CPU the two run at the same speed (an h64lm-sized layer, 1024 tokens, forward
-# and backward: 1.06 s loop, 1.12 s grouped); the sorted layout is the input
-# that grouped-GEMM kernels, one kernel for all experts, take on a GPU.
+# gather, one scatter and one host sync instead of one per expert. On a CPU
+# the two run at the same speed (README, Speed); the sorted layout is kept
+# because it is the input that grouped-GEMM kernels, one kernel for all
+# experts, take on a GPU.
+
+def init_weight(name: str, p: torch.Tensor, config: H64LMConfig) -> None:
+    """GPT-2's initialisation, by parameter name (see section 12): RMSNorm gains 1; every matrix N(0, 0.02), the
+    projections that write into the residual stream (o_proj, down_proj, w_down) N(0, 0.02 / sqrt(2 * layers))."""
+    if p.dim() == 1:
+        nn.init.ones_(p)
+    elif name.endswith(("o_proj.weight", "down_proj.weight", "w_down")):
+        nn.init.normal_(p, mean=0.0, std=config.initializer_range / math.sqrt(2 * config.num_layers))
+    else:
+        nn.init.normal_(p, mean=0.0, std=config.initializer_range)
+
 
 class MoE(nn.Module):
     def __init__(self, config: H64LMConfig):
@@ -563,11 +583,18 @@ class MoE(nn.Module):
         self.w_up = nn.Parameter(torch.empty(E, D, Fh))
         self.w_down = nn.Parameter(torch.empty(E, Fh, D))
         self.stats: RoutingStats | None = None
+        self.config = config
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """A layer made alone is ready to use: the model's initialisation rule (init_weight, section 12)."""
+        for name, p in self.named_parameters():
+            init_weight(name, p, self.config)
 
     def expert_weights(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """(w_gate, w_up, w_down) of each expert. Split once per forward with unbind: indexing w_gate[i] for each
-        expert instead makes backward write a zero-filled full-size (E, D, F) gradient per expert, which took
-        58% of an h64lm-sized MoE layer's forward+backward on CPU (torch.profiler)."""
+        expert instead makes backward write a zero-filled full-size (E, D, F) gradient per expert."""
         return list(zip(self.w_gate.unbind(0), self.w_up.unbind(0), self.w_down.unbind(0)))
 
     @staticmethod
@@ -586,7 +613,7 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor, with_losses: bool = True) -> tuple[torch.Tensor, torch.Tensor | None,
                                                                           torch.Tensor | None]:
         """x (B, T, D) -> output (B, T, D), load-balancing loss, router z-loss (None, None with with_losses=False:
-        generation has no use for them, and they were 8% of a decoding step of the tiny preset)."""
+        generation has no use for them)."""
         B, T, D = x.shape
         x = x.reshape(B * T, D)  # (N, D)
         router_in = x
@@ -697,18 +724,15 @@ class Block(nn.Module):
 # so that only one chunk's logits exist at a time, and keeps only the gradients
 # for the backward pass: the idea of Liger Kernel's fused linear cross-entropy
 # and of "Cut Your Losses" (Wijmans et al. 2024). Same three matrix multiplies,
-# one pass of exp, no (N, V) tensor. What it buys is memory: a training step of
-# the tiny preset (all-MoE form, 1024 tokens, 2 CPU cores) peaks at 709-723 MiB
-# of RSS instead of 1305, at 239-242 ms a step against 239 ms for the plain
-# path. (Before keep_freed_memory, section 15, it also bought speed, 297 vs
-# 189 ms for the LM head and loss, because every fresh (N, V) tensor faulted
-# its pages in one by one.) tests/test_training.py proves it equals the plain
-# path in loss and gradients.
+# one pass of exp, no (N, V) tensor. What it buys is memory, not speed (README,
+# Speed: about half the peak memory of a tiny training step on a CPU, at the
+# same time per step). tests/test_training.py proves it equals the plain path
+# in loss and gradients.
 
 def _chunk_rows(device: torch.device, vocab_size: int) -> int:
-    """Rows per chunk: 64 MiB of float32 logits on CPU (524 rows of a 32000-token vocabulary; 131-row chunks were
-    3% slower over a whole step, as each chunk adds one read and write of the (V, D) gradient); 1 GiB on a GPU,
-    where a chunk must keep the device busy (not measured: no GPU was available to this project)."""
+    """Rows per chunk: 64 MiB of float32 logits on CPU (524 rows of a 32000-token vocabulary: each chunk adds one
+    read and write of the (V, D) gradient, so chunks should not be small); 1 GiB on a GPU, where a chunk must keep
+    the device busy (not measured: no GPU was available to this project)."""
     budget = 2**30 if device.type == "cuda" else 2**26
     return max(1, budget // (4 * vocab_size))
 
@@ -796,15 +820,8 @@ class H64LM(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        std = self.config.initializer_range
-        residual_std = std / math.sqrt(2 * self.config.num_layers)
         for name, p in self.named_parameters():
-            if p.dim() == 1:
-                nn.init.ones_(p)  # RMSNorm gains
-            elif name.endswith(("o_proj.weight", "down_proj.weight", "w_down")):
-                nn.init.normal_(p, mean=0.0, std=residual_std)
-            else:
-                nn.init.normal_(p, mean=0.0, std=std)
+            init_weight(name, p, self.config)
 
     def attention_bias(self, q_pos: torch.Tensor, k_pos: torch.Tensor, plain_causal: bool) -> torch.Tensor | None:
         """What every layer adds to its attention scores: None for the plain causal mask (fast kernels know it),
@@ -823,10 +840,14 @@ class H64LM(nn.Module):
         -1 for padding (default: continue from the cache, or 0..T-1); cache: a KVCache to read and extend."""
         B, T = idx.shape
         default_positions = positions is None
-        if default_positions:
-            start = cache.next_position if cache is not None else 0
-            positions = torch.arange(start, start + T, device=idx.device)[None]  # (1, T)
-        last = start + T - 1 if default_positions else int(positions.max())  # no device sync in training
+        steps = torch.arange(T, device=idx.device)[None]  # (1, T)
+        if not default_positions:
+            last = int(positions.max())
+        elif cache is None or cache.next_position is None:
+            positions, last = steps, T - 1  # no device sync in training
+        else:
+            positions = cache.next_position + steps  # (B or 1, T): each row continues from its own position
+            last = int(positions.max())
         if last >= self.config.max_position_embeddings:
             raise ValueError(f"Position {last} is beyond max_position_embeddings "
                              f"({self.config.max_position_embeddings}); use a shorter sequence.")
@@ -948,6 +969,21 @@ class H64LM(nn.Module):
 # than max_position_embeddings - max_new_tokens keeps only its last tokens (with
 # a warning), so the continuation always fits.
 
+def fit_prompts(prompts: list[list[int]], max_new_tokens: int, config: H64LMConfig) -> list[list[int]]:
+    """The prompts, each cut to its last tokens where it would not leave room for max_new_tokens in the context
+    (with a warning); the one rule for a long prompt, in the library and on the command line."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("Every prompt needs at least one token; a text prompt gets <s> from the tokenizer.")
+    if not 1 <= max_new_tokens < config.max_position_embeddings:
+        raise ValueError(f"max_new_tokens must be between 1 and {config.max_position_embeddings - 1} "
+                         "(max_position_embeddings - 1).")
+    room = config.max_position_embeddings - max_new_tokens
+    if any(len(p) > room for p in prompts):
+        warnings.warn(f"A prompt is longer than the {room} tokens that leave room for {max_new_tokens} new ones in "
+                      f"a {config.max_position_embeddings}-token context; only its last {room} tokens are used.")
+    return [p[-room:] for p in prompts]
+
+
 def sample(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
            repetition_penalty: float = 1.0, seen: torch.Tensor | None = None,
            generator: torch.Generator | None = None) -> torch.Tensor:
@@ -997,17 +1033,7 @@ def stream_generate(model: H64LM, prompts: list[list[int]], max_new_tokens: int,
     """Yield the next token of every prompt (B,), step by step, until max_new_tokens or every row has produced
     eos_id. A row that has finished keeps yielding eos_id. pad_id fills the left of shorter prompts."""
     config = model.config
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("Every prompt needs at least one token; a text prompt gets <s> from the tokenizer.")
-    if not 1 <= max_new_tokens < config.max_position_embeddings:
-        raise ValueError(f"max_new_tokens must be between 1 and {config.max_position_embeddings - 1} "
-                         "(max_position_embeddings - 1).")
-    room = config.max_position_embeddings - max_new_tokens
-    if any(len(p) > room for p in prompts):
-        warnings.warn(f"A prompt is longer than the {room} tokens that leave room for {max_new_tokens} new ones in "
-                      f"a {config.max_position_embeddings}-token context; only its last {room} tokens are used.")
-        prompts = [p[-room:] for p in prompts]
-
+    prompts = fit_prompts(prompts, max_new_tokens, config)
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     lengths = torch.tensor([len(p) for p in prompts], device=device)
@@ -1421,11 +1447,15 @@ def train_window_indices(step: int, global_batch: int, num_windows: int, seed: i
 # -----------------------------------------------------------------------------
 # 15. Training
 # -----------------------------------------------------------------------------
-# The loop, phase by phase: take a batch, forward and backward over
-# grad_accum micro-batches (the loss divided by grad_accum, so the gradient is
-# the mean over the whole batch), clip the gradient norm, set the learning rate
-# for this step, step the optimizer. Every eval_every steps, and always at the
-# end, measure the validation loss and save the latest and the best checkpoint.
+# One optimizer step, phase by phase (train_step): set the learning rate for
+# this step, take a batch, forward and backward over grad_accum micro-batches
+# (the loss divided by grad_accum, so the gradient is the mean over the whole
+# batch), check that the loss and the gradient are finite, clip the gradient
+# norm, step the optimizer. train() is the story around it: claim the run
+# folder, start the run (data, model, optimizer, a checkpoint's state when
+# resuming: start_run), then train_step for every step, and every eval_every
+# steps, and always at the end, validate and save the latest and the best
+# checkpoint (validate, save_run). The notebook calls the same parts.
 #
 # Device and precision are decided once: bf16 autocast on CUDA (weights and
 # optimizer state stay float32), fp16 with a gradient scaler if asked, float32
@@ -1530,12 +1560,11 @@ def keep_freed_memory() -> bool:
 
     By default glibc serves a big block (over a threshold that starts at 128 KiB and adapts up to 32 MiB) with a
     fresh mmap and unmaps it when freed, and gives the top of its heap back to the OS once more than twice that is
-    free. So each training step's big activations arrive as untouched pages and fault in one 4 KiB page at a time:
-    22,600 page faults and 42 ms of kernel time per 272 ms step of the tiny preset on 2 cores. With no mmap
-    threshold and no trimming the heap keeps its peak size, as PyTorch's CUDA caching allocator does on a GPU, and
-    the same step took 246 ms with 1 page fault. (jemalloc or tcmalloc through LD_PRELOAD, which PyTorch's CPU
-    tuning guide recommends, do the same; this needs nothing installed.) Returns whether the setting took, False
-    off glibc."""
+    free. So each training step's big activations arrive as untouched pages and fault in one 4 KiB page at a time,
+    tens of thousands of faults a step (README, Speed). With no mmap threshold and no trimming the heap keeps its
+    peak size, as PyTorch's CUDA caching allocator does on a GPU. (jemalloc or tcmalloc through LD_PRELOAD, which
+    PyTorch's CPU tuning guide recommends, do the same; this needs nothing installed.) It is process-wide, so the
+    program's entry point calls it, not the library. Returns whether the setting took, False off glibc."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     try:
@@ -1549,8 +1578,8 @@ def keep_freed_memory() -> bool:
 def setup_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
     if device == "cuda" and not torch.cuda.is_available():
         raise H64LMError("--device cuda was asked for, but PyTorch sees no CUDA GPU; use --device cpu.")
-    if device not in ("auto", "cpu", "cuda"):
-        raise H64LMError(f"--device must be auto, cpu or cuda, got {device!r}.")
+    if device not in DEVICES:
+        raise H64LMError(f"--device must be one of {', '.join(DEVICES)}, got {device!r}.")
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if use_cuda:
@@ -1559,13 +1588,12 @@ def setup_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
         dev = torch.device("cuda", local_rank)
     else:
         dev = torch.device("cpu")
-        keep_freed_memory()
     if world_size > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group(backend="nccl" if use_cuda else "gloo")
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
               "auto": torch.bfloat16 if use_cuda else torch.float32}
     if precision not in dtypes:
-        raise H64LMError(f"--precision must be auto, bf16, fp16 or fp32, got {precision!r}.")
+        raise H64LMError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}.")
     if precision == "fp16" and not use_cuda:
         raise H64LMError("--precision fp16 needs a CUDA GPU; on CPU use fp32 (or bf16).")
     return Runtime(device=dev, rank=rank, world_size=world_size, dtype=dtypes[precision])
@@ -1597,8 +1625,8 @@ def make_optimizer(model: nn.Module, tc: TrainConfig, device: torch.device) -> t
     """AdamW (Loshchilov & Hutter 2019) with weight decay on matrices (and the stacked expert matrices) only:
     decaying norm gains pulls them towards 0, which is not the prior we want for a scale.
 
-    fused=True runs the whole update as one kernel per dtype and device, on CPU too (PyTorch 2.4+): 3x faster
-    than the default per-parameter loop for the tiny model on 2 cores."""
+    fused=True runs the whole update as one kernel per dtype and device, on CPU too (PyTorch 2.4+), instead of a
+    loop over the parameters."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -1744,9 +1772,11 @@ def _read_safetensors(path: Path, device) -> dict:
 
 
 def _config_of(ckpt: dict, path) -> H64LMConfig:
+    """The model config a checkpoint describes. Implementation choices that older checkpoints stored are left
+    out: they are the reader's to make (see IMPL_FIELDS)."""
     try:
-        return H64LMConfig(**ckpt["config"])
-    except (KeyError, TypeError, ValueError) as e:
+        return H64LMConfig(**{k: v for k, v in ckpt["config"].items() if k not in IMPL_FIELDS})
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise H64LMError(f"The config stored in {path} is not valid for this h64lm.py ({e}); use the h64lm.py "
                          "that wrote it.") from None
 
@@ -1888,44 +1918,11 @@ def save_plots(history: dict, folder: Path) -> None:
         save_figure(fig, folder / "expert_load.png")
 
 
-# --- The loop -----------------------------------------------------------------
-
-@torch.no_grad()
-def evaluate(model: H64LM, tokens: np.ndarray, seq_len: int, batch_size: int, rt: Runtime,
-             max_batches: int | None = None, progress: bool = False) -> tuple[float, int]:
-    """Summed next-token NLL (nats) and the number of predicted tokens over non-overlapping windows of the
-    token array, in order; each process takes every world_size-th batch and the sums are all-reduced.
-    With max_batches=None every token after the first is predicted exactly once. progress: a bar on stderr."""
-    from tqdm.auto import tqdm
-
-    was_training = model.training
-    model.eval()
-    windows = PackedWindows(tokens, seq_len)
-    starts = list(range(0, windows.count, batch_size))[: max_batches]
-    total = torch.zeros(2, dtype=torch.float64, device=rt.device)  # (NLL, tokens)
-    mine = starts[rt.rank::rt.world_size]
-    for start in tqdm(mine, desc="evaluating", unit="batch", leave=False, disable=not (progress and rt.master)):
-        x, y = windows.batch(range(start, min(start + batch_size, windows.count)))
-        x, y = x.to(rt.device), y.to(rt.device)
-        with rt.autocast():
-            logits = model(x).logits
-        total[0] += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").double()
-        total[1] += y.numel()
-    # The tokens after the last full window: one more window that ends at the last token, scoring only them.
-    tail = len(tokens) - 1 - windows.count * seq_len
-    if tail > 0 and max_batches is None and rt.master:
-        span = min(seq_len, len(tokens) - 1)
-        x = torch.from_numpy(tokens[-span - 1:-1].astype(np.int64))[None].to(rt.device)  # (1, span)
-        y = torch.from_numpy(tokens[-span:].astype(np.int64))[None].to(rt.device)
-        with rt.autocast():
-            logits = model(x).logits[:, -tail:]
-        total[0] += F.cross_entropy(logits.float().flatten(0, 1), y[:, -tail:].flatten(), reduction="sum").double()
-        total[1] += tail
-    if rt.world_size > 1:
-        torch.distributed.all_reduce(total)
-    model.train(was_training)
-    return total[0].item(), int(total[1].item())
-
+# --- Guards -------------------------------------------------------------------
+# What keeps a run's promises when things go wrong: one process per run
+# folder, a signal answered at once and saved on, errors agreed on by every
+# process, a model refused when it cannot fit, and a run that stops, naming
+# its last good checkpoint, before a non-finite number reaches the disk.
 
 RUN_FILES = ("latest.pt", "best.pt", "training_history.json", "loss.png", "lr.png", "expert_load.png")
 
@@ -2094,225 +2091,242 @@ def last_good(checkpoint: tuple[Path, int] | None) -> str:
     return f"the last checkpoint, {checkpoint[0]} (step {checkpoint[1]}, every number in it finite), is kept"
 
 
-def diverged(what: str, step: int, checkpoint: tuple[Path, int] | None, run_dir: Path, rt: Runtime,
-             lr: float) -> H64LMError:
+def diverged(what: str, step: int, run: Run) -> H64LMError:
     """The error that stops a run whose loss, gradient or weights stopped being finite."""
     then = (f"continue from it with a lower --lr (or start again with a longer --warmup-steps), e.g. "
-            f"{resume_command(run_dir, rt)} --lr {lr / 10:.2g}" if checkpoint
+            f"{resume_command(run.run_dir, run.rt)} --lr {run.tc.lr / 10:.2g}" if run.saved
             else "start again with a lower --lr or a longer --warmup-steps")
     return H64LMError(f"{what} became NaN or infinite at step {step}, so nothing from that step on was saved; "
-                      f"{last_good(checkpoint)}; {then}.")
+                      f"{last_good(run.saved)}; {then}.")
 
 
-def train(config: H64LMConfig, tc: TrainConfig, preset: str = "custom", resume: str | Path | None = None,
-          allow_mismatch: bool = False) -> dict:
-    """Pretrain a model, or continue the run saved at `resume`; return the run's history.
-    Writes <out_dir>/<run>/ (rank 0 only), the folder itself at the first save. allow_mismatch: resume although
-    the tokenizer or the text differ from the ones the checkpoint records."""
-    rt = setup_runtime(tc.device, tc.precision)
-    log = print if rt.master else (lambda *a, **k: None)
+# --- The loop -----------------------------------------------------------------
+
+@dataclass
+class Run:
+    """What a training run holds from one step to the next (start_run makes it; train_step and save_run use it)."""
+    config: H64LMConfig
+    tc: TrainConfig
+    rt: Runtime
+    run_dir: Path
+    model: H64LM  # the plain model, whose weights are saved
+    step_model: nn.Module  # what a step calls: the model, compiled and/or wrapped in DDP as asked
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    windows: PackedWindows  # the training split's windows
+    valid_tokens: np.ndarray
+    seq_len: int
+    provenance: dict  # the tokenizer and text it trains on (see check_trained_with)
+    history: dict
+    step: int = 0  # optimizer steps done
+    best_val: float = float("inf")
+    saved: tuple[Path, int] | None = None  # (path, step) of the last checkpoint written or resumed from
+
+    @property
+    def global_batch(self) -> int:  # sequences per optimizer step, over every process
+        return self.tc.batch_size * self.tc.grad_accum * self.rt.world_size
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch * self.seq_len
+
+
+def load_run_data(config: H64LMConfig, tc: TrainConfig, rt: Runtime, seq_len: int, log):
+    """The tokenizer, the text source and its splits as tokens, checked to be big enough for one batch."""
+    tokenizer = load_tokenizer(tc.tokenizer)
+    check_vocab(tokenizer, config)
+    # Rank 0 tokenizes and fills the cache while the others wait, then they read its cache: done once.
+    if rt.world_size > 1 and not rt.master:
+        torch.distributed.barrier()
+    source, splits = load_token_splits(tc.data, tokenizer, tc.cache_dir, log=log)
+    if rt.world_size > 1 and rt.master:
+        torch.distributed.barrier()
+    windows = PackedWindows(splits["train"].tokens, seq_len).count
+    global_batch = tc.batch_size * tc.grad_accum * rt.world_size
+    if windows < global_batch:
+        raise H64LMError(f"The training split has {windows} windows of {seq_len} tokens, fewer than one batch "
+                         f"({global_batch}); lower --batch-size or --seq-len.")
+    if PackedWindows(splits["valid"].tokens, seq_len).count < 1:
+        raise H64LMError(f"The validation split has fewer than {seq_len + 1} tokens; give it more text or lower "
+                         "--seq-len.")
+    log(f"data: {source.name}: {len(splits['train'].tokens):,} training tokens, "
+        f"{len(splits['valid'].tokens):,} validation tokens"
+        + ("" if tc.data == "wikitext-103" else "; --data wikitext-103 insists on WikiText-103"))
+    return tokenizer, source, splits
+
+
+def start_run(config: H64LMConfig, tc: TrainConfig, rt: Runtime, run_dir: Path, resume: Path | None = None,
+              ckpt: dict | None = None, allow_mismatch: bool = False, log=print) -> Run:
+    """Everything a run needs before its first step: data, model, AdamW, and, when resuming, the state of the
+    checkpoint ckpt read from resume (read once, by the caller). Seeds so that a run is a function of its settings."""
     seq_len = tc.seq_len or config.max_position_embeddings
     check_seq_len(seq_len, config, remedy="lower it or raise --max-position-embeddings")
-    run_dir = Path(tc.out_dir) / (tc.run_name or preset)
-    cleanup = contextlib.ExitStack()  # the run folder's lock, released however train() ends
-    with cleanup:
-        held = on_rank0(rt, lambda: claim_run_dir(run_dir, resume, tc.overwrite, cleanup))
-        ckpt = read_checkpoint(resume, rt.device) if resume is not None else None
-        if ckpt is not None and ckpt["config"] != config.to_dict():
-            changed = [k for k, v in config.to_dict().items() if ckpt["config"].get(k) != v]
-            raise H64LMError(f"The run in {resume} is a different model ({', '.join(changed)} differ); resume it "
-                             "with its own settings, or start a new --run-name.")
-        weights = checked_weights(ckpt, config, resume) if ckpt is not None else None
-        check_fits(config, rt.device)
+    if ckpt is not None and _config_of(ckpt, resume).to_dict() != config.to_dict():
+        changed = [k for k, v in config.to_dict().items() if ckpt["config"].get(k) != v]
+        raise H64LMError(f"The run in {resume} is a different model ({', '.join(changed)} differ); resume it with "
+                         "its own settings, or start a new --run-name.")
+    weights = checked_weights(ckpt, config, resume) if ckpt is not None else None
+    check_fits(config, rt.device)
+    random.seed(tc.seed)
+    np.random.seed(tc.seed)
+    torch.manual_seed(tc.seed + rt.rank)  # router jitter differs per rank; the weights are broadcast by DDP
+    tokenizer, source, splits = load_run_data(config, tc, rt, seq_len, log)
+    if ckpt is not None and not allow_mismatch:
+        check_trained_with(ckpt, resume, tokenizer, source)
 
-        random.seed(tc.seed)
-        np.random.seed(tc.seed)
-        torch.manual_seed(tc.seed + rt.rank)  # router jitter differs per rank; the weights are broadcast by DDP
-        tokenizer = load_tokenizer(tc.tokenizer)
-        check_vocab(tokenizer, config)
-        # Rank 0 tokenizes and fills the cache while the others wait, then they read its cache: done once.
-        if rt.world_size > 1 and not rt.master:
-            torch.distributed.barrier()
-        source, splits = load_token_splits(tc.data, tokenizer, tc.cache_dir, log=log)
-        if rt.world_size > 1 and rt.master:
-            torch.distributed.barrier()
-        if ckpt is not None and not allow_mismatch:
-            check_trained_with(ckpt, resume, tokenizer, source)
-        train_windows = PackedWindows(splits["train"].tokens, seq_len)
-        global_batch = tc.batch_size * tc.grad_accum * rt.world_size
-        if train_windows.count < global_batch:
-            raise H64LMError(f"The training split has {train_windows.count} windows of {seq_len} tokens, fewer "
-                             f"than one batch ({global_batch}); lower --batch-size or --seq-len.")
-        if PackedWindows(splits["valid"].tokens, seq_len).count < 1:
-            raise H64LMError(f"The validation split has fewer than {seq_len + 1} tokens; give it more text or "
-                             "lower --seq-len.")
-        log(f"data: {source.name}: {len(splits['train'].tokens):,} training tokens, "
-            f"{len(splits['valid'].tokens):,} validation tokens"
-            + ("" if tc.data == "wikitext-103" else "; --data wikitext-103 insists on WikiText-103"))
-
-        torch.manual_seed(tc.seed)  # the same initial weights on every rank
-        model = H64LM(config).to(rt.device)
-        model.gradient_checkpointing = tc.gradient_checkpointing
-        optimizer = make_optimizer(model, tc, rt.device)
-        scaler = torch.amp.GradScaler(enabled=rt.dtype == torch.float16)
-        history = {"config": config.to_dict(), "train_config": asdict(tc), "train": [], "val": []}
-        start_step, best_val = 0, float("inf")
-        saved = None  # (path, step) of the last good checkpoint, for messages
-        if ckpt is not None:
-            model.load_state_dict(weights)
-            try:
-                optimizer.load_state_dict(ckpt["optimizer"])
-                scaler.load_state_dict(ckpt["scaler"])
-                start_step, best_val = ckpt["step"], ckpt["best_val_loss"]
-                history["train"] = [r for r in ckpt["history"]["train"] if r["step"] < start_step]
-                history["val"] = [r for r in ckpt["history"]["val"] if r["step"] <= start_step]
-            except (KeyError, TypeError, ValueError):
-                raise H64LMError(f"{resume} holds the weights but not a whole training state (its optimizer state "
-                                 "or history is missing or damaged); start a new run from scratch.") from None
-            saved = (Path(resume), start_step)
-            log(f"resuming {run_dir} from step {start_step} of {tc.max_steps}")
-            if ckpt["train_config"]["max_steps"] != tc.max_steps:
-                log(f"--max-steps {tc.max_steps} (was {ckpt['train_config']['max_steps']}): the cosine schedule now "
-                    f"ends at step {tc.max_steps}, so the learning rate goes from "
-                    f"{learning_rate(start_step - 1, TrainConfig(**ckpt['train_config'])):.2e} to "
-                    f"{learning_rate(start_step, tc):.2e} at step {start_step}")
-        else:
-            log(model.parameter_table(seq_len))
-        if start_step >= tc.max_steps:
-            raise H64LMError(f"The run in {run_dir} already finished its {tc.max_steps} steps; raise --max-steps to "
-                             "train it further.")
-
-        raw_model = model
-        if tc.compile:
-            model = torch.compile(model)
-        if rt.world_size > 1:
-            model = nn.parallel.DistributedDataParallel(model, device_ids=None if rt.device.type == "cpu"
-                                                        else [rt.device.index])
-        flops_per_token = raw_model.flops_per_token(seq_len)
-        peak = peak_flops(rt.device)
-        tokens_per_step = global_batch * seq_len
-        warn_if_slow(flops_per_token * tokens_per_step / peak, tc.max_steps - start_step, rt.device, log)
-        if rt.master and resume is None:
-            for name in held:  # --overwrite: the old run's files go, so none is mistaken for this run's
-                (run_dir / name).unlink()
-        provenance_of_run = provenance(tokenizer, source)
-
-        def save(step: int, val_loss: float | None) -> None:
-            # Nothing non-finite reaches the disk: a finite loss can be followed by a step that broke the weights.
-            if (broken := nonfinite_state(raw_model, optimizer)) is not None:
-                raise diverged(broken, step - 1, saved, run_dir, rt, tc.lr)
-            # Every process's random state travels with the checkpoint, gathered on rank 0.
-            states = [None] * rt.world_size
-            if rt.world_size > 1:
-                torch.distributed.all_gather_object(states, rng_state())
-            else:
-                states = [rng_state()]
-            payload = {"model": raw_model.state_dict(), "config": config.to_dict(), "train_config": asdict(tc),
-                       "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step,
-                       "tokens_seen": step * tokens_per_step, "best_val_loss": best_val, "val_loss": val_loss,
-                       "history": history, "rng": states, "world_size": rt.world_size, **provenance_of_run}
-            on_rank0(rt, lambda: write_run_files(run_dir, payload, history, val_loss is not None
-                                                 and val_loss <= best_val))
-
-        from tqdm.auto import tqdm
-
-        if ckpt is not None:  # last, so that nothing above draws from the restored generators
-            states = ckpt["rng"]
-            if len(states) != rt.world_size:
-                warnings.warn(f"The run was saved by {len(states)} processes and goes on with {rt.world_size}; "
-                              "the random state (router jitter only) is not continued exactly.")
-            set_rng_state(states[rt.rank % len(states)])
-        quiet = {} if rt.master else {"disable": True}  # on rank 0 the bar obeys tqdm's own TQDM_DISABLE
-        bar = tqdm(range(start_step, tc.max_steps), desc="training", unit="step", dynamic_ncols=True,
-                   initial=start_step, total=tc.max_steps, **quiet)
-        model.train()
-        t_last = time.perf_counter()
-        with _StopRequest(speak=rt.master) as stop:
-            stop.kept = last_good(saved)
-            for step in bar:
-                # 1. the learning rate for this step
-                lr = learning_rate(step, tc)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                # 2. forward and backward over the micro-batches; DDP syncs gradients only on the last one
-                indices = train_window_indices(step, global_batch, train_windows.count, tc.seed)
-                sums = torch.zeros(3, device=rt.device)  # lm loss, load-balancing loss, z-loss
-                for micro in range(tc.grad_accum):
-                    first = (micro * rt.world_size + rt.rank) * tc.batch_size
-                    x, y = train_windows.batch(indices[first:first + tc.batch_size])
-                    x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
-                    last = micro == tc.grad_accum - 1
-                    no_sync = model.no_sync() if rt.world_size > 1 and not last else contextlib.nullcontext()
-                    with no_sync, rt.autocast():
-                        out = model(x, y)
-                    scaler.scale(out.loss / tc.grad_accum).backward()
-                    sums += torch.stack([out.lm_loss, out.aux_loss, out.z_loss]).detach() / tc.grad_accum
-                # 3. the mean losses over all processes and the gradient norm, checked before they reach the
-                #    weights (with fp16 an infinite gradient is the scaler's business: it skips that step)
-                if rt.world_size > 1:
-                    torch.distributed.all_reduce(sums)
-                    sums /= rt.world_size
-                scaler.unscale_(optimizer)
-                grad_norm = nn.utils.clip_grad_norm_(raw_model.parameters(), tc.grad_clip or float("inf")).item()
-                lm_loss, aux_loss, z_loss = sums.tolist()
-                if not all(map(math.isfinite, (lm_loss, aux_loss, z_loss))):
-                    raise diverged("The loss", step, saved, run_dir, rt, tc.lr)
-                if not math.isfinite(grad_norm) and not scaler.is_enabled():
-                    raise diverged("The gradient norm", step, saved, run_dir, rt, tc.lr)
-                # 4. step, clear
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                # 5. report
-                now = time.perf_counter()
-                tokens_per_s = tokens_per_step / (now - t_last)
-                t_last = now
-                mfu = tokens_per_s * flops_per_token / peak
-                bar.set_postfix(loss=f"{lm_loss:.3f}", aux=f"{aux_loss:.3f}", lr=f"{lr:.2e}",
-                                tok_s=f"{tokens_per_s:,.0f}", mfu=f"{mfu:.1%}")
-                if step % tc.log_every == 0 or step == tc.max_steps - 1:
-                    stats = raw_model.routing_stats()
-                    history["train"].append({
-                        "step": step, "lm_loss": lm_loss, "aux_loss": aux_loss, "z_loss": z_loss, "lr": lr,
-                        "grad_norm": grad_norm, "tokens": (step + 1) * tokens_per_step,
-                        "tokens_per_s": tokens_per_s, "mfu": mfu,
-                        "expert_load": {str(i): (s.tokens_per_expert / s.tokens_per_expert.sum().clamp_min(1))
-                                        .tolist() for i, s in stats.items()}})
-                # 6. validate and save; a signal (agreed on by all processes) saves and stops
-                done = step + 1
-                signalled = torch.tensor(float(stop.signum is not None), device=rt.device)
-                if rt.world_size > 1:
-                    torch.distributed.all_reduce(signalled)
-                stopping = bool(signalled) or done == tc.stop_at
-                val_loss = None
-                if done % tc.eval_every == 0 or done == tc.max_steps:
-                    nll, count = evaluate(raw_model, splits["valid"].tokens, seq_len, tc.batch_size, rt,
-                                          tc.eval_batches)
-                    val_loss = nll / count
-                    if not math.isfinite(val_loss):
-                        raise diverged("The validation loss", step, saved, run_dir, rt, tc.lr)
-                    best_val = min(best_val, val_loss)
-                    history["val"].append({"step": done, "loss": val_loss, "ppl": math.exp(min(val_loss, 50))})
-                    if rt.master:
-                        tqdm.write(f"step {done}: validation loss {val_loss:.4f}, perplexity "
-                                   f"{math.exp(min(val_loss, 50)):.2f}")
-                if val_loss is not None or stopping or done % tc.save_every == 0:
-                    save(done, val_loss)
-                    saved = (run_dir / "latest.pt", done)
-                    stop.kept = last_good(saved)
-                if stopping:
-                    why = (f"after {signal.Signals(stop.signum).name}" if stop.signum is not None
-                           else f"at --stop-at {tc.stop_at}")
-                    bar.close()
-                    log(f"stopped {why}, step {done} of {tc.max_steps}, saved in {run_dir / 'latest.pt'}; "
-                        f"continue with: {resume_command(run_dir, rt)}")
-                    history["stopped"] = why
-                    break
-        bar.close()
+    torch.manual_seed(tc.seed)  # the same initial weights on every rank
+    model = H64LM(config).to(rt.device)
+    model.gradient_checkpointing = tc.gradient_checkpointing
+    step_model = torch.compile(model) if tc.compile else model
     if rt.world_size > 1:
-        torch.distributed.barrier()  # no process tears down gloo while another still uses it
-        torch.distributed.destroy_process_group()
-    return history
+        step_model = nn.parallel.DistributedDataParallel(step_model, device_ids=None if rt.device.type == "cpu"
+                                                         else [rt.device.index])
+    run = Run(config=config, tc=tc, rt=rt, run_dir=run_dir, model=model, step_model=step_model,
+              optimizer=make_optimizer(model, tc, rt.device),
+              scaler=torch.amp.GradScaler(enabled=rt.dtype == torch.float16),
+              windows=PackedWindows(splits["train"].tokens, seq_len), valid_tokens=splits["valid"].tokens,
+              seq_len=seq_len, provenance=provenance(tokenizer, source),
+              history={"config": config.to_dict(), "train_config": asdict(tc), "train": [], "val": []})
+    if ckpt is not None:
+        model.load_state_dict(weights)
+        restore_run(run, ckpt, resume, log)  # last, so that nothing above draws from the restored generators
+    else:
+        log(model.parameter_table(seq_len))
+    if run.step >= tc.max_steps:
+        raise H64LMError(f"The run in {run_dir} already finished its {tc.max_steps} steps; raise --max-steps to "
+                         "train it further.")
+    return run
+
+
+def restore_run(run: Run, ckpt: dict, resume: Path, log) -> None:
+    """Put a checkpoint's training state into a fresh run: AdamW, the gradient scaler, step, best validation loss,
+    history, and every process's random generators, so that the run goes on exactly as if it had not stopped."""
+    try:
+        run.optimizer.load_state_dict(ckpt["optimizer"])
+        run.scaler.load_state_dict(ckpt["scaler"])
+        run.step, run.best_val = ckpt["step"], ckpt["best_val_loss"]
+        run.history["train"] = [r for r in ckpt["history"]["train"] if r["step"] < run.step]
+        run.history["val"] = [r for r in ckpt["history"]["val"] if r["step"] <= run.step]
+        states, was = ckpt["rng"], TrainConfig(**ckpt["train_config"])
+    except (KeyError, TypeError, ValueError):
+        raise H64LMError(f"{resume} holds the weights but not a whole training state (its optimizer state or "
+                         "history is missing or damaged); start a new run from scratch.") from None
+    run.saved = (Path(resume), run.step)
+    log(f"resuming {run.run_dir} from step {run.step} of {run.tc.max_steps}")
+    if was.max_steps != run.tc.max_steps:
+        log(f"--max-steps {run.tc.max_steps} (was {was.max_steps}): the cosine schedule now ends at step "
+            f"{run.tc.max_steps}, so the learning rate goes from {learning_rate(run.step - 1, was):.2e} to "
+            f"{learning_rate(run.step, run.tc):.2e} at step {run.step}")
+    if len(states) != run.rt.world_size:
+        warnings.warn(f"The run was saved by {len(states)} processes and goes on with {run.rt.world_size}; the "
+                      "random state (router jitter only) is not continued exactly.")
+    set_rng_state(states[run.rt.rank % len(states)])
+
+
+def train_step(run: Run, step: int) -> dict:
+    """Optimizer step `step`: set its learning rate, forward and backward over grad_accum micro-batches (the loss
+    divided by grad_accum, so that the gradient is the mean over the whole batch; DDP averages it over the
+    processes on the last micro-batch), check that the loss and the gradient are finite before they touch the
+    weights, clip the gradient norm, step AdamW. Returns what it measured, averaged over all processes."""
+    tc, rt, model = run.tc, run.rt, run.step_model
+    lr = learning_rate(step, tc)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    indices = train_window_indices(step, run.global_batch, run.windows.count, tc.seed)
+    sums = torch.zeros(3, device=rt.device)  # lm loss, load-balancing loss, z-loss
+    for micro in range(tc.grad_accum):
+        first = (micro * rt.world_size + rt.rank) * tc.batch_size
+        x, y = run.windows.batch(indices[first:first + tc.batch_size])  # (B, T) each
+        x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
+        last = micro == tc.grad_accum - 1
+        with (model.no_sync() if rt.world_size > 1 and not last else contextlib.nullcontext()), rt.autocast():
+            out = model(x, y)
+        run.scaler.scale(out.loss / tc.grad_accum).backward()
+        sums += torch.stack([out.lm_loss, out.aux_loss, out.z_loss]).detach() / tc.grad_accum
+    if rt.world_size > 1:
+        torch.distributed.all_reduce(sums)
+        sums /= rt.world_size
+    run.scaler.unscale_(run.optimizer)
+    grad_norm = nn.utils.clip_grad_norm_(run.model.parameters(), tc.grad_clip or float("inf")).item()
+    lm_loss, aux_loss, z_loss = sums.tolist()
+    if not all(map(math.isfinite, (lm_loss, aux_loss, z_loss))):
+        raise diverged("The loss", step, run)
+    if not math.isfinite(grad_norm) and not run.scaler.is_enabled():  # with fp16 the scaler skips such a step
+        raise diverged("The gradient norm", step, run)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.step = step + 1
+    return {"step": step, "lm_loss": lm_loss, "aux_loss": aux_loss, "z_loss": z_loss, "lr": lr,
+            "grad_norm": grad_norm}
+
+
+@torch.no_grad()
+def evaluate(model: H64LM, tokens: np.ndarray, seq_len: int, batch_size: int, rt: Runtime,
+             max_batches: int | None = None, progress: bool = False) -> tuple[float, int]:
+    """Summed next-token NLL (nats) and the number of predicted tokens over non-overlapping windows of the
+    token array, in order; each process takes every world_size-th batch and the sums are all-reduced.
+    With max_batches=None every token after the first is predicted exactly once. progress: a bar on stderr."""
+    from tqdm.auto import tqdm
+
+    was_training = model.training
+    model.eval()
+    windows = PackedWindows(tokens, seq_len)
+    starts = list(range(0, windows.count, batch_size))[: max_batches]
+    total = torch.zeros(2, dtype=torch.float64, device=rt.device)  # (NLL, tokens)
+    mine = starts[rt.rank::rt.world_size]
+    for start in tqdm(mine, desc="evaluating", unit="batch", leave=False, disable=not (progress and rt.master)):
+        x, y = windows.batch(range(start, min(start + batch_size, windows.count)))
+        x, y = x.to(rt.device), y.to(rt.device)
+        with rt.autocast():
+            logits = model(x).logits
+        total[0] += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").double()
+        total[1] += y.numel()
+    # The tokens after the last full window: one more window that ends at the last token, scoring only them.
+    tail = len(tokens) - 1 - windows.count * seq_len
+    if tail > 0 and max_batches is None and rt.master:
+        span = min(seq_len, len(tokens) - 1)
+        x = torch.from_numpy(tokens[-span - 1:-1].astype(np.int64))[None].to(rt.device)  # (1, span)
+        y = torch.from_numpy(tokens[-span:].astype(np.int64))[None].to(rt.device)
+        with rt.autocast():
+            logits = model(x).logits[:, -tail:]
+        total[0] += F.cross_entropy(logits.float().flatten(0, 1), y[:, -tail:].flatten(), reduction="sum").double()
+        total[1] += tail
+    if rt.world_size > 1:
+        torch.distributed.all_reduce(total)
+    model.train(was_training)
+    return total[0].item(), int(total[1].item())
+
+
+def validate(run: Run) -> float:
+    """The validation loss on eval_batches batches, recorded in the history (and the best so far kept)."""
+    nll, count = evaluate(run.model, run.valid_tokens, run.seq_len, run.tc.batch_size, run.rt, run.tc.eval_batches)
+    val_loss = nll / count
+    if not math.isfinite(val_loss):
+        raise diverged("The validation loss", run.step - 1, run)
+    run.best_val = min(run.best_val, val_loss)
+    run.history["val"].append({"step": run.step, "loss": val_loss, "ppl": math.exp(min(val_loss, 50))})
+    return val_loss
+
+
+def save_run(run: Run, val_loss: float | None = None) -> None:
+    """latest.pt (and best.pt when val_loss is the best so far), the history and the plots, for the steps done.
+    Nothing non-finite reaches the disk: a finite loss can be followed by a step that broke the weights."""
+    if (broken := nonfinite_state(run.model, run.optimizer)) is not None:
+        raise diverged(broken, run.step - 1, run)
+    # Every process's random state travels with the checkpoint, gathered on rank 0.
+    states = [None] * run.rt.world_size
+    if run.rt.world_size > 1:
+        torch.distributed.all_gather_object(states, rng_state())
+    else:
+        states = [rng_state()]
+    payload = {"model": run.model.state_dict(), "config": run.config.to_dict(), "train_config": asdict(run.tc),
+               "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(), "step": run.step,
+               "tokens_seen": run.step * run.tokens_per_step, "best_val_loss": run.best_val, "val_loss": val_loss,
+               "history": run.history, "rng": states, "world_size": run.rt.world_size, **run.provenance}
+    best = val_loss is not None and val_loss <= run.best_val
+    on_rank0(run.rt, lambda: write_run_files(run.run_dir, payload, run.history, best))
+    run.saved = (run.run_dir / "latest.pt", run.step)
 
 
 def write_run_files(run_dir: Path, payload: dict, history: dict, best: bool) -> None:
@@ -2323,6 +2337,85 @@ def write_run_files(run_dir: Path, payload: dict, history: dict, best: bool) -> 
         save_checkpoint(run_dir / "best.pt", payload)
     write_atomically(run_dir / "training_history.json", lambda tmp: tmp.write_text(json.dumps(history, indent=1)))
     save_plots(history, run_dir)
+
+
+def train(config: H64LMConfig, tc: TrainConfig, preset: str = "custom", resume: str | Path | None = None,
+          allow_mismatch: bool = False, ckpt: dict | None = None,
+          on_step: Callable[[dict], None] | None = None) -> dict:
+    """Pretrain a model, or continue the run saved at `resume` (ckpt: that checkpoint, if the caller has read it
+    already); return the run's history. Writes <out_dir>/<run>/ (rank 0 only), the folder at the first save.
+    allow_mismatch: resume although the tokenizer or the text differ from the checkpoint's. on_step(history) is
+    called after every step, e.g. to draw the loss as it falls."""
+    rt = setup_runtime(tc.device, tc.precision)
+    log = print if rt.master else (lambda *a, **k: None)
+    run_dir = Path(tc.out_dir) / (tc.run_name or preset)
+    with contextlib.ExitStack() as cleanup:  # the run folder's lock, released however train() ends
+        held = on_rank0(rt, lambda: claim_run_dir(run_dir, resume, tc.overwrite, cleanup))
+        if resume is not None and ckpt is None:
+            ckpt = read_checkpoint(resume, rt.device)
+        run = start_run(config, tc, rt, run_dir, resume, ckpt, allow_mismatch, log)
+        del ckpt  # its tensors are in the run now; at h64lm size, holding them would cost another 3 GB
+        if rt.master and resume is None:
+            for name in held:  # --overwrite: the old run's files go, so none is mistaken for this run's
+                (run_dir / name).unlink()
+        train_loop(run, log, on_step)
+    if rt.world_size > 1:
+        torch.distributed.barrier()  # no process tears down gloo while another still uses it
+        torch.distributed.destroy_process_group()
+    return run.history
+
+
+def train_loop(run: Run, log, on_step: Callable[[dict], None] | None = None) -> None:
+    """Steps until max_steps or a stop, each one logged, and validated and saved as often as the TrainConfig
+    says; a SIGINT or SIGTERM, agreed on by all processes, saves and stops at the end of the step in flight."""
+    from tqdm.auto import tqdm
+
+    tc, rt = run.tc, run.rt
+    flops_per_token, peak = run.model.flops_per_token(run.seq_len), peak_flops(rt.device)
+    warn_if_slow(flops_per_token * run.tokens_per_step / peak, tc.max_steps - run.step, rt.device, log)
+    quiet = {} if rt.master else {"disable": True}  # on rank 0 the bar obeys tqdm's own TQDM_DISABLE
+    bar = tqdm(range(run.step, tc.max_steps), desc="training", unit="step", dynamic_ncols=True, initial=run.step,
+               total=tc.max_steps, **quiet)
+    run.step_model.train()
+    t_last = time.perf_counter()
+    with _StopRequest(speak=rt.master) as stop:
+        stop.kept = last_good(run.saved)
+        for step in bar:
+            stats = train_step(run, step)
+            now = time.perf_counter()
+            tokens_per_s, t_last = run.tokens_per_step / (now - t_last), now
+            mfu = tokens_per_s * flops_per_token / peak
+            bar.set_postfix(loss=f"{stats['lm_loss']:.3f}", aux=f"{stats['aux_loss']:.3f}", lr=f"{stats['lr']:.2e}",
+                            tok_s=f"{tokens_per_s:,.0f}", mfu=f"{mfu:.1%}")
+            if step % tc.log_every == 0 or step == tc.max_steps - 1:
+                load = {str(i): (s.tokens_per_expert / s.tokens_per_expert.sum().clamp_min(1)).tolist()
+                        for i, s in run.model.routing_stats().items()}  # each expert's share of the assignments
+                run.history["train"].append({**stats, "tokens": run.step * run.tokens_per_step,
+                                             "tokens_per_s": tokens_per_s, "mfu": mfu, "expert_load": load})
+            signalled = torch.tensor(float(stop.signum is not None), device=rt.device)
+            if rt.world_size > 1:
+                torch.distributed.all_reduce(signalled)
+            stopping = bool(signalled) or run.step == tc.stop_at
+            val_loss = None
+            if run.step % tc.eval_every == 0 or run.step == tc.max_steps:
+                val_loss = validate(run)
+                if rt.master:
+                    tqdm.write(f"step {run.step}: validation loss {val_loss:.4f}, perplexity "
+                               f"{math.exp(min(val_loss, 50)):.2f}")
+            if val_loss is not None or stopping or run.step % tc.save_every == 0:
+                save_run(run, val_loss)
+                stop.kept = last_good(run.saved)
+            if on_step is not None:
+                on_step(run.history)
+            if stopping:
+                why = (f"after {signal.Signals(stop.signum).name}" if stop.signum is not None
+                       else f"at --stop-at {tc.stop_at}")
+                bar.close()
+                log(f"stopped {why}, step {run.step} of {tc.max_steps}, saved in {run.run_dir / 'latest.pt'}; "
+                    f"continue with: {resume_command(run.run_dir, rt)}")
+                run.history["stopped"] = why
+                break
+    bar.close()
 
 
 # -----------------------------------------------------------------------------
@@ -2604,7 +2697,7 @@ def bench(preset: str = "tiny", device: str = "auto", precision: str = "auto", s
     result = {
         "device": str(torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else
                       f"cpu ({torch.get_num_threads()} threads)"),
-        "preset": preset, "config": config.to_dict(), "batch_size": batch_size, "seq_len": seq_len,
+        "preset": preset, "config": config.to_dict(with_impl=True), "batch_size": batch_size, "seq_len": seq_len,
         "dtype": str(rt.dtype).replace("torch.", ""), "step_seconds": times["h64lm"],
         "tokens_per_s": tokens / times["h64lm"], "flops_per_token": flops_per_token,
         "achieved_flops": tokens * flops_per_token / times["h64lm"], "peak_flops": peak,
@@ -2623,9 +2716,6 @@ def bench(preset: str = "tiny", device: str = "auto", precision: str = "auto", s
 def moe_overhead(config: H64LMConfig, tokens: int, rt: Runtime, repeats: int) -> dict:
     """One MoE layer's forward+backward time over that of a dense SwiGLU with the same active FLOPs."""
     moe = MoE(config).to(rt.device)
-    nn.init.normal_(moe.router.weight, std=config.initializer_range)
-    for w in (moe.w_gate, moe.w_up, moe.w_down):
-        nn.init.normal_(w, std=config.initializer_range)
     dense = SwiGLU(config.hidden_size, config.expert_intermediate_size * config.num_experts_per_tok).to(rt.device)
     x = torch.randn(1, tokens, config.hidden_size, device=rt.device, requires_grad=True)
 
@@ -3020,16 +3110,20 @@ RESUMABLE_FLAGS = {"max_steps", "stop_at", "eval_every", "save_every", "eval_bat
                    "weight_decay", "beta1", "beta2", "cache_dir", "tokenizer"}
 
 
-def train_settings(args: argparse.Namespace) -> tuple[H64LMConfig, TrainConfig, str, Path | None]:
-    """The model config, training config, run name and checkpoint to resume that `train`'s flags ask for:
-    defaults, then the preset and its recipe, then the flags given; with --resume, the checkpoint's settings."""
+def train_settings(args: argparse.Namespace) -> tuple[H64LMConfig, TrainConfig, str, Path | None, dict | None]:
+    """The model config, training config, run name, and the path and contents of the checkpoint to resume, that
+    `train`'s flags ask for: defaults, then the preset and its recipe, then the flags given; with --resume, the
+    checkpoint's settings (the checkpoint is read here, once, and handed on to train)."""
     given = vars(args)
-    model_flags = {f.name: given[f.name] for f in fields(H64LMConfig) if f.init and f.name in given}
+    model_flags = {f.name: given[f.name] for f in fields(H64LMConfig)
+                   if f.init and f.name in given and f.name not in IMPL_FIELDS}
+    impl_flags = {name: given[name] for name in IMPL_FIELDS if name in given}  # how, not what: free on resume
     train_flags = {f.name: given[f.name] for f in fields(TrainConfig) if f.name in given}
-    resume = None
+    resume = ckpt = None
     if args.resume is not None:
         if "preset" in given or model_flags:
-            raise H64LMError("--resume takes the model from the checkpoint; drop --preset and the model flags.")
+            raise H64LMError("--resume takes the model from the checkpoint; drop --preset and the model flags "
+                             "(--attn-impl, --moe-impl and --loss-impl may change).")
         if args.resume == "latest":
             out_dir = Path(train_flags.get("out_dir", TrainConfig.out_dir))
             if "run_name" in train_flags:
@@ -3057,7 +3151,7 @@ def train_settings(args: argparse.Namespace) -> tuple[H64LMConfig, TrainConfig, 
         if fixed:
             raise H64LMError(f"--resume cannot change {', '.join('--' + k.replace('_', '-') for k in fixed)}: the run "
                              "would no longer continue the same way; start a new --run-name instead.")
-        config = H64LMConfig(**ckpt["config"])
+        config = dataclasses.replace(_config_of(ckpt, resume), **impl_flags)
         try:
             tc = TrainConfig(**{**saved_tc, **train_flags, "out_dir": str(resume.parent.parent),
                                 "run_name": resume.parent.name, "overwrite": False})
@@ -3070,16 +3164,16 @@ def train_settings(args: argparse.Namespace) -> tuple[H64LMConfig, TrainConfig, 
     else:
         preset = given.get("preset", "h64lm")
         try:
-            config = H64LMConfig.from_preset(preset, **model_flags)
+            config = H64LMConfig.from_preset(preset, **model_flags, **impl_flags)
             tc = TrainConfig(**{**TRAIN_RECIPES[preset], **train_flags})
         except ValueError as e:
             raise H64LMError(str(e)) from None
-    return config, tc, preset, resume
+    return config, tc, preset, resume, ckpt
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    config, tc, preset, resume = train_settings(args)
-    history = train(config, tc, preset=preset, resume=resume, allow_mismatch=args.allow_mismatch)
+    config, tc, preset, resume, ckpt = train_settings(args)
+    history = train(config, tc, preset=preset, resume=resume, allow_mismatch=args.allow_mismatch, ckpt=ckpt)
     stopped = history.get("stopped", "")
     return 128 + signal.SIGTERM if "SIGTERM" in stopped else 130 if "SIGINT" in stopped else 0
 
@@ -3114,12 +3208,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not 1 <= args.max_new_tokens < config.max_position_embeddings:
         raise H64LMError(f"--max-new-tokens must be between 1 and {config.max_position_embeddings - 1}, the "
                          "model's context minus one.")
-    prompts = [tokenizer(p)["input_ids"] for p in args.prompt]
-    room = config.max_position_embeddings - args.max_new_tokens
-    if max(len(p) for p in prompts) > room:
-        raise H64LMError(f"A prompt has {max(len(p) for p in prompts)} tokens, but only {room} fit before "
-                         f"{args.max_new_tokens} new ones in the model's {config.max_position_embeddings}-token "
-                         "context; shorten it or lower --max-new-tokens.")
+    with warnings.catch_warnings(record=True) as caught:  # a long prompt: the library's rule, said in one line
+        warnings.simplefilter("always")
+        prompts = fit_prompts([tokenizer(p)["input_ids"] for p in args.prompt], args.max_new_tokens, config)
+    for warning in caught:
+        print(f"warning: {warning.message}", file=sys.stderr)
     sampling = dict(temperature=0.0 if args.greedy else args.temperature, top_k=args.top_k or None,
                     top_p=args.top_p if args.top_p < 1 else None, repetition_penalty=args.repetition_penalty,
                     eos_id=None if args.no_eos else tokenizer.eos_token_id, seed=args.seed)
@@ -3204,6 +3297,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    keep_freed_memory()  # process-wide, so the program sets it, not the library
     try:
         return args.func(args)
     except KeyboardInterrupt:

@@ -21,6 +21,11 @@ def small_config(**overrides) -> h64lm.H64LMConfig:
     return h64lm.H64LMConfig(**{**base, **overrides})
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: starts training processes, torchrun or the notebook; "
+                                       "`pytest -m \"not slow\"` is the quick inner loop, CI runs everything")
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

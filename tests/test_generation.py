@@ -75,8 +75,15 @@ def test_eos_stops_a_row():
     eos = free[3]  # pretend the 4th generated token is end-of-sequence
     first = free.index(eos)
     assert h64lm.generate(model, [prompt], 10, temperature=0, eos_id=eos)[0] == free[:first + 1]
+    # In a batch each row stops at its own end-of-sequence, and the stream ends when every row has (or at 10).
+    other = h64lm.generate(model, [[7, 8]], 10, temperature=0)[0]
+    ends = [first + 1, other.index(eos) + 1 if eos in other else 10]
     steps = list(h64lm.stream_generate(model, [prompt, [7, 8]], 10, temperature=0, eos_id=eos))
-    assert len(steps) <= 10 and all(step.shape == (2,) for step in steps)
+    assert len(steps) == max(ends)
+    rows = torch.stack(steps, dim=1).tolist()  # (2, steps)
+    for row, alone, end in zip(rows, [free, other], ends):
+        assert row[:end] == alone[:end]
+        assert row[end:] == [eos] * (len(row) - end)  # a finished row repeats the end-of-sequence token
 
 
 def test_sampling_is_reproducible_with_a_seed():
@@ -110,3 +117,19 @@ def test_bad_generation_requests_are_refused(prompts, max_new_tokens, message):
     model = h64lm.H64LM(small_config())
     with pytest.raises(ValueError, match=message):
         h64lm.generate(model, prompts, max_new_tokens)
+
+
+def test_after_a_left_padded_prefill_each_row_continues_from_its_own_position():
+    torch.manual_seed(0)
+    model = h64lm.H64LM(small_config()).eval()
+    ids = torch.tensor([[5, 6, 7, 8, 9], [0, 0, 0, 11, 12]])  # the second prompt, [11, 12], left-padded
+    positions = torch.tensor([[0, 1, 2, 3, 4], [-1, -1, -1, 0, 1]])
+    cache = model.new_cache()
+    with torch.no_grad():
+        model(ids, positions=positions, cache=cache)
+        continued = model(torch.tensor([[3], [4]]), cache=cache).logits[:, -1]  # positions from the cache
+        # The reference: each row alone, unpadded, without a cache.
+        alone = [model(torch.tensor([[5, 6, 7, 8, 9, 3]])).logits[0, -1], model(torch.tensor([[11, 12, 4]])).logits[0, -1]]
+    assert cache.next_position.tolist() == [[6], [3]]
+    for row in range(2):
+        torch.testing.assert_close(continued[row], alone[row], rtol=1e-5, atol=1e-5)

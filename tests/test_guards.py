@@ -135,6 +135,7 @@ def test_every_flag_checks_its_value():
     assert len(CASES) > 300  # every subcommand, every flag
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command, flag, value", CASES, ids=[f"{c} {f} {ascii(v)}" for c, f, v in CASES])
 def test_every_flag_refuses_hostile_values(saved_run, corpus, hostile_files, capsys, monkeypatch,
                                            command, flag, value):
@@ -198,6 +199,7 @@ def finite_and_loadable(path: Path) -> int:
     return ckpt["step"]
 
 
+@pytest.mark.slow
 def test_a_diverging_run_keeps_finite_checkpoints_and_says_which(corpus, tmp_path):
     # A learning rate of 1e30: the first step's update is finite, the next gradient is not. Before this guard the
     # weights it broke were saved over latest.pt (every one NaN) before the loss showed anything.
@@ -250,6 +252,7 @@ def wait_for(condition, process: subprocess.Popen, timeout: float = 120) -> None
         time.sleep(0.02)
 
 
+@pytest.mark.slow
 def test_a_second_process_into_the_same_run_folder_is_refused(corpus, tmp_path):
     common = [*TINY_FLAGS, "--data", corpus, "--out-dir", tmp_path, "--cache-dir", tmp_path / "cache",
               "--batch-size", "4", "--max-steps", "400", "--save-every", "1", "--eval-every", "200",
@@ -280,6 +283,7 @@ def test_a_second_process_into_the_same_run_folder_is_refused(corpus, tmp_path):
     assert not (tmp_path / ".shared.lock").exists()
 
 
+@pytest.mark.slow
 def test_a_run_killed_before_its_first_save_leaves_no_run_folder(corpus, tmp_path):
     log = tmp_path / "stderr.log"
     process = start_training(*TINY_FLAGS, "--data", corpus, "--out-dir", tmp_path / "out", "--cache-dir",
@@ -316,6 +320,7 @@ def small_tokenizer(folder: Path) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_resume_refuses_another_tokenizer_or_changed_text(corpus, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(corpus, data)
@@ -361,6 +366,7 @@ def test_eval_generate_and_analyze_refuse_another_tokenizer_and_export_keeps_the
                        "--tokenizer", str(permuted), "--allow-mismatch"]) == 0
 
 
+@pytest.mark.slow
 def test_eval_refuses_changed_training_text_unless_data_is_named(corpus, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(corpus, data)
@@ -484,6 +490,7 @@ def test_extreme_but_valid_sampling_options_still_sample(options):
 
 # --- Ctrl-C ---------------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_ctrl_c_is_answered_at_once_and_a_second_one_stops_without_saving(corpus, tmp_path):
     log = tmp_path / "stderr.log"
     # 100 micro-batches a step, so that the second Ctrl-C lands while a step is in flight.
@@ -522,6 +529,7 @@ def test_a_run_far_too_slow_for_the_device_says_so_with_the_command_to_use(corpu
             "--preset tiny --data sample") in out
 
 
+@pytest.mark.slow
 def test_extending_a_finished_run_says_what_happens_to_the_learning_rate(corpus, tmp_path):
     common = [*TINY_FLAGS, "--data", corpus, "--out-dir", tmp_path, "--cache-dir", tmp_path / "cache",
               "--batch-size", "4", "--max-steps", "4", "--eval-every", "4", "--run-name", "r"]
@@ -534,3 +542,10 @@ def test_extending_a_finished_run_says_what_happens_to_the_learning_rate(corpus,
     assert after > before
     assert (f"--max-steps 8 (was 4): the cosine schedule now ends at step 8, so the learning rate goes from "
             f"{before:.2e} to {after:.2e} at step 4") in longer.stdout
+
+
+def test_a_long_prompt_keeps_its_last_tokens_on_the_command_line_as_in_the_library(saved_run):
+    result = run_cli("generate", "--ckpt", saved_run, "--prompt", "word " * 100, "--max-new-tokens", "8", "--greedy")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip() == ("warning: A prompt is longer than the 56 tokens that leave room for 8 new ones "
+                                     "in a 64-token context; only its last 56 tokens are used.")

@@ -31,13 +31,33 @@ def test_notebook_has_the_sections_of_h64lm_with_their_numbers_titles_and_order(
     assert headings == file_sections()
 
 
+def notebook_code() -> str:
+    return "\n".join(cell.source for cell in read_notebook().cells if cell.cell_type == "code")
+
+
 def test_notebook_imports_h64lm_and_redefines_none_of_it():
-    code = "\n".join(cell.source for cell in read_notebook().cells if cell.cell_type == "code")
+    code = notebook_code()
     assert "import h64lm" in code
     defined = set(re.findall(r"^\s*(?:def|class) (\w+)", code, flags=re.MULTILINE))
     assert not defined & set(dir(h64lm)), "the notebook should import these from h64lm, not define them again"
+    # Nor copy its code under another name: no three consecutive lines of h64lm.py appear in the notebook.
+    ours = [line.strip() for line in (REPO / "h64lm.py").read_text(encoding="utf-8").splitlines()]
+    triples = {tuple(ours[i:i + 3]) for i in range(len(ours) - 2) if all(len(s) > 12 for s in ours[i:i + 3])}
+    theirs = [line.strip() for line in code.splitlines()]
+    copied = [theirs[i:i + 3] for i in range(len(theirs) - 2) if tuple(theirs[i:i + 3]) in triples]
+    assert copied == []
 
 
+def test_the_notebook_trains_with_the_programs_own_step_and_has_no_loop_of_its_own():
+    code = notebook_code()
+    assert "h64lm.train_step(run, 0)" in code and "h64lm.train(config, tc" in code
+    # What only a training loop of its own would write: a backward pass, an optimizer step, clipping, or
+    # setting the learning rate of the optimizer's groups.
+    for sign in (".backward(", "optimizer.step(", "clip_grad_norm_", "param_groups", "zero_grad("):
+        assert sign not in code, sign
+
+
+@pytest.mark.slow
 def test_notebook_runs_top_to_bottom(tmp_path):
     """Executes a copy (the committed notebook keeps its outputs); any failing cell, including a failed check,
     raises CellExecutionError with the cell's traceback."""

@@ -1,6 +1,7 @@
 """The pretraining pipeline: data sources, tokenizing and its cache, packed windows, evaluation, the command line,
 and DistributedDataParallel with two gloo processes against one process with the same global batch."""
 
+import argparse
 import json
 import math
 import os
@@ -266,10 +267,18 @@ def test_export_writes_safetensors_that_eval_reads(trained_run, tmp_path):
 
 # --- --help is accurate -------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("command", ["train", "eval", "generate", "export"])
-def test_help_of_every_command(command):
+@pytest.mark.parametrize("command", ["train", "eval", "generate", "analyze", "bench", "export"])
+def test_help_of_every_command_names_every_flag_and_says_what_the_command_does(command):
     result = run_cli(command, "--help")
-    assert result.returncode == 0 and "usage: h64lm.py " + command in result.stdout
+    assert result.returncode == 0 and result.stdout.startswith("usage: h64lm.py " + command)
+    sub = h64lm.build_parser()._subparsers._group_actions[0].choices[command]
+    text = " ".join(result.stdout.split())  # argparse wraps lines
+    assert " ".join(sub.description.split()) in text
+    for action in sub._actions:
+        for flag in action.option_strings:
+            assert flag in result.stdout, flag
+        if action.help and action.help != argparse.SUPPRESS:
+            assert " ".join(action.help.replace("%%", "%").split())[:40] in text, action.option_strings
 
 
 def test_train_help_lists_every_field_with_its_comment_and_true_default():
@@ -288,18 +297,19 @@ def test_train_help_lists_every_field_with_its_comment_and_true_default():
 def test_flags_reach_the_configs_over_preset_and_recipe():
     args = h64lm.build_parser().parse_args(["train", "--preset", "tiny", "--num-experts", "4", "--lr", "0.01",
                                             "--sliding-window", "16", "--tie-word-embeddings"])
-    config, tc, preset, resume = h64lm.train_settings(args)
+    config, tc, preset, resume, ckpt = h64lm.train_settings(args)
     tiny, recipe = h64lm.PRESETS["tiny"], h64lm.TRAIN_RECIPES["tiny"]
     assert (config.num_experts, config.sliding_window, config.tie_word_embeddings) == (4, 16, True)
     assert config.hidden_size == tiny["hidden_size"]
     assert (tc.lr, tc.batch_size, tc.max_steps) == (0.01, recipe["batch_size"], recipe["max_steps"])
-    assert preset == "tiny" and resume is None
+    assert preset == "tiny" and resume is None and ckpt is None
     defaults = h64lm.train_settings(h64lm.build_parser().parse_args(["train"]))
     assert defaults[0] == h64lm.H64LMConfig() and defaults[1] == h64lm.TrainConfig()
 
 
 # --- Several processes --------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_two_gloo_processes_train_like_one_process_with_the_same_global_batch(corpus, tmp_path):
     # One process: 2 micro-batches of 4 per step. Two processes: 1 micro-batch of 4 each. The global batch is the
     # same 8 windows, and each micro-batch is the same 4 windows (so even the per-micro-batch load-balancing loss
@@ -323,6 +333,7 @@ def test_two_gloo_processes_train_like_one_process_with_the_same_global_batch(co
     assert ddp.stdout.count("training FLOPs per token") == 1
 
 
+@pytest.mark.slow
 def test_no_train_flag_is_taken_by_torchrun():
     # torchrun's parser matches abbreviations across the whole command line, so a flag of ours that begins one of
     # its options (as --run began --run-path) would be swallowed or refused before h64lm.py sees it.
