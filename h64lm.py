@@ -1561,7 +1561,7 @@ def keep_freed_memory() -> bool:
     By default glibc serves a big block (over a threshold that starts at 128 KiB and adapts up to 32 MiB) with a
     fresh mmap and unmaps it when freed, and gives the top of its heap back to the OS once more than twice that is
     free. So each training step's big activations arrive as untouched pages and fault in one 4 KiB page at a time,
-    tens of thousands of faults a step (README, Speed). With no mmap threshold and no trimming the heap keeps its
+    which costs kernel time in every step (README, Speed). With no mmap threshold and no trimming the heap keeps its
     peak size, as PyTorch's CUDA caching allocator does on a GPU. (jemalloc or tcmalloc through LD_PRELOAD, which
     PyTorch's CPU tuning guide recommends, do the same; this needs nothing installed.) It is process-wide, so the
     program's entry point calls it, not the library. Returns whether the setting took, False off glibc."""
