@@ -2343,7 +2343,7 @@ def train(config: H64LMConfig, tc: TrainConfig, preset: str = "custom", resume: 
           allow_mismatch: bool = False, ckpt: dict | None = None,
           on_step: Callable[[dict], None] | None = None) -> dict:
     """Pretrain a model, or continue the run saved at `resume` (ckpt: that checkpoint, if the caller has read it
-    already); return the run's history. Writes <out_dir>/<run>/ (rank 0 only), the folder at the first save.
+    already; train empties it once the run holds its state); return the run's history. Writes <out_dir>/<run>/ (rank 0 only), the folder at the first save.
     allow_mismatch: resume although the tokenizer or the text differ from the checkpoint's. on_step(history) is
     called after every step, e.g. to draw the loss as it falls."""
     rt = setup_runtime(tc.device, tc.precision)
@@ -2354,7 +2354,8 @@ def train(config: H64LMConfig, tc: TrainConfig, preset: str = "custom", resume: 
         if resume is not None and ckpt is None:
             ckpt = read_checkpoint(resume, rt.device)
         run = start_run(config, tc, rt, run_dir, resume, ckpt, allow_mismatch, log)
-        del ckpt  # its tensors are in the run now; at h64lm size, holding them would cost another 3 GB
+        if ckpt is not None:  # consumed: its tensors are copied into the run; at h64lm size they are 3 GB
+            ckpt.clear()
         if rt.master and resume is None:
             for name in held:  # --overwrite: the old run's files go, so none is mistaken for this run's
                 (run_dir / name).unlink()

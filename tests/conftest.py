@@ -5,6 +5,7 @@ import gzip
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,22 @@ def run_cli(*args, cwd=REPO, env_extra=None, timeout=300) -> subprocess.Complete
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **(env_extra or {})}
     return subprocess.run([sys.executable, str(REPO / "h64lm.py"), *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def start_training(*args, log: Path) -> subprocess.Popen:
+    """A training run in the background; its stderr (the progress bar) goes to the file `log`."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    with open(log, "w") as stderr:  # the child keeps its own copy of the file
+        return subprocess.Popen([sys.executable, str(REPO / "h64lm.py"), "train", *map(str, args)], cwd=REPO,
+                                env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)
+
+
+def wait_until(condition, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process.poll() is None, f"the run ended early: {process.communicate()[0][-2000:]}"
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
 
 
 def sample_articles(count: int, split: str = "valid") -> list[list[str]]:

@@ -8,17 +8,13 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 import h64lm
-from conftest import REPO, TINY_FLAGS, run_cli
+from conftest import TINY_FLAGS, run_cli, start_training, wait_until
 
 
 # --- Fixtures ---------------------------------------------------------------------------------------------------------
@@ -237,21 +233,6 @@ def test_nonfinite_state_names_the_broken_weight_or_moment():
 
 # --- One writer per run folder -----------------------------------------------------------------------------------------
 
-def start_training(*args, log: Path) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    with open(log, "w") as stderr:  # the child keeps its own copy of the file
-        return subprocess.Popen([sys.executable, str(REPO / "h64lm.py"), "train", *map(str, args)], cwd=REPO,
-                                env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)
-
-
-def wait_for(condition, process: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert process.poll() is None, f"the run ended early: {process.communicate()[0][-2000:]}"
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
-
-
 @pytest.mark.slow
 def test_a_second_process_into_the_same_run_folder_is_refused(corpus, tmp_path):
     common = [*TINY_FLAGS, "--data", corpus, "--out-dir", tmp_path, "--cache-dir", tmp_path / "cache",
@@ -260,7 +241,7 @@ def test_a_second_process_into_the_same_run_folder_is_refused(corpus, tmp_path):
     latest = tmp_path / "shared" / "latest.pt"
     first = start_training(*common, log=tmp_path / "first.log")
     try:
-        wait_for(latest.exists, first)
+        wait_until(latest.exists, first)
         for extra in ([], ["--overwrite"]):
             second = run_cli("train", *common, *extra)
             assert second.returncode == 2, second.stderr
@@ -289,7 +270,7 @@ def test_a_run_killed_before_its_first_save_leaves_no_run_folder(corpus, tmp_pat
     process = start_training(*TINY_FLAGS, "--data", corpus, "--out-dir", tmp_path / "out", "--cache-dir",
                              tmp_path / "cache", "--batch-size", "4", "--max-steps", "400", "--save-every", "300",
                              "--eval-every", "300", "--run-name", "early", log=log)
-    wait_for(lambda: "training:" in log.read_text(), process)
+    wait_until(lambda: "training:" in log.read_text(), process)
     process.kill()
     process.communicate()
     assert not (tmp_path / "out" / "early").exists()
@@ -498,9 +479,9 @@ def test_ctrl_c_is_answered_at_once_and_a_second_one_stops_without_saving(corpus
                              "--batch-size", "1", "--grad-accum", "100", "--max-steps", "400", "--save-every", "1",
                              "--eval-every", "200", "--run-name", "interrupted", log=log)
     latest = tmp_path / "interrupted" / "latest.pt"
-    wait_for(latest.exists, process)
+    wait_until(latest.exists, process)
     process.send_signal(signal.SIGINT)
-    wait_for(lambda: "Ctrl-C: saving and stopping when the step in flight ends" in log.read_text(), process)
+    wait_until(lambda: "Ctrl-C: saving and stopping when the step in flight ends" in log.read_text(), process)
     process.send_signal(signal.SIGINT)
     out, _ = process.communicate(timeout=60)
     assert process.returncode == 130

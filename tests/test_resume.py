@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import h64lm
-from conftest import REPO, TINY_FLAGS, run_cli
+from conftest import REPO, TINY_FLAGS, run_cli, start_training, wait_until
 
 STEPS = ["--batch-size", "4", "--max-steps", "8", "--eval-every", "4", "--save-every", "4"]
 
@@ -89,22 +89,6 @@ def test_resume_may_extend_the_run_but_not_change_its_data_order(corpus, tmp_pat
 
 
 # --- Killed runs ------------------------------------------------------------------------------------------------------
-
-def start_training(*args, log: Path) -> subprocess.Popen:
-    """A training run in the background; its stderr (the progress bar) goes to the file `log`."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    with open(log, "w") as stderr:  # the child keeps its own copy of the file
-        return subprocess.Popen([sys.executable, str(REPO / "h64lm.py"), "train", *map(str, args)], cwd=REPO,
-                                env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)
-
-
-def wait_until(condition, process: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert process.poll() is None, f"the run ended early: {process.communicate()[0][-2000:]}"
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
-
 
 @pytest.mark.slow
 def test_sigkill_at_random_moments_always_leaves_a_loadable_checkpoint(corpus, tmp_path):
