@@ -2343,9 +2343,9 @@ def train(config: H64LMConfig, tc: TrainConfig, preset: str = "custom", resume: 
           allow_mismatch: bool = False, ckpt: dict | None = None,
           on_step: Callable[[dict], None] | None = None) -> dict:
     """Pretrain a model, or continue the run saved at `resume` (ckpt: that checkpoint, if the caller has read it
-    already; train empties it once the run holds its state); return the run's history. Writes <out_dir>/<run>/ (rank 0 only), the folder at the first save.
-    allow_mismatch: resume although the tokenizer or the text differ from the checkpoint's. on_step(history) is
-    called after every step, e.g. to draw the loss as it falls."""
+    already; train empties it once the run holds its state); return the run's history. Writes <out_dir>/<run>/
+    (rank 0 only), the folder at the first save. allow_mismatch: resume although the tokenizer or the text differ
+    from the checkpoint's. on_step(history) is called after every step, e.g. to draw the loss as it falls."""
     rt = setup_runtime(tc.device, tc.precision)
     log = print if rt.master else (lambda *a, **k: None)
     run_dir = Path(tc.out_dir) / (tc.run_name or preset)
@@ -3006,8 +3006,8 @@ def build_parser() -> argparse.ArgumentParser:
                 "perplexity (total NLL over WikiText's word count: whitespace words plus one per line).")
     p.add_argument("--ckpt", required=True, type=checkpoint_flag,
                    help="a run folder (its best.pt), a .pt file or an exported folder")
-    p.add_argument("--data", default=None, type=data_flag, help="auto, wikitext-103, sample or a folder; default: the data the "
-                                                 "checkpoint was trained on")
+    p.add_argument("--data", default=None, type=data_flag,
+                   help="auto, wikitext-103, sample or a folder; default: the data the checkpoint was trained on")
     p.add_argument("--split", default="test", choices=("train", "valid", "validation", "test"))
     p.add_argument("--batch-size", type=number_flag(COUNT), default=8, help="sequences per forward pass")
     p.add_argument("--seq-len", type=number_flag(COUNT), default=None,
@@ -3033,8 +3033,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=number_flag(Range(0, 1, low_open=True)), default=0.95,
                    help="nucleus sampling: the smallest set reaching "
                                                               "probability p; 1 = all")
-    p.add_argument("--repetition-penalty", type=number_flag(POSITIVE), default=1.1, help="> 1 discourages tokens already "
-                                                                          "in the text (CTRL)")
+    p.add_argument("--repetition-penalty", type=number_flag(POSITIVE), default=1.1,
+                   help="> 1 discourages tokens already in the text (CTRL)")
     p.add_argument("--greedy", action="store_true", help="always the most likely token (--temperature 0)")
     p.add_argument("--seed", type=number_flag(SEED), default=None, help="seed for sampling, for repeatable output")
     p.add_argument("--no-eos", action="store_true", help="keep going after the model ends the text with </s>")
@@ -3183,7 +3183,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     result = evaluate_checkpoint(args.ckpt, args.data, args.split, tokenizer=args.tokenizer,
                                  cache_dir=args.cache_dir, batch_size=args.batch_size, seq_len=args.seq_len,
                                  max_batches=args.max_batches, device=args.device, precision=args.precision,
-                                 allow_mismatch=args.allow_mismatch, log=(lambda *a, **k: print(*a, **k, file=sys.stderr)) if args.json else print)
+                                 allow_mismatch=args.allow_mismatch,
+                                 log=(lambda *a, **k: print(*a, **k, file=sys.stderr)) if args.json else print)
     if args.json:
         print(json.dumps(result))
     else:
