@@ -1382,7 +1382,7 @@ def load_token_splits(data: str, tokenizer, cache_dir: str | Path = DEFAULT_CACH
                     "words": count_words(lines), "lines": len(lines)}
             write_atomically(bin_path, tokens.tofile)
             write_atomically(meta_path, lambda tmp: tmp.write_text(json.dumps(meta)))
-            cached = read_cached_split(bin_path, meta_path, log)
+            cached = np.memmap(bin_path, dtype=np.uint16, mode="r"), meta  # just hashed: no need to read it back
         tokens, meta = cached
         splits[split] = TokenSplit(tokens=tokens, words=meta["words"], lines=meta["lines"])
     return source, splits
@@ -2451,15 +2451,16 @@ def evaluate_checkpoint(ckpt: str | Path, data: str | None = None, split: str = 
     check_seq_len(seq_len, model.config)
     tok = load_tokenizer(tokenizer)
     check_vocab(tok, model.config)
+    path = resolve_checkpoint(ckpt)
     if not allow_mismatch:
-        check_trained_with(saved, resolve_checkpoint(ckpt), tok)
+        check_trained_with(saved, path, tok)
     source, splits = load_token_splits(data, tok, cache_dir, log=log)
     if same_data and not allow_mismatch:
-        check_trained_with(saved, resolve_checkpoint(ckpt), source=source)
+        check_trained_with(saved, path, source=source)
     part = splits[SPLIT_ALIASES[split]]
     nll, count = evaluate(model, part.tokens, seq_len, batch_size, rt, max_batches, progress=True)
     words = part.words if max_batches is None else None  # a partial pass has no word count to divide by
-    return {"checkpoint": str(resolve_checkpoint(ckpt)), "data": source.name, "split": SPLIT_ALIASES[split],
+    return {"checkpoint": str(path), "data": source.name, "split": SPLIT_ALIASES[split],
             "loss": nll / count, "token_ppl": math.exp(nll / count),
             "word_ppl": math.exp(nll / words) if words else None, "nll": nll, "tokens": count, "words": words,
             "seq_len": seq_len}
