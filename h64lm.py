@@ -50,7 +50,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import ClassVar
@@ -73,6 +73,8 @@ ATTENTION_IMPLS = ("sdpa", "plain")
 MOE_IMPLS = ("grouped", "loop")
 LOSS_IMPLS = ("chunked", "plain")
 IMPL_FIELDS = ("attn_impl", "moe_impl", "loss_impl")  # H64LMConfig's run-time choices (see the config)
+ROUTER_SCORINGS = ("softmax", "sigmoid")
+BALANCE_METHODS = ("switch", "global", "sequence", "aux_free", "aux_free+sequence", "none")  # section 9
 
 
 @dataclass(frozen=True)
@@ -151,8 +153,16 @@ class H64LMConfig:
     expert_intermediate_size: int = 3072  # hidden width of each expert's SwiGLU; same as the dense layers
     capacity_factor: float | None = None  # None = dropless (Mixtral, MegaBlocks); else each expert takes at most
     # ceil(capacity_factor * tokens * k / num_experts) tokens per batch while training (Switch uses 1.0 to 1.25)
+    num_shared_experts: int = 0  # always-on experts of width expert_intermediate_size, added to the routed output
+    # of every MoE layer (DeepSeekMoE, Dai et al. 2024, section 3.2); 0 = none, as in Mixtral
+    router_scoring: str = "softmax"  # "softmax" over the experts (Switch, Mixtral) or "sigmoid" per expert, the
+    # chosen ones' weights normalised to sum to 1 (DeepSeek-V3, Liu et al. 2024, eqs. 13-16)
+    balance: str = "switch"  # how the load is kept even (section 9): "switch", "global", "sequence", "aux_free",
+    # "aux_free+sequence" or "none"; Switch Transformer's loss per micro-batch is the textbook default
+    bias_update_rate: float = 0.001  # gamma, aux_free's per-expert bias step after each optimizer step (DeepSeek-V3)
     router_jitter_noise: float = 0.0  # training-time multiplicative noise on the router input, U(1-eps, 1+eps) (Switch; 0 = off)
-    router_aux_loss_coef: float = 0.01  # alpha, weight of the load-balancing loss; Switch Transformer section 2.2 uses 1e-2
+    router_aux_loss_coef: float = 0.01  # alpha, weight of the balance loss (switch, global, sequence); Switch
+    # Transformer section 2.2 uses 1e-2 (DeepSeek-V3 weighs its sequence-wise loss, beside aux_free, 1e-4)
     router_z_loss_coef: float = 0.001  # c_z, weight of the router z-loss; ST-MoE (Zoph et al. 2022) uses 1e-3
 
     # Everything else.
@@ -179,7 +189,8 @@ class H64LMConfig:
         num_kv_heads=COUNT, intermediate_size=COUNT, num_experts=COUNT, num_experts_per_tok=COUNT,
         expert_intermediate_size=COUNT, sliding_window=COUNT, rope_theta=POSITIVE, capacity_factor=POSITIVE,
         router_jitter_noise=Range(0, 1, high_open=True), router_aux_loss_coef=NON_NEGATIVE,
-        router_z_loss_coef=NON_NEGATIVE, rms_norm_eps=POSITIVE, initializer_range=POSITIVE)
+        router_z_loss_coef=NON_NEGATIVE, rms_norm_eps=POSITIVE, initializer_range=POSITIVE,
+        num_shared_experts=Range(0, integer=True), bias_update_rate=NON_NEGATIVE)
 
     def __post_init__(self):
         check_ranges(self, self.RANGES)
@@ -196,6 +207,11 @@ class H64LMConfig:
         if self.num_experts_per_tok > self.num_experts:
             raise ValueError(f"num_experts_per_tok ({self.num_experts_per_tok}) cannot exceed num_experts "
                              f"({self.num_experts}).")
+        if self.router_scoring not in ROUTER_SCORINGS:
+            raise ValueError(f"router_scoring must be one of {', '.join(ROUTER_SCORINGS)}, "
+                             f"got {self.router_scoring!r}.")
+        if self.balance not in BALANCE_METHODS:
+            raise ValueError(f"balance must be one of {', '.join(BALANCE_METHODS)}, got {self.balance!r}.")
         if self.attn_impl not in ATTENTION_IMPLS:
             raise ValueError(f"attn_impl must be one of {', '.join(ATTENTION_IMPLS)}, got {self.attn_impl!r}.")
         if self.moe_impl not in MOE_IMPLS:
@@ -251,6 +267,32 @@ PRESETS: dict[str, dict] = {
     # The H64LM model: 6 layers, 768 wide, 12 query / 4 KV heads of 64, 8 experts of 3072, untied: 250M parameters.
     "h64lm": dict(),
 }
+
+
+def fine_grained(config: H64LMConfig, g: int, shared: int = 0) -> H64LMConfig:
+    """DeepSeekMoE's expert shape (Dai et al. 2024, section 3): split every expert into g of 1/g the width and
+    route to g times as many, then make `shared` of the narrow experts always-on and route to that many fewer.
+    Parameters and active FLOPs per token stay those of `config` (the router, g times wider, aside); what grows is
+    the number of ways to combine experts: C(8, 2) = 28 for Mixtral's shape, C(31, 7) = 2.6 million for g = 4 with
+    one shared expert."""
+    E, k, width = config.num_experts, config.num_experts_per_tok, config.expert_intermediate_size
+    if g < 1 or width % g:
+        raise ValueError(f"granularity {g} must be a whole divisor of expert_intermediate_size ({width}).")
+    if config.num_shared_experts or not 0 <= shared < k * g:
+        raise ValueError(f"shared ({shared}) must be below the {k * g} routed experts per token, and the config "
+                         "must not have shared experts already.")
+    return dataclasses.replace(config, num_experts=E * g - shared, num_experts_per_tok=k * g - shared,
+                               expert_intermediate_size=width // g, num_shared_experts=shared)
+
+
+def dense_twin(config: H64LMConfig) -> H64LMConfig:
+    """The dense model that spends the same FLOPs per token as the all-MoE `config`: every layer one SwiGLU as wide
+    as the expert width a token passes through (k routed experts plus the shared ones)."""
+    if len(config.moe_layer_ids) != config.num_layers:
+        raise ValueError("a dense twin of equal FLOPs needs every layer MoE (moe_layers='all'): a dense layer's "
+                         "width cannot match an MoE layer's active width and the other dense layers' at once.")
+    active = (config.num_experts_per_tok + config.num_shared_experts) * config.expert_intermediate_size
+    return dataclasses.replace(config, moe_layers="none", intermediate_size=active, num_shared_experts=0)
 
 
 # -----------------------------------------------------------------------------
@@ -494,28 +536,96 @@ class SwiGLU(nn.Module):
 # -----------------------------------------------------------------------------
 # 9. The router and its losses
 # -----------------------------------------------------------------------------
-# A linear router scores every expert for every token; softmax turns the scores
-# into probabilities p; each token goes to its k most probable experts, whose
-# weights are renormalised to sum to one (Mixtral). The softmax runs in float32
-# even under bf16 autocast: small logit errors flip top-k choices (Switch
-# Transformer's "selective precision", section 2.4).
+# A linear router scores every expert for every token; each token goes to its
+# k best-scoring experts, weighted by their scores renormalised to sum to one.
+# Two scorings: softmax over the experts (Switch, Mixtral), or a sigmoid per
+# expert (DeepSeek-V3, eqs. 13-16), where experts do not compete for one unit
+# of probability. The scores are computed in float32 even under bf16 autocast:
+# small logit errors flip top-k choices (Switch Transformer's "selective
+# precision", section 2.4).
 #
 # Left alone, a router learns to favour a few experts, which then get better
-# and are favoured more. Two auxiliary losses keep it healthy:
-#   load balancing (Switch Transformer, eqs. 4-6):  L_aux = E * sum_i f_i * P_i
+# and are favoured more. `balance` chooses how H64LM keeps the load even:
+#   switch (Switch Transformer, eqs. 4-6):  L_aux = E * sum_i f_i * P_i
 #       f_i = fraction of tokens whose top-k choices include expert i
-#       P_i = mean router probability of expert i
+#       P_i = mean router probability of expert i (sigmoid: of the scores
+#             normalised to sum to one per token)
 #     minimal when routing is uniform; f is not differentiable, P carries the
 #     gradient. With top-k routing sum_i f_i = k, so the uniform value is k.
-#   router z-loss (ST-MoE, Zoph et al. 2022, eq. 5):  L_z = mean_t (log sum_i exp z_ti)^2
-#     keeps logits small, which keeps the float32 softmax well conditioned.
+#     f and P are counted over each micro-batch.
+#   global (Qiu et al. 2025, "Demons in the Detail", arXiv 2501.11873; used in
+#     Qwen3-MoE): the same loss with f counted over the whole optimizer step,
+#     all micro-batches of all processes. A micro-batch of a few sequences is
+#     almost one document; balancing it forbids an expert to specialise in a
+#     kind of text, balancing the step only asks that all experts be used.
+#   sequence (DeepSeek-V3, eqs. 17-20): L = sum_i f_i * P_i for each sequence,
+#     with f_i = E / (k T) * (tokens of the sequence choosing i), so that the
+#     uniform value is 1; averaged over sequences.
+#   aux_free (Wang et al. 2024, "Auxiliary-Loss-Free Load Balancing", arXiv
+#     2408.15664; DeepSeek-V3): no loss at all. Each expert has a bias b_i
+#     that is added to its score for the top-k *choice* only (the weights come
+#     from the unbiased scores), and after every optimizer step
+#       b_i += gamma * sign(mean_j load_j - load_i)
+#     with the loads counted over the step on all processes, so the bias is
+#     the same everywhere. An overloaded expert is chosen less next step
+#     without any gradient pulling the router away from the language model.
+#     "aux_free+sequence" adds the sequence loss as a backstop (DeepSeek-V3,
+#     with alpha = 1e-4).
+#   none: nothing; watch an expert die.
+# A balance loss is weighted by router_aux_loss_coef (alpha). Separately, the
+# router z-loss (ST-MoE, Zoph et al. 2022, eq. 5):
+#     L_z = mean_t (log sum_i exp z_ti)^2
+# keeps logits small, which keeps the float32 scores well conditioned.
 
-def load_balancing_loss(probs: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
-    """Switch Transformer's N * sum_i f_i * P_i. probs (N, E) in float32, expert_ids (N, k) -> scalar."""
-    num_experts = probs.shape[-1]
-    f = F.one_hot(expert_ids, num_experts).sum(dim=1).float().mean(dim=0)  # (E,) tokens routed to i / tokens
+def route(logits: torch.Tensor, top_k: int, scoring: str = "softmax", bias: torch.Tensor | None = None,
+          allowed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """logits (N, E) in float32 -> probs (N, E), each token's scores normalised to sum to one (what the balance
+    losses average), expert_ids (N, k), the chosen experts, and weights (N, k), their renormalised scores.
+    bias (E,): added to the scores for choosing only (aux_free). allowed (E,) bool: experts that may be chosen
+    (the drop-one-expert analysis masks one out)."""
+    scores = logits.softmax(dim=-1) if scoring == "softmax" else logits.sigmoid()  # (N, E)
+    choice = scores if bias is None else scores + bias  # the bias decides who is chosen...
+    if allowed is not None:
+        choice = choice.masked_fill(~allowed, float("-inf"))
+    expert_ids = choice.topk(top_k, dim=-1).indices  # (N, k)
+    chosen = scores.gather(-1, expert_ids)  # ...the unbiased scores decide how much each counts
+    weights = chosen / chosen.sum(dim=-1, keepdim=True)  # (N, k)
+    probs = scores if scoring == "softmax" else scores / scores.sum(dim=-1, keepdim=True)
+    return probs, expert_ids, weights
+
+
+def expert_load(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """(..., k) chosen experts -> (num_experts,) how many tokens chose each expert."""
+    return torch.bincount(expert_ids.reshape(-1), minlength=num_experts)
+
+
+def load_balancing_loss(probs: torch.Tensor, expert_ids: torch.Tensor, f: torch.Tensor | None = None) -> torch.Tensor:
+    """Switch Transformer's E * sum_i f_i * P_i. probs (N, E) in float32, expert_ids (N, k) -> scalar.
+    f (E,): the fraction of tokens choosing each expert, when it was counted over more than these N tokens
+    (balance='global'); by default it is counted here."""
+    N, E = probs.shape
+    if f is None:
+        f = expert_load(expert_ids, E).to(probs.dtype) / N  # (E,) tokens routed to i / tokens
     P = probs.mean(dim=0)  # (E,) mean probability of expert i
-    return num_experts * (f * P).sum()
+    return E * (f * P).sum()
+
+
+def sequence_balance_loss(probs: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+    """DeepSeek-V3's sequence-wise balance loss, eqs. 17-20: per sequence, sum_i f_i * P_i with
+    f_i = E / (k T) * (tokens choosing i) and P_i the mean normalised score; mean over the B sequences.
+    probs (B, T, E), expert_ids (B, T, k) -> scalar."""
+    B, T, E = probs.shape
+    k = expert_ids.shape[-1]
+    f = F.one_hot(expert_ids, E).sum(dim=2).sum(dim=1).to(probs.dtype) * E / (k * T)  # (B, E)
+    P = probs.mean(dim=1)  # (B, E)
+    return (f * P).sum(dim=-1).mean()
+
+
+def updated_bias(bias: torch.Tensor, load: torch.Tensor, rate: float) -> torch.Tensor:
+    """aux_free's update after an optimizer step (Wang et al. 2024, algorithm 1): b_i + gamma * sign(mean load -
+    load_i), load (E,) counted over the whole step. An expert at exactly the mean keeps its bias."""
+    load = load.float()
+    return bias + rate * torch.sign(load.mean() - load)
 
 
 def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
@@ -523,10 +633,38 @@ def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits, dim=-1).pow(2).mean()
 
 
+def max_violation(load: torch.Tensor) -> torch.Tensor:
+    """MaxVio (Wang et al. 2024, eq. 4): max_i load_i / mean load - 1; 0 when perfectly even. load (..., E)."""
+    load = load.float()
+    return load.amax(dim=-1) / load.mean(dim=-1).clamp_min(1e-9) - 1
+
+
+DEAD_SHARE, OVERLOADED_SHARE = 0.1, 2.0  # an expert's load as a multiple of the uniform share that is flagged
+
+
+def unbalanced_experts(load: torch.Tensor | None, layers: Sequence[int]) -> list[str]:
+    """A sentence for each MoE layer with experts under DEAD_SHARE or over OVERLOADED_SHARE times the uniform
+    share. load (L, E): tokens choosing each expert in each layer (None: nothing counted)."""
+    if load is None:
+        return []
+    share = load.float() / load.float().mean(dim=-1, keepdim=True).clamp_min(1e-9)  # (L, E), 1 = uniform
+    flags = []
+    for layer, row in zip(layers, share.tolist()):
+        dead = [f"{e} ({v:.0%})" for e, v in enumerate(row) if v < DEAD_SHARE]
+        busy = [f"{e} ({v:.0%})" for e, v in enumerate(row) if v > OVERLOADED_SHARE]
+        if dead or busy:
+            flags.append(f"layer {layer}: " + "; ".join(
+                ([f"nearly dead: expert {', '.join(dead)}"] if dead else []) +
+                ([f"overloaded: expert {', '.join(busy)}"] if busy else [])) + " of a uniform share")
+    return flags
+
+
 @dataclass
 class RoutingStats:
     """What one MoE layer did in its latest forward pass (detached, kept on the device)."""
-    tokens_per_expert: torch.Tensor  # (E,) token-expert assignments each expert processed
+    load: torch.Tensor  # (E,) tokens that chose each expert: what balancing counts
+    expert_ids: torch.Tensor  # (N, k) the experts each token chose (for co-activation)
+    tokens_per_expert: torch.Tensor  # (E,) token-expert assignments each expert processed (load less the dropped)
     dropped_fraction: torch.Tensor  # () fraction of assignments dropped for lack of capacity
     router_entropy: torch.Tensor  # () mean over tokens of -sum_i p_i log p_i, in nats; log(E) = uniform
 
@@ -539,7 +677,10 @@ class RoutingStats:
 #
 # Every token is processed by k of the E expert SwiGLUs and gets their weighted
 # sum: y_t = sum over chosen i of w_ti * expert_i(x_t). Parameters grow with E,
-# compute per token only with k.
+# compute per token only with k. Shared experts (DeepSeekMoE, Dai et al. 2024)
+# process every token besides: y_t += shared(x_t). DeepSeekMoE pairs them with
+# fine-grained experts, many narrow ones of which a token takes many
+# (fine_grained, section 1): the same FLOPs, far more combinations.
 #
 # Capacity (Switch Transformer, section 2.2): with a capacity factor c, each
 # expert takes at most C = ceil(c * N * k / E) assignments per batch, so that
@@ -576,12 +717,20 @@ class MoE(nn.Module):
         E, D, Fh = config.num_experts, config.hidden_size, config.expert_intermediate_size
         self.num_experts, self.top_k = E, config.num_experts_per_tok
         self.capacity_factor, self.jitter = config.capacity_factor, config.router_jitter_noise
+        self.scoring, self.balance = config.router_scoring, config.balance
         self.impl = config.moe_impl
         self.router = nn.Linear(D, E, bias=False)
         # The E experts' SwiGLU weights, stacked so that expert i is w_gate[i], w_up[i], w_down[i].
         self.w_gate = nn.Parameter(torch.empty(E, D, Fh))
         self.w_up = nn.Parameter(torch.empty(E, D, Fh))
         self.w_down = nn.Parameter(torch.empty(E, Fh, D))
+        # Shared experts see every token: num_shared_experts SwiGLUs of width Fh, summed, are one SwiGLU of
+        # width num_shared_experts * Fh (their weights side by side).
+        self.shared = SwiGLU(D, config.num_shared_experts * Fh) if config.num_shared_experts else None
+        # aux_free's per-expert bias: state, not a parameter (saved and resumed, never trained); None otherwise.
+        self.register_buffer("balance_bias", torch.zeros(E) if config.balance.startswith("aux_free") else None)
+        self.step_f: torch.Tensor | None = None  # balance="global": f counted over the step, set by train_step
+        self.allowed: torch.Tensor | None = None  # (E,) bool: the experts that may be chosen; None = all
         self.stats: RoutingStats | None = None
         self.config = config
         self.reset_parameters()
@@ -621,9 +770,7 @@ class MoE(nn.Module):
             router_in = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
         with torch.autocast(device_type=x.device.type, enabled=False):
             logits = F.linear(router_in.float(), self.router.weight.float())  # (N, E), float32
-        probs = logits.softmax(dim=-1)  # (N, E)
-        top_p, expert_ids = probs.topk(self.top_k, dim=-1)  # (N, k) each
-        weights = top_p / top_p.sum(dim=-1, keepdim=True)  # (N, k), renormalised over the chosen experts
+        probs, expert_ids, weights = route(logits, self.top_k, self.scoring, self.balance_bias, self.allowed)
 
         routed_ids = expert_ids  # what the experts actually process; a dropped assignment goes to "expert E"
         if self.training and self.capacity_factor is not None:
@@ -631,17 +778,28 @@ class MoE(nn.Module):
 
         dispatch = self._experts_grouped if self.impl == "grouped" else self._experts_loop
         y = dispatch(x, routed_ids, weights.to(x.dtype))  # (N, D)
+        if self.shared is not None:
+            y = y + self.shared(x)
 
         with torch.no_grad():
             counts = torch.bincount(routed_ids.reshape(-1), minlength=self.num_experts + 1)
             self.stats = RoutingStats(
+                load=expert_load(expert_ids, self.num_experts), expert_ids=expert_ids,
                 tokens_per_expert=counts[: self.num_experts],
                 dropped_fraction=counts[self.num_experts] / routed_ids.numel(),
                 router_entropy=-(probs * torch.log(probs.clamp_min(1e-20))).sum(dim=-1).mean(),
             )
         if not with_losses:
             return y.view(B, T, D), None, None
-        return y.view(B, T, D), load_balancing_loss(probs, expert_ids), router_z_loss(logits)
+        return y.view(B, T, D), self.balance_loss(probs, expert_ids, B), router_z_loss(logits)
+
+    def balance_loss(self, probs: torch.Tensor, expert_ids: torch.Tensor, B: int) -> torch.Tensor:
+        """The balance loss that config.balance asks for (section 9); 0 for aux_free and none."""
+        if self.balance in ("switch", "global"):
+            return load_balancing_loss(probs, expert_ids, self.step_f if self.balance == "global" else None)
+        if self.balance.endswith("sequence"):
+            return sequence_balance_loss(probs.view(B, -1, self.num_experts), expert_ids.view(B, -1, self.top_k))
+        return probs.new_zeros(())
 
     def _experts_loop(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """The readable dispatch: for each expert, gather its tokens, run it, add the weighted result back."""
@@ -891,9 +1049,13 @@ class H64LM(nn.Module):
     def new_cache(self) -> KVCache:
         return KVCache(self.config.num_layers, self.config.sliding_window)
 
+    def moe_layers(self) -> dict[int, MoE]:
+        """The MoE layers, by block index."""
+        return {i: b.ffn for i, b in enumerate(self.blocks) if b.is_moe}
+
     def routing_stats(self) -> dict[int, RoutingStats]:
         """Each MoE layer's statistics from the latest forward pass, by layer index."""
-        return {i: b.ffn.stats for i, b in enumerate(self.blocks) if b.is_moe and b.ffn.stats is not None}
+        return {i: m.stats for i, m in self.moe_layers().items() if m.stats is not None}
 
     # --- Size and cost -------------------------------------------------------
 
@@ -935,6 +1097,8 @@ class H64LM(nn.Module):
                 group = "routers"
             elif ".w_" in name:
                 group = "experts"
+            elif ".shared." in name:
+                group = "shared experts"
             elif ".ffn." in name:
                 group = "dense FFN"
             else:
@@ -942,11 +1106,17 @@ class H64LM(nn.Module):
             groups[group] = groups.get(group, 0) + p.numel()
         active_experts = groups.get("experts", 0) * config.num_experts_per_tok // config.num_experts
         lines = [f"{'part':<12}{'parameters':>15}{'active':>15}"]
-        for group in ("embedding", "attention", "dense FFN", "routers", "experts", "norms", "LM head"):
+        for group in ("embedding", "attention", "dense FFN", "routers", "experts", "shared experts", "norms",
+                      "LM head"):
             if group in groups:
                 active = active_experts if group == "experts" else groups[group]
                 lines.append(f"{group:<12}{groups[group]:>15,}{active:>15,}")
         lines.append(f"{'total':<12}{self.num_params():>15,}{self.num_params(active=True):>15,}")
+        if config.moe_layer_ids:
+            shared = f" + {config.num_shared_experts} shared" if config.num_shared_experts else ""
+            lines.append(f"each MoE layer: top-{config.num_experts_per_tok} of {config.num_experts} experts{shared}, "
+                         f"{config.expert_intermediate_size} wide, {config.router_scoring} router, "
+                         f"balance {config.balance}")
         seq_len = seq_len or config.max_position_embeddings
         lines.append(f"training FLOPs per token at context {seq_len}: {self.flops_per_token(seq_len):,}")
         return "\n".join(lines)
@@ -1905,15 +2075,21 @@ def save_plots(history: dict, folder: Path) -> None:
 
     layers = sorted(train[-1].get("expert_load", {}), key=int)
     if layers:
-        fig = Figure(figsize=(4 * len(layers), 3.4))
-        axes = fig.subplots(1, len(layers), squeeze=False, sharey=True)
-        for ax, layer in zip(axes[0], layers):
+        fig = Figure(figsize=(4 * len(layers), 5.6))
+        axes = fig.subplots(2, len(layers), squeeze=False, sharex=True, gridspec_kw={"height_ratios": [2, 1]})
+        for ax, vio, layer in zip(axes[0], axes[1], layers):
             load = np.array([r["expert_load"][layer] for r in train])  # (records, E) shares of assignments
             ax.stackplot(steps, load.T, labels=[f"expert {i}" for i in range(load.shape[1])])
-            ax.set(xlabel="step", title=f"layer {layer}", ylim=(0, 1))
+            ax.set(title=f"layer {layer}", ylim=(0, 1))
+            vio.plot(steps, [r.get("max_vio", {}).get(layer, float("nan")) for r in train])
+            vio.set(xlabel="step")
+            vio.set_ylim(bottom=0)
+            vio.grid(alpha=0.3)
         axes[0][0].set_ylabel("share of token assignments")
-        axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1, 0.5))
-        fig.suptitle("Expert load per MoE layer")
+        axes[1][0].set_ylabel("MaxVio")
+        if len(train[-1]["expert_load"][layers[0]]) <= 16:  # a legend of 64 experts hides the plot
+            axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1, 0.5))
+        fig.suptitle("Expert load per MoE layer, and its maximal violation (max load / mean load - 1)")
         fig.tight_layout()
         save_figure(fig, folder / "expert_load.png")
 
@@ -2121,6 +2297,7 @@ class Run:
     step: int = 0  # optimizer steps done
     best_val: float = float("inf")
     saved: tuple[Path, int] | None = None  # (path, step) of the last checkpoint written or resumed from
+    seconds: float = 0.0  # wall-clock spent in training steps, resumed runs included
 
     @property
     def global_batch(self) -> int:  # sequences per optimizer step, over every process
@@ -2204,7 +2381,7 @@ def restore_run(run: Run, ckpt: dict, resume: Path, log) -> None:
     try:
         run.optimizer.load_state_dict(ckpt["optimizer"])
         run.scaler.load_state_dict(ckpt["scaler"])
-        run.step, run.best_val = ckpt["step"], ckpt["best_val_loss"]
+        run.step, run.best_val, run.seconds = ckpt["step"], ckpt["best_val_loss"], ckpt.get("seconds", 0.0)
         run.history["train"] = [r for r in ckpt["history"]["train"] if r["step"] < run.step]
         run.history["val"] = [r for r in ckpt["history"]["val"] if r["step"] <= run.step]
         states, was = ckpt["rng"], TrainConfig(**ckpt["train_config"])
@@ -2233,19 +2410,24 @@ def train_step(run: Run, step: int) -> dict:
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     indices = train_window_indices(step, run.global_batch, run.windows.count, tc.seed)
-    sums = torch.zeros(3, device=rt.device)  # lm loss, load-balancing loss, z-loss
+    moe = list(run.model.moe_layers().values())
+    if run.config.balance == "global" and tc.grad_accum * rt.world_size > 1:
+        for layer, f in zip(moe, step_fractions(run, indices)):
+            layer.step_f = f  # (E,) used by every micro-batch's loss below
+    sums = torch.zeros(3, device=rt.device)  # lm loss, balance loss, z-loss
+    load = torch.zeros(len(moe), run.config.num_experts, device=rt.device)  # (L, E) tokens choosing each expert
     for micro in range(tc.grad_accum):
-        first = (micro * rt.world_size + rt.rank) * tc.batch_size
-        x, y = run.windows.batch(indices[first:first + tc.batch_size])  # (B, T) each
-        x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
+        x, y = micro_batch(run, indices, micro)  # (B, T) each
         last = micro == tc.grad_accum - 1
         with (model.no_sync() if rt.world_size > 1 and not last else contextlib.nullcontext()), rt.autocast():
             out = model(x, y)
         run.scaler.scale(out.loss / tc.grad_accum).backward()
         sums += torch.stack([out.lm_loss, out.aux_loss, out.z_loss]).detach() / tc.grad_accum
+        load += torch.stack([layer.stats.load for layer in moe]) if moe else 0
     if rt.world_size > 1:
         torch.distributed.all_reduce(sums)
         sums /= rt.world_size
+        torch.distributed.all_reduce(load)  # the whole step's load, the same on every process
     run.scaler.unscale_(run.optimizer)
     grad_norm = nn.utils.clip_grad_norm_(run.model.parameters(), tc.grad_clip or float("inf")).item()
     lm_loss, aux_loss, z_loss = sums.tolist()
@@ -2256,9 +2438,43 @@ def train_step(run: Run, step: int) -> dict:
     run.scaler.step(run.optimizer)
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
+    for layer, layer_load in zip(moe, load):
+        layer.step_f = None
+        if layer.balance_bias is not None:  # aux_free: the bias moves after the step, from the step's load
+            layer.balance_bias.copy_(updated_bias(layer.balance_bias, layer_load, run.config.bias_update_rate))
     run.step = step + 1
     return {"step": step, "lm_loss": lm_loss, "aux_loss": aux_loss, "z_loss": z_loss, "lr": lr,
-            "grad_norm": grad_norm}
+            "grad_norm": grad_norm, "load": load}
+
+
+def micro_batch(run: Run, indices: list[int], micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """This process's share of micro-batch `micro` of a step whose windows are `indices`: inputs and targets
+    (B, T), on the device."""
+    tc, rt = run.tc, run.rt
+    first = (micro * rt.world_size + rt.rank) * tc.batch_size
+    x, y = run.windows.batch(indices[first:first + tc.batch_size])
+    return x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
+
+
+@torch.no_grad()
+def step_fractions(run: Run, indices: list[int]) -> torch.Tensor:
+    """balance='global': f for each MoE layer, counted over the whole step (every micro-batch of every process)
+    before any loss is formed, (L, E). It costs one forward pass per micro-batch without backward, about a third
+    of a step, and is needed only when the step has more than one micro-batch or process. The random state is
+    put back, so that router jitter draws the same noise in the step itself."""
+    model = run.step_model.module if isinstance(run.step_model, nn.parallel.DistributedDataParallel) \
+        else run.step_model
+    moe = list(run.model.moe_layers().values())
+    load = torch.zeros(len(moe), run.config.num_experts, device=run.rt.device)
+    with torch.random.fork_rng(devices=[run.rt.device] if run.rt.device.type == "cuda" else []):
+        for micro in range(run.tc.grad_accum):
+            x, y = micro_batch(run, indices, micro)
+            with run.rt.autocast():
+                model(x, y)
+            load += torch.stack([layer.stats.load for layer in moe])
+    if run.rt.world_size > 1:
+        torch.distributed.all_reduce(load)
+    return load / run.tokens_per_step
 
 
 @torch.no_grad()
@@ -2305,7 +2521,8 @@ def validate(run: Run) -> float:
     if not math.isfinite(val_loss):
         raise diverged("The validation loss", run.step - 1, run)
     run.best_val = min(run.best_val, val_loss)
-    run.history["val"].append({"step": run.step, "loss": val_loss, "ppl": math.exp(min(val_loss, 50))})
+    run.history["val"].append({"step": run.step, "loss": val_loss, "ppl": math.exp(min(val_loss, 50)),
+                               "tokens": run.step * run.tokens_per_step, "seconds": run.seconds})
     return val_loss
 
 
@@ -2323,7 +2540,8 @@ def save_run(run: Run, val_loss: float | None = None) -> None:
     payload = {"model": run.model.state_dict(), "config": run.config.to_dict(), "train_config": asdict(run.tc),
                "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(), "step": run.step,
                "tokens_seen": run.step * run.tokens_per_step, "best_val_loss": run.best_val, "val_loss": val_loss,
-               "history": run.history, "rng": states, "world_size": run.rt.world_size, **run.provenance}
+               "history": run.history, "rng": states, "world_size": run.rt.world_size, "seconds": run.seconds,
+               **run.provenance}
     best = val_loss is not None and val_loss <= run.best_val
     on_rank0(run.rt, lambda: write_run_files(run.run_dir, payload, run.history, best))
     run.saved = (run.run_dir / "latest.pt", run.step)
@@ -2378,21 +2596,28 @@ def train_loop(run: Run, log, on_step: Callable[[dict], None] | None = None) -> 
     bar = tqdm(range(run.step, tc.max_steps), desc="training", unit="step", dynamic_ncols=True, initial=run.step,
                total=tc.max_steps, **quiet)
     run.step_model.train()
-    t_last = time.perf_counter()
+    t_last, window_load = time.perf_counter(), None  # window_load: (L, E) summed since the last validation
     with _StopRequest(speak=rt.master) as stop:
         stop.kept = last_good(run.saved)
         for step in bar:
             stats = train_step(run, step)
             now = time.perf_counter()
+            run.seconds += now - t_last
             tokens_per_s, t_last = run.tokens_per_step / (now - t_last), now
             mfu = tokens_per_s * flops_per_token / peak
             bar.set_postfix(loss=f"{stats['lm_loss']:.3f}", aux=f"{stats['aux_loss']:.3f}", lr=f"{stats['lr']:.2e}",
                             tok_s=f"{tokens_per_s:,.0f}", mfu=f"{mfu:.1%}")
+            load = stats.pop("load")  # (L, E)
+            window_load = load if window_load is None else window_load + load
             if step % tc.log_every == 0 or step == tc.max_steps - 1:
-                load = {str(i): (s.tokens_per_expert / s.tokens_per_expert.sum().clamp_min(1)).tolist()
-                        for i, s in run.model.routing_stats().items()}  # each expert's share of the assignments
-                run.history["train"].append({**stats, "tokens": run.step * run.tokens_per_step,
-                                             "tokens_per_s": tokens_per_s, "mfu": mfu, "expert_load": load})
+                layers = [str(i) for i in run.config.moe_layer_ids]
+                run.history["train"].append({
+                    **stats, "tokens": run.step * run.tokens_per_step, "seconds": run.seconds,
+                    "tokens_per_s": tokens_per_s, "mfu": mfu,
+                    "expert_load": dict(zip(layers, (load / load.sum(-1, keepdim=True).clamp_min(1)).tolist())),
+                    "max_vio": dict(zip(layers, max_violation(load).tolist())),  # this step's, per MoE layer
+                    "router_entropy": {str(i): s.router_entropy.item()  # nats, the step's last micro-batch
+                                       for i, s in run.model.routing_stats().items()}})
             signalled = torch.tensor(float(stop.signum is not None), device=rt.device)
             if rt.world_size > 1:
                 torch.distributed.all_reduce(signalled)
@@ -2400,9 +2625,13 @@ def train_loop(run: Run, log, on_step: Callable[[dict], None] | None = None) -> 
             val_loss = None
             if run.step % tc.eval_every == 0 or run.step == tc.max_steps:
                 val_loss = validate(run)
+                flags = unbalanced_experts(window_load, run.config.moe_layer_ids)  # since the last validation
+                run.history["val"][-1]["routing_flags"], window_load = flags, None
                 if rt.master:
                     tqdm.write(f"step {run.step}: validation loss {val_loss:.4f}, perplexity "
                                f"{math.exp(min(val_loss, 50)):.2f}")
+                    for flag in flags:
+                        tqdm.write(f"  warning: {flag}")
             if val_loss is not None or stopping or run.step % tc.save_every == 0:
                 save_run(run, val_loss)
                 stop.kept = last_good(run.saved)
@@ -2513,6 +2742,7 @@ def routing_profile(model: H64LM, tokenizer, texts: dict[str, list[str]] | None 
     layers = list(model.config.moe_layer_ids)
     E = model.config.num_experts
     profile = {"layers": layers, "kinds": list(texts), "share": {}, "entropy": {}, "tokens": {}}
+    pairs = np.zeros((len(layers), E, E))  # tokens that chose both expert i and expert j, over all texts
     for kind, items in texts.items():
         counts, entropy, tokens = np.zeros((len(layers), E)), np.zeros(len(layers)), 0
         for text in items:
@@ -2522,10 +2752,16 @@ def routing_profile(model: H64LM, tokenizer, texts: dict[str, list[str]] | None 
             for row, layer in enumerate(layers):
                 counts[row] += stats[layer].tokens_per_expert.cpu().numpy()
                 entropy[row] += stats[layer].router_entropy.item() * len(ids)  # weighted by tokens
+                chose = F.one_hot(stats[layer].expert_ids, E).sum(dim=1).double()  # (N, E) 0/1
+                pairs[row] += (chose.T @ chose).cpu().numpy()
             tokens += len(ids)
         profile["share"][kind] = counts / counts.sum(axis=1, keepdims=True).clip(min=1)
         profile["entropy"][kind] = entropy / max(tokens, 1)
         profile["tokens"][kind] = tokens
+    total = sum(profile["tokens"].values())
+    load = np.stack([pairs[row].diagonal() for row in range(len(layers))]) if layers else np.zeros((0, E))
+    profile["max_vio"] = load.max(axis=1) / load.mean(axis=1).clip(min=1e-9) - 1 if layers else np.zeros(0)
+    profile["coactivation"] = pairs / max(total, 1)  # (L, E, E): share of tokens choosing i and j; diagonal: i
     model.train(was_training)
     return profile
 
@@ -2539,7 +2775,8 @@ def dead_experts(profile: dict, threshold: float = 0.1) -> list[tuple[int, int]]
 
 
 def routing_table(profile: dict) -> str:
-    """One block per MoE layer: rows are kinds of text, columns experts (% of the kind's assignments)."""
+    """One block per MoE layer: rows are kinds of text, columns experts (% of the kind's assignments), then the
+    layer's MaxVio and, with top-k > 1, the pair of experts most often chosen together."""
     E = next(iter(profile["share"].values())).shape[1]
     lines = []
     for row, layer in enumerate(profile["layers"]):
@@ -2547,24 +2784,226 @@ def routing_table(profile: dict) -> str:
         for kind in profile["kinds"]:
             cells = "".join(f"{100 * v:6.1f}%" for v in profile["share"][kind][row])
             lines.append(f"  {kind:<8}{cells}   {profile['entropy'][kind][row]:.3f}")
+        both = profile["coactivation"][row] - np.diag(profile["coactivation"][row].diagonal())  # off-diagonal
+        i, j = np.unravel_index(both.argmax(), both.shape)
+        lines.append(f"  MaxVio {profile['max_vio'][row]:.2f}" + (
+            f"; most frequent pair: e{i} + e{j} in {100 * both[i, j]:.1f}% of tokens" if both.any() else ""))
         lines.append("")
-    lines.append(f"uniform: {100 / E:.1f}% per expert, entropy up to log({E}) = {math.log(E):.3f} nats")
+    lines.append(f"uniform: {100 / E:.1f}% per expert, entropy up to log({E}) = {math.log(E):.3f} nats, MaxVio 0")
     return "\n".join(lines)
+
+
+@torch.no_grad()
+def drop_one_expert(model: H64LM, tokens: np.ndarray, seq_len: int, batch_size: int, rt: Runtime,
+                    max_batches: int | None = 4) -> np.ndarray:
+    """How much each expert matters: the validation loss with expert i of MoE layer l masked out of routing (its
+    tokens go to their next choice), minus the loss with every expert, (L, E) in nats. Costs L * E + 1
+    evaluations of max_batches batches."""
+    base = evaluate(model, tokens, seq_len, batch_size, rt, max_batches)
+    base_loss = base[0] / base[1]
+    layers = list(model.moe_layers().values())
+    E = model.config.num_experts
+    if E <= model.config.num_experts_per_tok:
+        raise H64LMError(f"Every token uses all {E} experts (top-{E}); masking one out leaves too few to route to.")
+    delta = np.zeros((len(layers), E))
+    for row, layer in enumerate(layers):
+        for expert in range(E):
+            layer.allowed = torch.arange(E, device=rt.device) != expert  # (E,) bool
+            try:
+                nll, count = evaluate(model, tokens, seq_len, batch_size, rt, max_batches)
+            finally:
+                layer.allowed = None
+            delta[row, expert] = nll / count - base_loss
+    return delta
+
+
+def save_heatmaps(panels: dict[str, np.ndarray], path: str | Path, label: str, ylabels: list[str] | None = None,
+                  cmap: str = "viridis", centred: bool = False) -> None:
+    """Side-by-side heatmaps on one colour scale, columns = experts; centred: a diverging scale around 0."""
+    from matplotlib.figure import Figure
+
+    rows = max(a.shape[0] for a in panels.values())
+    fig = Figure(figsize=(3.2 * len(panels), 0.4 * rows + 1.8))
+    axes = fig.subplots(1, len(panels), squeeze=False)
+    high = max(float(np.abs(a).max()) for a in panels.values()) or 1.0
+    low = -high if centred else 0
+    for n, (ax, (title, values)) in enumerate(zip(axes[0], panels.items())):
+        image = ax.imshow(values, vmin=low, vmax=high, cmap=cmap, aspect="auto")
+        ax.set(title=title, xlabel="expert", yticks=range(values.shape[0]) if ylabels else [],
+               yticklabels=ylabels if ylabels and n == 0 else [])
+    fig.colorbar(image, ax=axes[0].tolist(), label=label)
+    save_figure(fig, path)
 
 
 def save_routing_heatmap(profile: dict, path: str | Path) -> None:
     """A (layer x expert) heatmap of the share of assignments, one panel per kind of text."""
+    save_heatmaps(profile["share"], path, "share of assignments", [f"layer {i}" for i in profile["layers"]])
+
+
+def save_coactivation_heatmap(profile: dict, path: str | Path) -> None:
+    """Per MoE layer, the (expert x expert) share of tokens that chose both; the diagonal is each expert's load."""
+    panels = {f"layer {layer}": profile["coactivation"][row] for row, layer in enumerate(profile["layers"])}
+    save_heatmaps(panels, path, "share of tokens choosing both", ylabels=[str(e) for e in
+                                                                          range(profile["coactivation"].shape[1])])
+
+
+# --- A compute-matched study ----------------------------------------------------
+#
+# Does MoE win here? `compare` trains variants of one base model on the same
+# data, the same token budget and the same seeds, each with the same active
+# FLOPs per token, and writes one table and one plot. The dense twin spends
+# the FLOPs of the k routed plus the shared experts in one SwiGLU as wide as
+# them (dense_twin); fine-grained variants keep parameters and FLOPs too
+# (fine_grained). Every run is an ordinary `train` run in <out>/<variant>-seed<s>,
+# so a study that was stopped goes on from its runs' checkpoints, and a run
+# that finished is not trained again.
+
+STUDY_VARIANTS: dict[str, dict] = {  # name -> H64LMConfig fields to change, or dense / granularity / shared
+    "dense": dict(dense=True),
+    "switch": dict(balance="switch"),
+    "global": dict(balance="global"),
+    "sequence": dict(balance="sequence"),
+    "aux_free": dict(balance="aux_free"),
+    "sigmoid+aux_free": dict(router_scoring="sigmoid", balance="aux_free"),
+    "fine+shared": dict(granularity=4, shared=1),
+    "none": dict(balance="none"),
+}
+
+
+def variant_config(base: H64LMConfig, spec: dict) -> H64LMConfig:
+    """The model of one variant: base with the spec's fields changed; dense=True gives the dense twin,
+    granularity=g and shared=s the fine-grained shape (fine_grained)."""
+    spec = dict(spec)
+    if spec.pop("dense", False):
+        return dense_twin(base)
+    g, shared = spec.pop("granularity", 1), spec.pop("shared", 0)
+    config = dataclasses.replace(base, **spec)
+    return fine_grained(config, g, shared) if g > 1 or shared else config
+
+
+def study_run(config: H64LMConfig, tc: TrainConfig, log=print) -> H64LM:
+    """Train one run of a study, or go on with it, or take it as it is when it is finished; the trained model."""
+    path = Path(tc.out_dir) / tc.run_name / "latest.pt"
+    ckpt = read_checkpoint(path) if path.exists() else None
+    def settings(train_config: dict) -> dict:  # what decides the result: all but overwrite and stop_at
+        return {k: v for k, v in train_config.items() if k not in ("overwrite", "stop_at")}
+
+    same = ckpt is not None and ckpt.get("config") == config.to_dict() and \
+        settings(ckpt.get("train_config", {})) == settings(asdict(tc))
+    if not same:
+        train(config, dataclasses.replace(tc, overwrite=True))
+    elif ckpt["step"] < tc.max_steps:
+        log(f"{tc.run_name}: going on from step {ckpt['step']}")
+        train(config, dataclasses.replace(tc, overwrite=False), resume=path, ckpt=ckpt)
+    model, _ = load_checkpoint(path)
+    return model
+
+
+def compare(base: H64LMConfig, tc: TrainConfig, variants: dict[str, dict], seeds: Sequence[int], log=print) -> dict:
+    """Train every variant with every seed (seeds outer, so that a stopped study has whole seeds), then score
+    each final model on the whole validation split; writes <out_dir>/<run_name>/compare.{json,md,png}."""
+    out = Path(tc.out_dir) / (tc.run_name or "compare")
+    configs = {}
+    for name, spec in variants.items():
+        try:
+            configs[name] = variant_config(base, spec)
+        except (ValueError, TypeError) as e:
+            raise H64LMError(f"The variant {name} is not a valid model: {e}") from None
+    rt = setup_runtime(tc.device, tc.precision)
+    if rt.world_size > 1:
+        raise H64LMError("compare trains its runs one after another in one process; start it without torchrun.")
+    runs = []
+    for seed in seeds:
+        for name, config in configs.items():
+            run_tc = dataclasses.replace(tc, seed=seed, run_name=f"{name}-seed{seed}", out_dir=str(out))
+            model = study_run(config, run_tc, log)
+            saved = read_checkpoint(out / run_tc.run_name / "latest.pt")
+            runs.append(score_study_run(name, seed, model, saved, run_tc, rt))
+    result = {"base": base.to_dict(), "train_config": asdict(tc), "seeds": list(seeds), "runs": runs,
+              "variants": {name: {"spec": variants[name], "config": config.to_dict()}
+                           for name, config in configs.items()}}
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomically(out / "compare.json", lambda tmp: tmp.write_text(json.dumps(result, indent=1)))
+    write_atomically(out / "compare.md", lambda tmp: tmp.write_text(study_table(result)))
+    save_study_plot(result, out / "compare.png")
+    return result
+
+
+def score_study_run(name: str, seed: int, model: H64LM, saved: dict, tc: TrainConfig, rt: Runtime) -> dict:
+    """One finished run's numbers: loss on the whole validation split, its curve, time, and balance."""
+    tokenizer = load_tokenizer(tc.tokenizer)
+    _, splits = load_token_splits(tc.data, tokenizer, tc.cache_dir, log=lambda *a, **k: None)
+    seq_len = tc.seq_len or model.config.max_position_embeddings
+    model.to(rt.device)
+    moe = list(model.moe_layers().values())
+    load = torch.zeros(len(moe), model.config.num_experts, device=rt.device)
+
+    def count(module, args, output):  # each forward of the evaluation adds its routing to load
+        load[moe.index(module)] += module.stats.load
+
+    hooks = [layer.register_forward_hook(count) for layer in moe]
+    try:
+        nll, tokens = evaluate(model, splits["valid"].tokens, seq_len, tc.batch_size, rt, progress=True)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    share = load / load.mean(dim=-1, keepdim=True).clamp_min(1e-9)  # (L, E), 1 = uniform
+    return {"variant": name, "seed": seed, "valid_loss": nll / tokens, "valid_tokens": tokens,
+            "params": model.num_params(), "active_params": model.num_params(active=True),
+            "flops_per_token": model.flops_per_token(seq_len), "tokens": saved["tokens_seen"],
+            "seconds": saved.get("seconds", 0.0), "curve": saved["history"]["val"],
+            "max_vio": max_violation(load).tolist(), "min_share": share.min().item() if moe else None}
+
+
+def study_table(result: dict) -> str:
+    """compare.md: mean and spread over seeds per variant, then the gap to the dense twin at every validation."""
+    by = {}
+    for r in result["runs"]:
+        by.setdefault(r["variant"], []).append(r)
+    lines = ["| variant | parameters | active | FLOPs/token | tokens | validation loss (mean ± sd) | min-max | "
+             "wall-clock | MaxVio | smallest expert share |", "|" + " --- |" * 10]
+    for name, runs in by.items():
+        losses = np.array([r["valid_loss"] for r in runs])
+        vio = [np.mean(r["max_vio"]) for r in runs if r["max_vio"]]
+        shares = [r["min_share"] for r in runs if r["min_share"] is not None]
+        lines.append(f"| {name} | {runs[0]['params'] / 1e6:.2f}M | {runs[0]['active_params'] / 1e6:.2f}M | "
+                     f"{runs[0]['flops_per_token'] / 1e6:.1f}M | {runs[0]['tokens']:,} | "
+                     f"{losses.mean():.4f} ± {losses.std(ddof=1) if len(losses) > 1 else 0:.4f} (n={len(losses)}) | "
+                     f"{losses.min():.4f}-{losses.max():.4f} | {np.mean([r['seconds'] for r in runs]):.0f} s | "
+                     + (f"{np.mean(vio):.2f} | {100 * min(shares):.0f}% of uniform |" if vio else "- | - |"))
+    if "dense" in by:
+        lines += ["", "Gap to dense (dense minus variant, mean over seeds; positive: the variant is ahead), "
+                  "by tokens seen, on the validation batches of each evaluation:", ""]
+        steps = [v["tokens"] for v in by["dense"][0]["curve"]]
+        lines += ["| variant | " + " | ".join(f"{t:,}" for t in steps) + " |", "|" + " --- |" * (len(steps) + 1)]
+        dense = np.mean([[v["loss"] for v in r["curve"]] for r in by["dense"]], axis=0)
+        for name, runs in by.items():
+            if name != "dense":
+                mine = np.mean([[v["loss"] for v in r["curve"]] for r in runs], axis=0)
+                lines.append(f"| {name} | " + " | ".join(f"{d:+.4f}" for d in dense - mine) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def save_study_plot(result: dict, path: Path) -> None:
+    """Validation loss against tokens and against wall-clock: a line per variant (mean over seeds), the band
+    from the best to the worst seed."""
     from matplotlib.figure import Figure
 
-    kinds = profile["kinds"]
-    fig = Figure(figsize=(3.2 * len(kinds), 0.6 * len(profile["layers"]) + 1.6))
-    axes = fig.subplots(1, len(kinds), squeeze=False)
-    vmax = max(profile["share"][k].max() for k in kinds)
-    for n, (ax, kind) in enumerate(zip(axes[0], kinds)):
-        image = ax.imshow(profile["share"][kind], vmin=0, vmax=vmax, cmap="viridis", aspect="auto")
-        ax.set(title=kind, xlabel="expert", yticks=range(len(profile["layers"])),
-               yticklabels=[f"layer {i}" for i in profile["layers"]] if n == 0 else [])
-    fig.colorbar(image, ax=axes[0].tolist(), label="share of assignments")
+    fig = Figure(figsize=(11, 4))
+    axes = fig.subplots(1, 2)
+    for name in dict.fromkeys(r["variant"] for r in result["runs"]):
+        curves = [r["curve"] for r in result["runs"] if r["variant"] == name]
+        loss = np.array([[v["loss"] for v in c] for c in curves])  # (seeds, evaluations)
+        for ax, key in zip(axes, ("tokens", "seconds")):
+            x = np.mean([[v[key] for v in c] for c in curves], axis=0)
+            (line,) = ax.plot(x, loss.mean(axis=0), label=name)
+            ax.fill_between(x, loss.min(axis=0), loss.max(axis=0), color=line.get_color(), alpha=0.2)
+    for ax, label in zip(axes, ("tokens", "wall-clock (s)")):
+        ax.set(xlabel=label, ylabel="validation loss (nats/token)")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle(f"{len(result['seeds'])} seeds per variant; bands: best to worst seed")
+    fig.tight_layout()
     save_figure(fig, path)
 
 
@@ -2802,6 +3241,7 @@ def bench_report(r: dict) -> str:
 #   python h64lm.py generate --ckpt checkpoints/tiny --prompt "The history of"
 #   python h64lm.py analyze  --ckpt checkpoints/tiny
 #   python h64lm.py bench    --preset tiny --compare-hf
+#   python h64lm.py compare  --preset tiny --data sample --variants dense,switch,aux_free --seeds 3
 #   python h64lm.py export   --ckpt checkpoints/tiny --out checkpoints/tiny-export
 #
 # Every field of H64LMConfig and TrainConfig is a flag of `train`, and its help
@@ -2930,9 +3370,37 @@ def kind_file_flag(text: str) -> tuple[str, Path]:
     return kind, Path(path).expanduser()
 
 
+@flag_type("text")
+def variants_flag(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names or (unknown := [n for n in names if n not in STUDY_VARIANTS]):
+        raise ValueError(f"choose variants among {', '.join(STUDY_VARIANTS)}, comma-separated")
+    return names
+
+
+@flag_type("text")
+def custom_variant_flag(text: str) -> tuple[str, dict]:
+    """NAME:FIELD=VALUE,... -> (NAME, {FIELD: VALUE}); a value is read as JSON (numbers, true, null) or else text."""
+    name, sep, rest = text_flag(text).partition(":")
+    known = {f.name for f in fields(H64LMConfig) if f.init and f.name not in IMPL_FIELDS} | {"granularity", "shared"}
+    spec = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or key.strip() not in known:
+            raise ValueError(f"{item!r} should be FIELD=VALUE with FIELD a model setting (e.g. balance=aux_free)")
+        try:
+            spec[key.strip()] = json.loads(value)
+        except ValueError:
+            spec[key.strip()] = value.strip()
+    if not sep or not re.fullmatch(r"[\w.+-]+", name) or not spec:
+        raise ValueError(f"{text!r} should be NAME:FIELD=VALUE,... with a NAME of letters, digits and _.+-")
+    return name, spec
+
+
 # String fields with a fixed set of values, for argparse's choices=, and the other string fields' types.
-FIELD_CHOICES = {"attention_type": ATTENTION_TYPES, "attn_impl": ATTENTION_IMPLS, "moe_impl": MOE_IMPLS,
-                 "loss_impl": LOSS_IMPLS, "precision": PRECISIONS, "device": DEVICES}
+FIELD_CHOICES = {"attention_type": ATTENTION_TYPES, "router_scoring": ROUTER_SCORINGS, "balance": BALANCE_METHODS,
+                 "attn_impl": ATTENTION_IMPLS, "moe_impl": MOE_IMPLS, "loss_impl": LOSS_IMPLS, "precision": PRECISIONS,
+                 "device": DEVICES}
 FIELD_TYPES = {"data": data_flag, "run_name": run_name_flag, "out_dir": output_folder_flag,
                "tokenizer": folder_flag, "cache_dir": output_folder_flag, "moe_layers": text_flag}
 
@@ -3002,6 +3470,27 @@ def build_parser() -> argparse.ArgumentParser:
     # ArgumentDefaultsHelpFormatter would print "(default: ==SUPPRESS==)" for these; the help says the default.
     p.formatter_class = argparse.HelpFormatter
 
+    p = command("compare", "a dense twin and MoE variants at equal FLOPs, several seeds: one table, one plot",
+                "Train every variant with every seed on the same data and token budget, each with the same active "
+                "FLOPs per token (the dense twin is as wide as the experts a token passes through), score each on "
+                "the whole validation split, and write <out-dir>/<run-name>/compare.md, compare.json and "
+                "compare.png. Every run is a train run in <out-dir>/<run-name>/<variant>-seed<S>: a stopped study "
+                "goes on where it stopped. The model flags set the base MoE model (default: --preset tiny "
+                "--moe-layers all); the training flags apply to every run.")
+    p.add_argument("--preset", choices=PRESETS, default=argparse.SUPPRESS,
+                   help="model preset and training recipe of the base model (default: tiny)")
+    p.add_argument("--variants", type=variants_flag, default="dense,switch,aux_free",
+                   help=f"comma-separated, from: {', '.join(STUDY_VARIANTS)}")
+    p.add_argument("--variant", action="append", type=custom_variant_flag, default=[], metavar="NAME:FIELD=VALUE,...",
+                   help="a variant of your own, e.g. 'mine:balance=aux_free,bias_update_rate=0.01' (fields of the "
+                        "model, or granularity=G and shared=S for fine_grained); repeatable")
+    p.add_argument("--seeds", type=number_flag(COUNT), default=3,
+                   help="runs per variant, with seeds --seed, --seed + 1, ...")
+    add_dataclass_flags(p.add_argument_group("base model (H64LMConfig)"), H64LMConfig, PRESETS)
+    add_dataclass_flags(p.add_argument_group("training of every run (TrainConfig)"), TrainConfig, TRAIN_RECIPES)
+    p.set_defaults(func=cmd_compare)
+    p.formatter_class = argparse.HelpFormatter
+
     p = command("eval", "loss and perplexity of a checkpoint on a data split",
                 "Score every token of a split once: mean loss (nats/token), token-level perplexity and word-level "
                 "perplexity (total NLL over WikiText's word count: whitespace words plus one per line).")
@@ -3045,15 +3534,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("analyze", "which experts tokens of different kinds of text go to",
                 "Run prose, code, dialogue and numbers through a trained model and show, per MoE layer, the share "
                 "of token-expert assignments each expert received, the router entropy, and a warning for experts "
-                "that get almost nothing. Writes a (layer x expert) heatmap PNG per kind of text.")
+                "that get almost nothing, each layer's MaxVio and the experts most often chosen together. Writes "
+                "heatmaps: share per kind of text, co-activation, and with --drop-one each expert's worth.")
     p.add_argument("--ckpt", required=True, type=checkpoint_flag,
                    help="a run folder (its best.pt), a .pt file or an exported folder")
     p.add_argument("--out", default=None, type=image_file_flag,
                    help="heatmap (.png, .pdf or .svg) to write; default: routing.png beside the checkpoint")
     p.add_argument("--text", action="append", default=[], metavar="KIND=FILE", type=kind_file_flag,
                    help="analyse the text in FILE as KIND instead of the built-in examples (repeatable)")
+    p.add_argument("--drop-one", type=number_flag(COUNT), default=None, metavar="N",
+                   help="also measure each expert's worth: the validation loss on N batches of 8 with the expert "
+                        "masked out of routing, minus the loss with all (L x E + 1 evaluations); writes a heatmap")
+    p.add_argument("--data", default=None, type=data_flag,
+                   help="with --drop-one: the text whose validation split is scored; default: the training data")
     p.add_argument("--json", action="store_true", help="print the profile as one JSON object")
-    _add_common(p, cache=False)
+    _add_common(p)
     p.set_defaults(func=cmd_analyze)
 
     p = command("bench", "time a training step, the MoE overhead, and transformers' Mixtral",
@@ -3180,6 +3675,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 128 + signal.SIGTERM if "SIGTERM" in stopped else 130 if "SIGINT" in stopped else 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    given = vars(args)
+    preset = given.get("preset", "tiny")
+    model_flags = {f.name: given[f.name] for f in fields(H64LMConfig) if f.init and f.name in given}
+    train_flags = {f.name: given[f.name] for f in fields(TrainConfig) if f.name in given}
+    try:
+        base = H64LMConfig.from_preset(preset, **{"moe_layers": "all", **model_flags})
+        tc = TrainConfig(**{**TRAIN_RECIPES[preset], "run_name": "compare", **train_flags})
+    except ValueError as e:
+        raise H64LMError(str(e)) from None
+    variants = {name: STUDY_VARIANTS[name] for name in args.variants} | dict(args.variant)
+    result = compare(base, tc, variants, [tc.seed + i for i in range(args.seeds)])
+    out = Path(tc.out_dir) / tc.run_name
+    print(study_table(result))
+    print(f"table: {out / 'compare.md'}\nplot: {out / 'compare.png'}\nnumbers: {out / 'compare.json'}")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     result = evaluate_checkpoint(args.ckpt, args.data, args.split, tokenizer=args.tokenizer,
                                  cache_dir=args.cache_dir, batch_size=args.batch_size, seq_len=args.seq_len,
@@ -3257,19 +3770,48 @@ def cmd_analyze(args: argparse.Namespace) -> int:
             texts.setdefault(kind, []).extend(_read_lines_as_text(path))
     profile = routing_profile(model, tokenizer, texts)
     out = Path(args.out) if args.out else resolve_checkpoint(args.ckpt).parent / "routing.png"
-    save_routing_heatmap(profile, out)
+    written = {"heatmap": out, "coactivation_heatmap": out.with_name(f"{out.stem}-coactivation{out.suffix}")}
+    save_routing_heatmap(profile, written["heatmap"])
+    save_coactivation_heatmap(profile, written["coactivation_heatmap"])
+    delta = None
+    if args.drop_one:
+        delta = analyze_drop_one(model, saved, args, tokenizer, rt)
+        written["drop_one_heatmap"] = out.with_name(f"{out.stem}-drop-one{out.suffix}")
+        save_heatmaps({"validation loss with the expert masked out - with all": delta},
+                      written["drop_one_heatmap"], "nats", [f"layer {i}" for i in profile["layers"]],
+                      cmap="RdBu_r", centred=True)
     dead = dead_experts(profile)
     if args.json:
         print(json.dumps({"layers": profile["layers"], "kinds": profile["kinds"], "tokens": profile["tokens"],
                           "share": {k: v.tolist() for k, v in profile["share"].items()},
                           "entropy": {k: v.tolist() for k, v in profile["entropy"].items()},
-                          "dead_experts": [list(map(int, d)) for d in dead], "heatmap": str(out)}))
+                          "max_vio": profile["max_vio"].tolist(), "coactivation": profile["coactivation"].tolist(),
+                          "drop_one": None if delta is None else delta.tolist(),
+                          "dead_experts": [list(map(int, d)) for d in dead],
+                          **{k: str(v) for k, v in written.items()}}))
         return 0
     print(routing_table(profile))
+    if delta is not None:
+        for row, layer in enumerate(profile["layers"]):
+            order = np.argsort(-delta[row])
+            print(f"layer {layer}, validation loss without each expert (nats above {delta.shape[1]} experts): " +
+                  ", ".join(f"e{e} {delta[row, e]:+.3f}" for e in order))
     for layer, expert in dead:
         print(f"warning: expert {expert} of layer {layer} received under 10% of a uniform share: it is nearly dead")
-    print(f"heatmap: {out}")
+    print("\n".join(f"{name}: {path}" for name, path in written.items()))
     return 0
+
+
+def analyze_drop_one(model: H64LM, saved: dict, args: argparse.Namespace, tokenizer, rt: Runtime) -> np.ndarray:
+    """drop_one_expert on --drop-one batches of the validation split of the checkpoint's data (or --data)."""
+    trained = saved.get("train_config", {})
+    source, splits = load_token_splits(args.data or trained.get("data", "auto"), tokenizer, args.cache_dir,
+                                       log=lambda *a, **k: print(*a, **k, file=sys.stderr))
+    if args.data is None and not args.allow_mismatch:
+        check_trained_with(saved, resolve_checkpoint(args.ckpt), source=source)
+    seq_len = trained.get("seq_len") or model.config.max_position_embeddings
+    check_seq_len(seq_len, model.config)
+    return drop_one_expert(model, splits["valid"].tokens, seq_len, 8, rt, args.drop_one)
 
 
 def _read_lines_as_text(path: Path) -> list[str]:

@@ -94,6 +94,8 @@ BASE = {
     "generate": ["--ckpt", "{run}", "--prompt", "Hi", "--max-new-tokens", "2"],
     "analyze": ["--ckpt", "{run}", "--out", "{tmp}/routing.png"],
     "bench": ["--repeats", "1", "--batch-size", "1", "--seq-len", "8"],
+    "compare": [*TINY_FLAGS, "--data", "{corpus}", "--out-dir", "{out}", "--cache-dir", "{out}/cache",
+                "--run-name", "study", "--max-steps", "2", "--seeds", "1", "--variants", "switch"],
     "export": ["--ckpt", "{run}", "--out", "{tmp}/exported"],
 }
 

@@ -205,6 +205,12 @@ def test_train_writes_checkpoints_history_and_plots(trained_run):
     assert history["train"][-1]["lm_loss"] < history["train"][0]["lm_loss"]
     assert set(history["train"][0]["expert_load"]) == {"1"}  # layer 1 is the MoE layer
     assert sum(history["train"][0]["expert_load"]["1"]) == pytest.approx(1.0)
+    for record in history["train"]:  # MaxVio of the step's load, by its definition; entropy at most ln E
+        share = record["expert_load"]["1"]
+        assert record["max_vio"]["1"] == pytest.approx(max(share) / (sum(share) / len(share)) - 1, abs=1e-6)
+        assert 0 <= record["router_entropy"]["1"] <= math.log(len(share)) + 1e-6
+    assert all(isinstance(r["routing_flags"], list) for r in history["val"])
+    assert history["val"][-1]["tokens"] == 6 * 4 * 32 and history["val"][-1]["seconds"] > 0
     assert "validation loss" in result.stdout + result.stderr
     model, ckpt = h64lm.load_checkpoint(run_dir)
     assert ckpt["step"] == 6 and model.config.hidden_size == 32
@@ -267,7 +273,7 @@ def test_export_writes_safetensors_that_eval_reads(trained_run, tmp_path):
 
 # --- --help is accurate -------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("command", ["train", "eval", "generate", "analyze", "bench", "export"])
+@pytest.mark.parametrize("command", ["train", "compare", "eval", "generate", "analyze", "bench", "export"])
 def test_help_of_every_command_names_every_flag_and_says_what_the_command_does(command):
     result = run_cli(command, "--help")
     assert result.returncode == 0 and result.stdout.startswith("usage: h64lm.py " + command)
@@ -352,10 +358,24 @@ def test_analyze_prints_the_table_and_writes_the_heatmap(trained_run, tmp_path):
     for kind in ("prose", "code", "dialogue", "numbers"):
         assert kind in result.stdout
     assert "layer 1" in result.stdout and (tmp_path / "routing.png").stat().st_size > 0
+    assert "MaxVio" in result.stdout and (tmp_path / "routing-coactivation.png").stat().st_size > 0
     as_json = json.loads(run_cli("analyze", "--ckpt", run_dir, "--out", tmp_path / "r.png", "--json").stdout)
-    assert as_json["layers"] == [1]
+    assert as_json["layers"] == [1] and as_json["drop_one"] is None
     for kind, share in as_json["share"].items():
         assert sum(share[0]) == pytest.approx(1.0), kind
+    coactivation = np.array(as_json["coactivation"][0])  # (E, E), symmetric; top-2: each token makes one pair
+    assert np.allclose(coactivation, coactivation.T) and coactivation.diagonal().sum() == pytest.approx(2.0)
+
+
+def test_analyze_drop_one_scores_every_expert_on_the_training_datas_validation_split(trained_run, tmp_path):
+    run_dir, _ = trained_run
+    result = run_cli("analyze", "--ckpt", run_dir, "--out", tmp_path / "r.png", "--drop-one", "1", "--json",
+                     "--cache-dir", run_dir.parent / "cache")
+    assert result.returncode == 0, result.stderr
+    as_json = json.loads(result.stdout)
+    delta = np.array(as_json["drop_one"])
+    assert delta.shape == (1, 4) and np.isfinite(delta).all() and (delta != 0).any()
+    assert (tmp_path / "r-drop-one.png").stat().st_size > 0
 
 
 @pytest.mark.skipif(not (sys.platform == "linux" and __import__("platform").libc_ver()[0] == "glibc"),

@@ -34,10 +34,15 @@ def val_losses(run_dir: Path) -> list[tuple[int, float]]:
 # --- Exact resume ---------------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
-@pytest.mark.parametrize("jitter", ["0", "0.1"])  # router jitter draws from the torch generator each step
-def test_stopped_and_resumed_run_is_bit_identical_to_a_straight_run(corpus, tmp_path, jitter):
-    common = [*TINY_FLAGS, *STEPS, "--data", corpus, "--out-dir", tmp_path, "--cache-dir", tmp_path / "cache",
-              "--router-jitter-noise", jitter]
+@pytest.mark.parametrize("extra", [
+    ["--router-jitter-noise", "0"],
+    ["--router-jitter-noise", "0.1"],  # router jitter draws from the torch generator each step
+    ["--balance", "aux_free", "--bias-update-rate", "0.01"],  # the bias is state that must be saved and restored
+    # global: the counting pass before each step must leave the jitter's generator as it found it
+    ["--balance", "global", "--grad-accum", "2", "--router-jitter-noise", "0.1"],
+], ids=["plain", "jitter", "aux_free", "global"])
+def test_stopped_and_resumed_run_is_bit_identical_to_a_straight_run(corpus, tmp_path, extra):
+    common = [*TINY_FLAGS, *STEPS, "--data", corpus, "--out-dir", tmp_path, "--cache-dir", tmp_path / "cache", *extra]
     straight = run_cli("train", *common, "--run-name", "straight")
     assert straight.returncode == 0, straight.stderr
     stopped = run_cli("train", *common, "--run-name", "resumed", "--stop-at", "3")
@@ -55,6 +60,8 @@ def test_stopped_and_resumed_run_is_bit_identical_to_a_straight_run(corpus, tmp_
     b = h64lm.read_checkpoint(tmp_path / "resumed" / "latest.pt")
     for name in a["model"]:
         assert torch.equal(a["model"][name], b["model"][name]), name
+    if "aux_free" in extra:  # the bias moved, and it moved the same way in both
+        assert any(a["model"][n].abs().sum() > 0 for n in a["model"] if n.endswith("balance_bias"))
 
 
 @pytest.mark.slow
