@@ -737,9 +737,12 @@ class MoE(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """A layer made alone is ready to use: the model's initialisation rule (init_weight, section 12)."""
+        """A layer made alone is ready to use: the model's initialisation rule (init_weight, section 12), and no
+        bias yet."""
         for name, p in self.named_parameters():
             init_weight(name, p, self.config)
+        if self.balance_bias is not None:
+            self.balance_bias.zero_()
 
     def expert_weights(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """(w_gate, w_up, w_down) of each expert. Split once per forward with unbind: indexing w_gate[i] for each
@@ -761,8 +764,8 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor, with_losses: bool = True) -> tuple[torch.Tensor, torch.Tensor | None,
                                                                           torch.Tensor | None]:
-        """x (B, T, D) -> output (B, T, D), load-balancing loss, router z-loss (None, None with with_losses=False:
-        generation has no use for them)."""
+        """x (B, T, D) -> output (B, T, D), balance loss (config.balance), router z-loss (None, None with
+        with_losses=False: generation has no use for them)."""
         B, T, D = x.shape
         x = x.reshape(B * T, D)  # (N, D)
         router_in = x
@@ -846,7 +849,7 @@ class Block(nn.Module):
         self.ffn = MoE(config) if self.is_moe else SwiGLU(config.hidden_size, config.intermediate_size)
 
     def forward(self, x, rope, bias, cache, with_losses: bool = True):
-        """x (B, T, D) -> x (B, T, D), and (load-balancing loss, z-loss), or None for a dense block or when
+        """x (B, T, D) -> x (B, T, D), and (balance loss, z-loss), or None for a dense block or when
         with_losses is False."""
         x = x + self.attn(self.attn_norm(x), rope, bias, cache)
         if self.is_moe:
@@ -954,7 +957,8 @@ class H64LMOutput:
     logits: torch.Tensor | None  # (B, T, V); None when the chunked loss computed the loss without them
     loss: torch.Tensor | None = None  # lm_loss + router_aux_loss_coef * aux_loss + router_z_loss_coef * z_loss
     lm_loss: torch.Tensor | None = None  # mean next-token cross-entropy, in nats
-    aux_loss: torch.Tensor | None = None  # load-balancing loss, mean over MoE layers (unweighted)
+    aux_loss: torch.Tensor | None = None  # balance loss (config.balance; 0 for aux_free), mean over MoE layers
+    # (unweighted)
     z_loss: torch.Tensor | None = None  # router z-loss, mean over MoE layers (unweighted)
 
 
@@ -2866,6 +2870,7 @@ STUDY_VARIANTS: dict[str, dict] = {  # name -> H64LMConfig fields to change, or 
     "aux_free": dict(balance="aux_free"),
     "sigmoid+aux_free": dict(router_scoring="sigmoid", balance="aux_free"),
     "fine+shared": dict(granularity=4, shared=1),
+    "fine+shared+aux_free": dict(granularity=4, shared=1, balance="aux_free"),
     "none": dict(balance="none"),
 }
 
@@ -2881,8 +2886,9 @@ def variant_config(base: H64LMConfig, spec: dict) -> H64LMConfig:
     return fine_grained(config, g, shared) if g > 1 or shared else config
 
 
-def study_run(config: H64LMConfig, tc: TrainConfig, log=print) -> H64LM:
-    """Train one run of a study, or go on with it, or take it as it is when it is finished; the trained model."""
+def study_run(config: H64LMConfig, tc: TrainConfig, log=print) -> tuple[H64LM, dict] | str:
+    """Train one run of a study, or go on with it, or take it as it is when it is finished: the trained model and
+    its checkpoint, or why it stopped before the end (a signal: the next call goes on from its checkpoint)."""
     path = Path(tc.out_dir) / tc.run_name / "latest.pt"
     ckpt = read_checkpoint(path) if path.exists() else None
     def settings(train_config: dict) -> dict:  # what decides the result: all but overwrite and stop_at
@@ -2890,18 +2896,19 @@ def study_run(config: H64LMConfig, tc: TrainConfig, log=print) -> H64LM:
 
     same = ckpt is not None and ckpt.get("config") == config.to_dict() and \
         settings(ckpt.get("train_config", {})) == settings(asdict(tc))
+    history = {}
     if not same:
-        train(config, dataclasses.replace(tc, overwrite=True))
+        history = train(config, dataclasses.replace(tc, overwrite=True))
     elif ckpt["step"] < tc.max_steps:
         log(f"{tc.run_name}: going on from step {ckpt['step']}")
-        train(config, dataclasses.replace(tc, overwrite=False), resume=path, ckpt=ckpt)
-    model, _ = load_checkpoint(path)
-    return model
+        history = train(config, dataclasses.replace(tc, overwrite=False), resume=path, ckpt=ckpt)
+    return history["stopped"] if "stopped" in history else load_checkpoint(path)
 
 
 def compare(base: H64LMConfig, tc: TrainConfig, variants: dict[str, dict], seeds: Sequence[int], log=print) -> dict:
     """Train every variant with every seed (seeds outer, so that a stopped study has whole seeds), then score
-    each final model on the whole validation split; writes <out_dir>/<run_name>/compare.{json,md,png}."""
+    each final model on the whole validation split; writes <out_dir>/<run_name>/compare.{json,md,png} and returns
+    what they hold, or {"stopped": why} when a signal stopped a run."""
     out = Path(tc.out_dir) / (tc.run_name or "compare")
     configs = {}
     for name, spec in variants.items():
@@ -2916,9 +2923,11 @@ def compare(base: H64LMConfig, tc: TrainConfig, variants: dict[str, dict], seeds
     for seed in seeds:
         for name, config in configs.items():
             run_tc = dataclasses.replace(tc, seed=seed, run_name=f"{name}-seed{seed}", out_dir=str(out))
-            model = study_run(config, run_tc, log)
-            saved = read_checkpoint(out / run_tc.run_name / "latest.pt")
-            runs.append(score_study_run(name, seed, model, saved, run_tc, rt))
+            trained = study_run(config, run_tc, log)
+            if isinstance(trained, str):
+                log(f"the study stopped {trained}; the same command goes on where it stopped")
+                return {"stopped": trained}
+            runs.append(score_study_run(name, seed, *trained, run_tc, rt))
     result = {"base": base.to_dict(), "train_config": asdict(tc), "seeds": list(seeds), "runs": runs,
               "variants": {name: {"spec": variants[name], "config": config.to_dict()}
                            for name, config in configs.items()}}
@@ -3002,7 +3011,9 @@ def save_study_plot(result: dict, path: Path) -> None:
         ax.set(xlabel=label, ylabel="validation loss (nats/token)")
         ax.grid(alpha=0.3)
     axes[0].legend()
-    fig.suptitle(f"{len(result['seeds'])} seeds per variant; bands: best to worst seed")
+    seeds = len(result["seeds"])
+    fig.suptitle(f"{seeds} seed{'s' if seeds > 1 else ''} per variant" + ("; bands: best to worst seed" if seeds > 1
+                                                                         else ""))
     fig.tight_layout()
     save_figure(fig, path)
 
@@ -3373,8 +3384,10 @@ def kind_file_flag(text: str) -> tuple[str, Path]:
 @flag_type("text")
 def variants_flag(text: str) -> list[str]:
     names = [name.strip() for name in text.split(",") if name.strip()]
-    if not names or (unknown := [n for n in names if n not in STUDY_VARIANTS]):
-        raise ValueError(f"choose variants among {', '.join(STUDY_VARIANTS)}, comma-separated")
+    unknown = [n for n in names if n not in STUDY_VARIANTS]
+    if not names or unknown:
+        raise ValueError(f"{', '.join(unknown) or 'no variant'}: choose among {', '.join(STUDY_VARIANTS)}, "
+                         "comma-separated, or define one with --variant NAME:FIELD=VALUE,...")
     return names
 
 
@@ -3687,6 +3700,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         raise H64LMError(str(e)) from None
     variants = {name: STUDY_VARIANTS[name] for name in args.variants} | dict(args.variant)
     result = compare(base, tc, variants, [tc.seed + i for i in range(args.seeds)])
+    if "stopped" in result:  # a signal, or --stop-at
+        return 128 + signal.SIGTERM if "SIGTERM" in result["stopped"] else 130 if "SIGINT" in result["stopped"] else 0
     out = Path(tc.out_dir) / tc.run_name
     print(study_table(result))
     print(f"table: {out / 'compare.md'}\nplot: {out / 'compare.png'}\nnumbers: {out / 'compare.json'}")

@@ -5,10 +5,10 @@ and the analysis numbers (MaxVio, co-activation, drop-one-expert) against hand c
 
 import json
 import math
+import os
 import subprocess
 import sys
 from itertools import combinations
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -178,15 +178,16 @@ def test_global_with_accumulation_counts_f_over_the_whole_step(corpus, tmp_path)
     run = lab_run(corpus, tmp_path, batch_size=2, grad_accum=2, model=dict(balance="global"))
     E, k = run.config.num_experts, run.config.num_experts_per_tok
     indices = h64lm.train_window_indices(0, run.global_batch, run.windows.count, run.tc.seed)
-    probs = {}  # (layer, micro) -> (N, E) router probabilities
     layers = run.model.moe_layers()
+    inputs = {}  # (layer, micro) -> (N, D): what each MoE layer received
     with torch.no_grad():
         for micro in range(2):
-            hooks = [m.register_forward_pre_hook(lambda m, a, i=i, mb=micro: probs.__setitem__(
-                (i, mb), (a[0].reshape(-1, a[0].shape[-1]) @ m.router.weight.T).softmax(-1))) for i, m in layers.items()]
+            hooks = [m.register_forward_pre_hook(lambda m, args, key=(i, micro): inputs.__setitem__(
+                key, args[0].flatten(0, 1))) for i, m in layers.items()]
             run.model(*h64lm.micro_batch(run, indices, micro))
             for h in hooks:
                 h.remove()
+    probs = {key: (x @ layers[key[0]].router.weight.T).softmax(-1) for key, x in inputs.items()}  # (N, E)
     global_loss, switch_loss = [], []
     for i in layers:
         chosen = [probs[i, m].topk(k, dim=-1).indices for m in range(2)]
@@ -223,8 +224,8 @@ def test_two_processes_give_the_same_loss_and_bias_as_one_process(corpus, tmp_pa
     assert one.returncode == 0, one.stderr
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           str(REPO / "h64lm.py"), "train", *map(str, common), "--batch-size", "2", "--run-name",
-                          "two"], capture_output=True, text=True, env={**__import__("os").environ,
-                                                                      "OMP_NUM_THREADS": "1"}, timeout=300)
+                          "two"], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                         timeout=300)
     assert two.returncode == 0, two.stderr
     a, b = (h64lm.read_checkpoint(tmp_path / name / "latest.pt") for name in ("one", "two"))
     history = [[r["aux_loss"] for r in c["history"]["train"]] for c in (a, b)]
@@ -305,6 +306,20 @@ def test_compare_trains_each_variant_and_seed_and_reuses_finished_runs(corpus, t
     assert again.returncode == 0, again.stderr
     assert latest.stat().st_mtime_ns == mtime and "training:" not in again.stderr
     assert (tmp_path / "study" / "compare.md").read_text() == table
+
+
+@pytest.mark.slow
+def test_a_stopped_study_goes_on_where_it_stopped(corpus, tmp_path):
+    args = ["compare", *TINY_FLAGS, "--data", corpus, "--out-dir", tmp_path, "--cache-dir", tmp_path / "cache",
+            "--max-steps", "4", "--eval-every", "2", "--batch-size", "2", "--variants", "switch", "--seeds", "1"]
+    first = run_cli(*args, "--stop-at", "2")
+    assert first.returncode == 0 and "the same command goes on where it stopped" in first.stdout, first.stderr
+    assert not (tmp_path / "compare" / "compare.md").exists()  # no table from a run that is not finished
+    assert h64lm.read_checkpoint(tmp_path / "compare" / "switch-seed1337" / "latest.pt")["step"] == 2
+    second = run_cli(*args)
+    assert second.returncode == 0, second.stderr
+    assert "switch-seed1337: going on from step 2" in second.stdout
+    assert json.loads((tmp_path / "compare" / "compare.json").read_text())["runs"][0]["tokens"] == 4 * 2 * 32
 
 
 def test_compare_refuses_unknown_variants_in_one_sentence(tmp_path):
