@@ -48,7 +48,8 @@ def test_collapsed_routing_scores_worse_than_uniform():
 
 
 def make_moe(**overrides) -> h64lm.MoE:
-    model = h64lm.H64LM(small_config(moe_layers="all", **overrides))
+    """An MoE layer with Switch's balance loss, the one these tests check (tests/test_routing_lab.py has the rest)."""
+    model = h64lm.H64LM(small_config(moe_layers="all", **{"balance": "switch", **overrides}))
     return model.blocks[0].ffn
 
 

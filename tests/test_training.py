@@ -36,7 +36,7 @@ def test_every_parameter_gets_a_gradient():
 
 
 def test_loss_is_cross_entropy_plus_weighted_router_losses():
-    config = small_config(router_aux_loss_coef=0.1, router_z_loss_coef=0.01)
+    config = small_config(router_aux_loss_coef=0.1, router_z_loss_coef=0.01, balance="switch")
     model = h64lm.H64LM(config)
     ids = torch.randint(0, 101, (2, 16))
     targets = ids.roll(-1, dims=1)
