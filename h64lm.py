@@ -2612,9 +2612,11 @@ def train_loop(run: Run, log, on_step: Callable[[dict], None] | None = None) -> 
             run.seconds += now - t_last
             tokens_per_s, t_last = run.tokens_per_step / (now - t_last), now
             mfu = tokens_per_s * flops_per_token / peak
-            bar.set_postfix(loss=f"{stats['lm_loss']:.3f}", aux=f"{stats['aux_loss']:.3f}", lr=f"{stats['lr']:.2e}",
-                            tok_s=f"{tokens_per_s:,.0f}", mfu=f"{mfu:.1%}")
             load = stats.pop("load")  # (L, E)
+            balance = ({} if not len(load) else {"aux": f"{stats['aux_loss']:.3f}"} if stats["aux_loss"]
+                       else {"maxvio": f"{max_violation(load).mean():.2f}"})  # without a loss: how even the load is
+            bar.set_postfix(loss=f"{stats['lm_loss']:.3f}", **balance, lr=f"{stats['lr']:.2e}",
+                            tok_s=f"{tokens_per_s:,.0f}", mfu=f"{mfu:.1%}")
             window_load = load if window_load is None else window_load + load
             if step % tc.log_every == 0 or step == tc.max_steps - 1:
                 layers = [str(i) for i in run.config.moe_layer_ids]
