@@ -2304,7 +2304,7 @@ class Run:
     step: int = 0  # optimizer steps done
     best_val: float = float("inf")
     saved: tuple[Path, int] | None = None  # (path, step) of the last checkpoint written or resumed from
-    seconds: float = 0.0  # wall-clock spent in training steps, resumed runs included
+    seconds: float = 0.0  # wall-clock of the training loop (steps, validations, saves), resumed runs included
 
     @property
     def global_batch(self) -> int:  # sequences per optimizer step, over every process
@@ -2591,6 +2591,17 @@ def train(config: H64LMConfig, tc: TrainConfig, preset: str = "custom", resume: 
     return run.history
 
 
+def history_record(run: Run, stats: dict, load: torch.Tensor, **speed) -> dict:
+    """One entry of training_history.json: what train_step measured, the tokens and time so far, and per MoE layer
+    the step's load (each expert's share of the tokens), its MaxVio and the router's entropy (nats, on the step's
+    last micro-batch). load (L, E)."""
+    layers = [str(i) for i in run.config.moe_layer_ids]
+    return {**stats, "tokens": run.step * run.tokens_per_step, "seconds": run.seconds, **speed,
+            "expert_load": dict(zip(layers, (load / load.sum(-1, keepdim=True).clamp_min(1)).tolist())),
+            "max_vio": dict(zip(layers, max_violation(load).tolist())),
+            "router_entropy": {str(i): s.router_entropy.item() for i, s in run.model.routing_stats().items()}}
+
+
 def train_loop(run: Run, log, on_step: Callable[[dict], None] | None = None) -> None:
     """Steps until max_steps or a stop, each one logged, and validated and saved as often as the TrainConfig
     says; a SIGINT or SIGTERM, agreed on by all processes, saves and stops at the end of the step in flight."""
@@ -2619,14 +2630,7 @@ def train_loop(run: Run, log, on_step: Callable[[dict], None] | None = None) -> 
                             tok_s=f"{tokens_per_s:,.0f}", mfu=f"{mfu:.1%}")
             window_load = load if window_load is None else window_load + load
             if step % tc.log_every == 0 or step == tc.max_steps - 1:
-                layers = [str(i) for i in run.config.moe_layer_ids]
-                run.history["train"].append({
-                    **stats, "tokens": run.step * run.tokens_per_step, "seconds": run.seconds,
-                    "tokens_per_s": tokens_per_s, "mfu": mfu,
-                    "expert_load": dict(zip(layers, (load / load.sum(-1, keepdim=True).clamp_min(1)).tolist())),
-                    "max_vio": dict(zip(layers, max_violation(load).tolist())),  # this step's, per MoE layer
-                    "router_entropy": {str(i): s.router_entropy.item()  # nats, the step's last micro-batch
-                                       for i, s in run.model.routing_stats().items()}})
+                run.history["train"].append(history_record(run, stats, load, tokens_per_s=tokens_per_s, mfu=mfu))
             signalled = torch.tensor(float(stop.signum is not None), device=rt.device)
             if rt.world_size > 1:
                 torch.distributed.all_reduce(signalled)
