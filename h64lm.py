@@ -3392,7 +3392,7 @@ def kind_file_flag(text: str) -> tuple[str, Path]:
 
 @flag_type("text")
 def variants_flag(text: str) -> list[str]:
-    names = [name.strip() for name in text.split(",") if name.strip()]
+    names = [name.strip() for name in text_flag(text).split(",") if name.strip()]
     unknown = [n for n in names if n not in STUDY_VARIANTS]
     if not names or unknown:
         raise ValueError(f"{', '.join(unknown) or 'no variant'}: choose among {', '.join(STUDY_VARIANTS)}, "
