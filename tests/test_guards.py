@@ -112,9 +112,29 @@ def _valued_flags():
                 yield command, action
 
 
+def _built_alike(a: argparse.Action, b: argparse.Action) -> bool:
+    """Two flags parsed the same way: the same choices, or a type of the same kind with the same tags (range,
+    optional), as add_dataclass_flags builds every field's flag for both train and compare."""
+    def tags(action):
+        return {k: v for k, v in vars(action.type).items() if k != "__wrapped__"} if action.type else None
+    return a.choices == b.choices and tags(a) == tags(b) and a.option_strings == b.option_strings
+
+
+def _shared_with_train(command: str, action: argparse.Action) -> bool:
+    """compare's model and training flags are train's, built by the same code: their hostile values are tried once,
+    on train (test_compare_flags_are_built_like_trains proves they are built alike)."""
+    if command != "compare":
+        return False
+    train = {a.option_strings[0]: a for a in _subcommands()["train"]._actions if a.option_strings}
+    twin = train.get(action.option_strings[0])
+    return twin is not None and _built_alike(action, twin)
+
+
 def _cases():
     for command, action in _valued_flags():
         flag = action.option_strings[0]
+        if _shared_with_train(command, action):
+            continue
         if action.choices is not None:
             yield command, flag, "not-a-choice"
         elif getattr(action.type, "kind", None) in HOSTILE:
@@ -123,6 +143,13 @@ def _cases():
 
 
 CASES = list(_cases())
+
+
+def test_compare_flags_are_built_like_trains():
+    compare = [a for c, a in _valued_flags() if c == "compare"]
+    shared = [a for a in compare if _shared_with_train("compare", a)]
+    assert {a.option_strings[0] for a in shared} >= {"--hidden-size", "--balance", "--lr", "--seed", "--data"}
+    assert {a.option_strings[0] for a in compare if a not in shared} == {"--variants", "--variant", "--seeds"}
 
 
 def test_every_flag_checks_its_value():
