@@ -3708,7 +3708,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise H64LMError(str(e)) from None
     variants = {name: STUDY_VARIANTS[name] for name in args.variants} | dict(args.variant)
-    result = compare(base, tc, variants, [tc.seed + i for i in range(args.seeds)])
+    seeds = [tc.seed + i for i in range(args.seeds)]
+    if seeds[-1] not in SEED:
+        raise H64LMError(f"--seed {tc.seed} with --seeds {args.seeds} goes past the last seed, {int(SEED.high)}; "
+                         "start lower.")
+    result = compare(base, tc, variants, seeds)
     if "stopped" in result:  # a signal, or --stop-at
         return 128 + signal.SIGTERM if "SIGTERM" in result["stopped"] else 130 if "SIGINT" in result["stopped"] else 0
     out = Path(tc.out_dir) / tc.run_name

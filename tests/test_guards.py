@@ -194,6 +194,10 @@ LATE_BAD_INPUTS = [
     ("resume settings made invalid", "train --resume {run} --min-lr 1", "min_lr (1.0) must not exceed lr"),
     ("analyze text that is a folder", "analyze --ckpt {run} --text prose={tmp}/empty --out {tmp}/r.png",
      "no such file, or it is empty"),
+    ("compare seeds past the last", "compare --seed 4294967295 --seeds 2 --data {corpus} --out-dir {tmp}/study",
+     "goes past the last seed"),
+    ("compare a variant that is no model", "compare --variant odd:num_experts_per_tok=9 --data {corpus} "
+     "--out-dir {tmp}/study", "The variant odd is not a valid model"),
 ]
 
 
