@@ -2928,6 +2928,8 @@ def compare(base: H64LMConfig, tc: TrainConfig, variants: dict[str, dict], seeds
     rt = setup_runtime(tc.device, tc.precision)
     if rt.world_size > 1:
         raise H64LMError("compare trains its runs one after another in one process; start it without torchrun.")
+    tokenizer = load_tokenizer(tc.tokenizer)  # every run is scored on the same validation tokens, read once
+    valid = load_token_splits(tc.data, tokenizer, tc.cache_dir, log=lambda *a, **k: None)[1]["valid"].tokens
     runs = []
     for seed in seeds:
         for name, config in configs.items():
@@ -2936,7 +2938,7 @@ def compare(base: H64LMConfig, tc: TrainConfig, variants: dict[str, dict], seeds
             if isinstance(trained, str):
                 log(f"the study stopped {trained}; the same command goes on where it stopped")
                 return {"stopped": trained}
-            runs.append(score_study_run(name, seed, *trained, run_tc, rt))
+            runs.append(score_study_run(name, seed, *trained, run_tc, rt, valid))
     result = {"base": base.to_dict(), "train_config": asdict(tc), "seeds": list(seeds), "runs": runs,
               "variants": {name: {"spec": variants[name], "config": config.to_dict()}
                            for name, config in configs.items()}}
@@ -2947,10 +2949,10 @@ def compare(base: H64LMConfig, tc: TrainConfig, variants: dict[str, dict], seeds
     return result
 
 
-def score_study_run(name: str, seed: int, model: H64LM, saved: dict, tc: TrainConfig, rt: Runtime) -> dict:
-    """One finished run's numbers: loss on the whole validation split, its curve, time, and balance."""
-    tokenizer = load_tokenizer(tc.tokenizer)
-    _, splits = load_token_splits(tc.data, tokenizer, tc.cache_dir, log=lambda *a, **k: None)
+def score_study_run(name: str, seed: int, model: H64LM, saved: dict, tc: TrainConfig, rt: Runtime,
+                    valid: np.ndarray) -> dict:
+    """One finished run's numbers: loss on the whole validation split (its tokens: valid), its curve, time, and
+    balance."""
     seq_len = tc.seq_len or model.config.max_position_embeddings
     model.to(rt.device)
     moe = list(model.moe_layers().values())
@@ -2961,7 +2963,7 @@ def score_study_run(name: str, seed: int, model: H64LM, saved: dict, tc: TrainCo
 
     hooks = [layer.register_forward_hook(count) for layer in moe]
     try:
-        nll, tokens = evaluate(model, splits["valid"].tokens, seq_len, tc.batch_size, rt, progress=True)
+        nll, tokens = evaluate(model, valid, seq_len, tc.batch_size, rt, progress=True)
     finally:
         for hook in hooks:
             hook.remove()
