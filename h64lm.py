@@ -1641,6 +1641,7 @@ def train_window_indices(step: int, global_batch: int, num_windows: int, seed: i
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 DEVICES = ("auto", "cpu", "cuda")
+OPTIMIZERS = ("adamw", "muon")
 
 
 @dataclass
@@ -1655,6 +1656,7 @@ class TrainConfig:
     batch_size: int = 16  # sequences per micro-batch per process
     grad_accum: int = 4  # micro-batches per optimizer step; global batch = batch_size x grad_accum x processes
     max_steps: int = 5000  # optimizer steps
+    optimizer: str = "adamw"  # "adamw", or "muon": Muon for the hidden matrices, AdamW for the rest (make_optimizer)
     lr: float = 6e-4  # peak learning rate; GPT-3 (Brown et al. 2020, table 2.1) for a model of 125M active
     min_lr: float = 6e-5  # learning rate at the end of the cosine decay; lr / 10 as in Chinchilla
     warmup_steps: int = 200  # steps of linear warm-up from 0 to lr
@@ -1689,6 +1691,8 @@ class TrainConfig:
         if self.precision not in PRECISIONS or self.device not in DEVICES:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)} and device one of "
                              f"{', '.join(DEVICES)}, got {self.precision!r} and {self.device!r}.")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}.")
 
 
 def check_run_name(name: str) -> None:
@@ -1796,16 +1800,102 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def make_optimizer(model: nn.Module, tc: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW (Loshchilov & Hutter 2019) with weight decay on matrices (and the stacked expert matrices) only:
+def make_optimizer(model: nn.Module, tc: TrainConfig, device: torch.device, log=None) -> torch.optim.Optimizer:
+    """The optimizer tc.optimizer names, with weight decay on matrices (and the stacked expert matrices) only:
     decaying norm gains pulls them towards 0, which is not the prior we want for a scale.
 
-    fused=True runs the whole update as one kernel per dtype and device, on CPU too (PyTorch 2.4+), instead of a
-    loop over the parameters."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), fused=True)
+    adamw: AdamW (Loshchilov & Hutter 2019) for everything. fused=True runs the whole update as one kernel per
+    dtype and device, on CPU too (PyTorch 2.4+), instead of a loop over the parameters.
+
+    muon: Muon (Jordan et al. 2024) for the matrices inside the blocks (attention, dense and shared MLPs, and each
+    expert's three), AdamW for the embeddings, the LM head, the norms and the routers, as Muon's authors advise:
+    the first and last layers and the scalars are not hidden linear maps. Muon uses Moonshot's scaling (Liu et al.
+    2025, "Muon is Scalable for LLM Training", section 2.2: the update's RMS matched to AdamW's, 0.2 * sqrt(max(A,
+    B))), so that both take the same learning rate, schedule and weight decay; `log` gets the split."""
+    adamw = dict(lr=tc.lr, betas=(tc.beta1, tc.beta2), fused=True)
+    if tc.optimizer == "adamw":
+        return torch.optim.AdamW(decay_groups(list(model.parameters()), tc.weight_decay), **adamw)
+    hidden, rest = [], []
+    for name, p in model.named_parameters():
+        is_hidden = p.dim() >= 2 and not any(part in name for part in ("embed", "lm_head", "router"))
+        (hidden if is_hidden else rest).append(p)
+    if log is not None:
+        count = lambda ps: sum(p.numel() for p in ps)  # noqa: E731
+        log(f"optimizer: Muon for {len(hidden)} hidden matrices ({count(hidden):,} parameters; a stacked expert "
+            f"tensor is orthogonalised one expert at a time), AdamW for the embeddings, LM head, norms and routers "
+            f"({count(rest):,} parameters)")
+    return Optimizers(adamw=torch.optim.AdamW(decay_groups(rest, tc.weight_decay), **adamw),
+                      muon=ExpertMuon(hidden, lr=tc.lr, weight_decay=tc.weight_decay, adjust_lr_fn="match_rms_adamw"))
+
+
+def decay_groups(params: list[nn.Parameter], weight_decay: float) -> list[dict]:
+    """Two parameter groups: matrices with weight decay, vectors (norm gains) without."""
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+
+class ExpertMuon(torch.optim.Muon):
+    """torch.optim.Muon, which orthogonalises 2-D matrices only, taught the stacked expert tensors.
+
+    An (E, in, out) tensor holds E matrices, and a mixed update would be wrong: Newton-Schulz on the stack as one
+    matrix would tie the experts together. So each expert's slice is handed to torch's own update as the (out, in)
+    matrix an nn.Linear would hold (a transposed view, updated in place), with the matching slice of one (E, in,
+    out) momentum buffer: each expert's step is exactly torch's Muon step on that expert's matrix alone (a test
+    compares them)."""
+
+    def __init__(self, params, **options):
+        # torch's constructor refuses anything but 2-D parameters; its checked defaults come from a stand-in.
+        defaults = torch.optim.Muon([torch.zeros(1, 1, requires_grad=True)], **options).defaults
+        torch.optim.Optimizer.__init__(self, params, defaults)
+
+    def _init_group(self, group, params_with_grad, grads, muon_momentum_bufs) -> bool:
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
+            buf = state["momentum_buffer"]
+            if p.dim() == 2:
+                params_with_grad.append(p)
+                grads.append(p.grad)
+                muon_momentum_bufs.append(buf)
+            else:  # (E, in, out): E matrices (out, in), views of the stack
+                params_with_grad.extend(p[e].mT for e in range(p.shape[0]))
+                grads.extend(p.grad[e].mT for e in range(p.shape[0]))
+                muon_momentum_bufs.extend(buf[e].mT for e in range(p.shape[0]))
+        return False  # no complex parameters
+
+
+class Optimizers:
+    """Several optimizers used as one (Muon's and AdamW's): their parameter groups in one list, so that the
+    learning-rate schedule reaches all of them; one step, one zero_grad, one state_dict."""
+
+    def __init__(self, **named: torch.optim.Optimizer):
+        self.named = named
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [group for opt in self.named.values() for group in opt.param_groups]
+
+    @property
+    def state(self) -> dict:
+        return {p: s for opt in self.named.values() for p, s in opt.state.items()}
+
+    def step(self) -> None:
+        for opt in self.named.values():
+            opt.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.named.values():
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return {name: opt.state_dict() for name, opt in self.named.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, opt in self.named.items():
+            opt.load_state_dict(state[name])
 
 
 def learning_rate(step: int, tc: TrainConfig) -> float:
@@ -2341,7 +2431,7 @@ def load_run_data(config: H64LMConfig, tc: TrainConfig, rt: Runtime, seq_len: in
 
 def start_run(config: H64LMConfig, tc: TrainConfig, rt: Runtime, run_dir: Path, resume: Path | None = None,
               ckpt: dict | None = None, allow_mismatch: bool = False, log=print) -> Run:
-    """Everything a run needs before its first step: data, model, AdamW, and, when resuming, the state of the
+    """Everything a run needs before its first step: data, model, optimizer, and, when resuming, the state of the
     checkpoint ckpt read from resume (read once, by the caller). Seeds so that a run is a function of its settings."""
     seq_len = tc.seq_len or config.max_position_embeddings
     check_seq_len(seq_len, config, remedy="lower it or raise --max-position-embeddings")
@@ -2366,7 +2456,7 @@ def start_run(config: H64LMConfig, tc: TrainConfig, rt: Runtime, run_dir: Path, 
         step_model = nn.parallel.DistributedDataParallel(step_model, device_ids=None if rt.device.type == "cpu"
                                                          else [rt.device.index])
     run = Run(config=config, tc=tc, rt=rt, run_dir=run_dir, model=model, step_model=step_model,
-              optimizer=make_optimizer(model, tc, rt.device),
+              optimizer=make_optimizer(model, tc, rt.device, log),
               scaler=torch.amp.GradScaler(enabled=rt.dtype == torch.float16),
               windows=PackedWindows(splits["train"].tokens, seq_len), valid_tokens=splits["valid"].tokens,
               seq_len=seq_len, provenance=provenance(tokenizer, source),
@@ -2383,15 +2473,20 @@ def start_run(config: H64LMConfig, tc: TrainConfig, rt: Runtime, run_dir: Path, 
 
 
 def restore_run(run: Run, ckpt: dict, resume: Path, log) -> None:
-    """Put a checkpoint's training state into a fresh run: AdamW, the gradient scaler, step, best validation loss,
+    """Put a checkpoint's training state into a fresh run: the optimizer, the gradient scaler, step, best validation loss,
     history, and every process's random generators, so that the run goes on exactly as if it had not stopped."""
     try:
+        was = TrainConfig(**ckpt["train_config"])
+        if was.optimizer != run.tc.optimizer:
+            raise H64LMError(f"The run in {resume} was trained with --optimizer {was.optimizer}, whose state does "
+                             f"not fit {run.tc.optimizer}; resume it with --optimizer {was.optimizer}, or start a "
+                             "new --run-name.")
         run.optimizer.load_state_dict(ckpt["optimizer"])
         run.scaler.load_state_dict(ckpt["scaler"])
         run.step, run.best_val, run.seconds = ckpt["step"], ckpt["best_val_loss"], ckpt.get("seconds", 0.0)
         run.history["train"] = [r for r in ckpt["history"]["train"] if r["step"] < run.step]
         run.history["val"] = [r for r in ckpt["history"]["val"] if r["step"] <= run.step]
-        states, was = ckpt["rng"], TrainConfig(**ckpt["train_config"])
+        states = ckpt["rng"]
     except (KeyError, TypeError, ValueError):
         raise H64LMError(f"{resume} holds the weights but not a whole training state (its optimizer state or "
                          "history is missing or damaged); start a new run from scratch.") from None
@@ -2411,7 +2506,7 @@ def train_step(run: Run, step: int) -> dict:
     """Optimizer step `step`: set its learning rate, forward and backward over grad_accum micro-batches (the loss
     divided by grad_accum, so that the gradient is the mean over the whole batch; DDP averages it over the
     processes on the last micro-batch), check that the loss and the gradient are finite before they touch the
-    weights, clip the gradient norm, step AdamW. Returns what it measured, averaged over all processes."""
+    weights, clip the gradient norm, step the optimizer. Returns what it measured, averaged over all processes."""
     tc, rt, model = run.tc, run.rt, run.step_model
     lr = learning_rate(step, tc)
     for group in run.optimizer.param_groups:
@@ -3424,7 +3519,7 @@ def custom_variant_flag(text: str) -> tuple[str, dict]:
 # String fields with a fixed set of values, for argparse's choices=, and the other string fields' types.
 FIELD_CHOICES = {"attention_type": ATTENTION_TYPES, "router_scoring": ROUTER_SCORINGS, "balance": BALANCE_METHODS,
                  "attn_impl": ATTENTION_IMPLS, "moe_impl": MOE_IMPLS, "loss_impl": LOSS_IMPLS, "precision": PRECISIONS,
-                 "device": DEVICES}
+                 "device": DEVICES, "optimizer": OPTIMIZERS}
 FIELD_TYPES = {"data": data_flag, "run_name": run_name_flag, "out_dir": output_folder_flag,
                "tokenizer": folder_flag, "cache_dir": output_folder_flag, "moe_layers": text_flag}
 
@@ -3667,8 +3762,9 @@ def train_settings(args: argparse.Namespace) -> tuple[H64LMConfig, TrainConfig, 
         saved_tc = ckpt.get("train_config")
         if not isinstance(saved_tc, dict) or "step" not in ckpt:
             raise H64LMError(f"{resume} holds weights but no training state; start a new run instead.")
+        defaults = {f.name: f.default for f in fields(TrainConfig)}  # for a field newer than the checkpoint
         fixed = {k: v for k, v in train_flags.items() if k not in RESUMABLE_FLAGS | {"run_name", "out_dir"}
-                 and saved_tc.get(k) != v}
+                 and saved_tc.get(k, defaults[k]) != v}
         if fixed:
             raise H64LMError(f"--resume cannot change {', '.join('--' + k.replace('_', '-') for k in fixed)}: the run "
                              "would no longer continue the same way; start a new --run-name instead.")

@@ -40,7 +40,8 @@ def val_losses(run_dir: Path) -> list[tuple[int, float]]:
     ["--balance", "aux_free", "--bias-update-rate", "0.01"],  # the bias is state that must be saved and restored
     # global: the counting pass before each step must leave the jitter's generator as it found it
     ["--balance", "global", "--grad-accum", "2", "--router-jitter-noise", "0.1"],
-], ids=["plain", "jitter", "aux_free", "global"])
+    ["--optimizer", "muon"],  # two optimizers' state (Muon's momentum, AdamW's moments) saved as one
+], ids=["plain", "jitter", "aux_free", "global", "muon"])
 def test_stopped_and_resumed_run_is_bit_identical_to_a_straight_run(corpus, tmp_path, extra):
     common = [*TINY_FLAGS, *STEPS, "--data", corpus, "--out-dir", tmp_path, "--cache-dir", tmp_path / "cache", *extra]
     straight = run_cli("train", *common, "--run-name", "straight")
@@ -65,9 +66,10 @@ def test_stopped_and_resumed_run_is_bit_identical_to_a_straight_run(corpus, tmp_
 
 
 @pytest.mark.slow
-def test_two_process_run_resumes_bit_identically(corpus, tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_two_process_run_resumes_bit_identically(corpus, tmp_path, optimizer):
     common = [*TINY_FLAGS, *STEPS, "--data", corpus, "--out-dir", tmp_path, "--cache-dir", tmp_path / "cache",
-              "--device", "cpu"]
+              "--device", "cpu", "--optimizer", optimizer]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
     def torchrun(*args):
@@ -272,6 +274,7 @@ BAD_INPUTS = [
     ("resume a missing path", "train --resume {tmp}/nowhere", "Nothing to resume at"),
     ("resume with another model", "train --resume {run} --hidden-size 64", "takes the model from the checkpoint"),
     ("resume changing the data order", "train --resume {run} --seed 7", "--resume cannot change --seed"),
+    ("resume with another optimizer", "train --resume {run} --optimizer muon", "--resume cannot change --optimizer"),
     ("vocabulary larger than the model", "train {tiny} --vocab-size 1000 --data {corpus} --run-name x",
      "tokenizer has 32000 tokens but the model only 1000"),
     ("CUDA absent", "train {tiny} --device cuda --data {corpus} --run-name x", "sees no CUDA GPU"),
