@@ -9,9 +9,9 @@ number and title, by a section of the notebook H64LM.ipynb.
      2. RMSNorm                     15. Training
      3. Rotary position embedding   16. Evaluation
      4. ALiBi                       17. Routing analysis
-     5. Attention masks             18. Benchmark
-     6. The KV cache                19. Command line
-     7. Grouped-query attention
+     5. Attention masks             18. Sharing the model: transformers
+     6. The KV cache                19. Benchmark
+     7. Grouped-query attention     20. Command line
      8. SwiGLU feed-forward
      9. The router and its losses
     10. The Mixture-of-Experts layer
@@ -973,10 +973,8 @@ class H64LM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed.weight
-        # Non-persistent buffers: derived from the config, so they are rebuilt, never loaded.
-        self.register_buffer("rope_inv_freq", rope_inverse_frequencies(config.head_dim, config.rope_theta),
-                             persistent=False)
-        self.register_buffer("alibi_slopes", alibi_slopes(config.num_heads), persistent=False)
+        for name, value in self.derived_buffers().items():
+            self.register_buffer(name, value, persistent=False)
         # Recompute each block's activations in backward instead of storing them: less memory, about 1/3 more compute.
         self.gradient_checkpointing = False
         self.reset_parameters()
@@ -985,6 +983,11 @@ class H64LM(nn.Module):
     def reset_parameters(self) -> None:
         for name, p in self.named_parameters():
             init_weight(name, p, self.config)
+
+    def derived_buffers(self) -> dict[str, torch.Tensor]:
+        """The non-persistent buffers: derived from the config, so they are rebuilt, never loaded."""
+        return {"rope_inv_freq": rope_inverse_frequencies(self.config.head_dim, self.config.rope_theta),
+                "alibi_slopes": alibi_slopes(self.config.num_heads)}
 
     def attention_bias(self, q_pos: torch.Tensor, k_pos: torch.Tensor, plain_causal: bool) -> torch.Tensor | None:
         """What every layer adds to its attention scores: None for the plain causal mask (fast kernels know it),
@@ -3125,7 +3128,201 @@ def save_study_plot(result: dict, path: Path) -> None:
 
 
 # -----------------------------------------------------------------------------
-# 18. Benchmark
+# 18. Sharing the model: transformers
+# -----------------------------------------------------------------------------
+# The tools that evaluate and serve language models (lm-evaluation-harness, a
+# plain transformers script, vLLM) load a folder with
+# AutoModelForCausalLM.from_pretrained. `export --format hf` writes one, in one
+# of two ways:
+#
+#   - Native, when the model computes exactly what a transformers architecture
+#     computes: Mixtral (every layer MoE, RoPE alone, softmax top-k, no shared
+#     experts, no routing bias) or Mistral (every layer dense, RoPE alone). The
+#     weights are renamed into that architecture and transformers' own code
+#     runs them; no remote code. (tests/test_reference_models.py shows that
+#     these architectures compute what H64LM computes.)
+#   - Remote code, for everything else (ALiBi, alternating layers, sigmoid
+#     routing, shared experts, aux_free's bias), which no transformers
+#     architecture expresses: the folder carries this file and a two-line
+#     modeling_h64lm.py that takes H64LM wrapped in a PreTrainedModel with
+#     GenerationMixin (transformers_classes). One implementation, not two;
+#     loading it needs trust_remote_code=True, as any custom model does.
+#
+# Either way the tokenizer is saved beside the weights, so that
+# AutoTokenizer.from_pretrained reads the same folder.
+
+def native_architecture(model: H64LM) -> str | None:
+    """"mixtral" or "mistral" when a transformers architecture computes exactly this model, else None."""
+    config = model.config
+    if config.attention_type != "rope":
+        return None
+    if not config.moe_layer_ids:
+        return "mistral"
+    no_bias = all(m.balance_bias is None or not m.balance_bias.any() for m in model.moe_layers().values())
+    if (len(config.moe_layer_ids) == config.num_layers and config.router_scoring == "softmax"
+            and config.num_shared_experts == 0 and no_bias):
+        return "mixtral"
+    return None
+
+
+def transformers_config(config: H64LMConfig, architecture: str, **extra):
+    """The MixtralConfig or MistralConfig of the same shape as config."""
+    from transformers import MistralConfig, MixtralConfig
+
+    shape = dict(vocab_size=config.vocab_size, hidden_size=config.hidden_size, num_hidden_layers=config.num_layers,
+                 num_attention_heads=config.num_heads, num_key_value_heads=config.num_kv_heads,
+                 head_dim=config.head_dim, max_position_embeddings=config.max_position_embeddings,
+                 rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
+                 rms_norm_eps=config.rms_norm_eps, sliding_window=config.sliding_window,
+                 tie_word_embeddings=config.tie_word_embeddings, **extra)
+    if architecture == "mistral":
+        return MistralConfig(intermediate_size=config.intermediate_size, **shape)
+    return MixtralConfig(intermediate_size=config.expert_intermediate_size, num_local_experts=config.num_experts,
+                         num_experts_per_tok=config.num_experts_per_tok,
+                         router_aux_loss_coef=config.router_aux_loss_coef, **shape)
+
+
+def transformers_state_dict(model: H64LM) -> dict[str, torch.Tensor]:
+    """H64LM's weights under transformers' Mistral/Mixtral names and layouts."""
+    state = {"model.embed_tokens.weight": model.embed.weight, "model.norm.weight": model.norm.weight,
+             "lm_head.weight": model.lm_head.weight}
+    for i, block in enumerate(model.blocks):
+        prefix = f"model.layers.{i}."
+        state[prefix + "input_layernorm.weight"] = block.attn_norm.weight
+        state[prefix + "post_attention_layernorm.weight"] = block.ffn_norm.weight
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            state[prefix + f"self_attn.{proj}.weight"] = getattr(block.attn, proj).weight
+        ffn = block.ffn
+        if block.is_moe:
+            # transformers keeps (E, out, in) for F.linear, gate and up side by side; we keep (E, in, out).
+            state[prefix + "mlp.gate.weight"] = ffn.router.weight  # (E, D)
+            state[prefix + "mlp.experts.gate_up_proj"] = torch.cat([ffn.w_gate, ffn.w_up], 2).mT  # (E, 2F, D)
+            state[prefix + "mlp.experts.down_proj"] = ffn.w_down.mT  # (E, D, F)
+        else:
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                state[prefix + f"mlp.{proj}.weight"] = getattr(ffn, proj).weight
+    return {name: t.detach().contiguous() for name, t in state.items()}
+
+
+def to_transformers(model: H64LM, **extra):
+    """A transformers MixtralForCausalLM or MistralForCausalLM that computes what model computes (float32)."""
+    from transformers import MistralForCausalLM, MixtralForCausalLM
+
+    architecture = native_architecture(model)
+    if architecture is None:
+        raise ValueError("this model has no transformers architecture; export it with remote code.")
+    cls = MixtralForCausalLM if architecture == "mixtral" else MistralForCausalLM
+    hf = cls(transformers_config(model.config, architecture, **extra))
+    hf.load_state_dict(transformers_state_dict(model), strict=True)
+    return hf.eval()
+
+
+@functools.cache
+def transformers_classes():
+    """(H64LMHFConfig, H64LMForCausalLM): H64LM as transformers sees a model, for the remote-code export. Defined on
+    first call, so that importing h64lm does not import transformers."""
+    from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
+    from transformers.modeling_outputs import CausalLMOutput
+
+    class H64LMHFConfig(PretrainedConfig):
+        model_type = "h64lm"
+
+        def __init__(self, h64lm: dict | None = None, **kwargs):
+            self.h64lm = dict(h64lm or {})  # H64LMConfig.to_dict()
+            kwargs.setdefault("tie_word_embeddings", self.h64lm.get("tie_word_embeddings", False))
+            kwargs["use_cache"] = False  # see H64LMForCausalLM
+            super().__init__(**kwargs)
+            # The usual names of the shape, which tools read (lm-evaluation-harness its context length).
+            for name, ours in (("vocab_size", "vocab_size"), ("hidden_size", "hidden_size"),
+                               ("num_hidden_layers", "num_layers"), ("num_attention_heads", "num_heads"),
+                               ("num_key_value_heads", "num_kv_heads"),
+                               ("max_position_embeddings", "max_position_embeddings")):
+                setattr(self, name, self.h64lm.get(ours))
+
+    class H64LMForCausalLM(PreTrainedModel, GenerationMixin):
+        """H64LM in transformers' clothes. No KV cache is kept between generate()'s steps: each step runs the whole
+        sequence again, which is correct and, for the short prompts an evaluation harness sends, fast enough."""
+        config_class = H64LMHFConfig
+        base_model_prefix = "model"
+        _tied_weights_keys = {"model.lm_head.weight": "model.embed.weight"}
+
+        def __init__(self, config: H64LMHFConfig):
+            super().__init__(config)
+            self.model = H64LM(H64LMConfig(**config.h64lm))
+            self.post_init()
+
+        @torch.no_grad()
+        def _init_weights(self, module):
+            # from_pretrained builds the model on the meta device and loads every weight from the file; what no
+            # file holds, the buffers derived from the config, is computed again here.
+            if isinstance(module, H64LM):
+                for name, value in module.derived_buffers().items():
+                    getattr(module, name).copy_(value)
+
+        def get_input_embeddings(self):
+            return self.model.embed
+
+        def get_output_embeddings(self):
+            return self.model.lm_head
+
+        def forward(self, input_ids, attention_mask=None, labels=None, **kwargs):
+            """transformers' calling convention: padding (0 in attention_mask), left or right, gets position -1,
+            which H64LM's masks skip; labels are the inputs (shifted here), -100 ignored."""
+            positions = None
+            if attention_mask is not None and not bool(attention_mask.all()):
+                positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, -1)
+            logits = self.model(input_ids, positions=positions).logits  # (B, T, V)
+            loss = None
+            if labels is not None:
+                loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                       ignore_index=-100)
+            return CausalLMOutput(loss=loss, logits=logits)
+
+        def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
+            return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+    return H64LMHFConfig, H64LMForCausalLM
+
+
+# What an exported remote-code folder imports: this file, copied beside it.
+REMOTE_CODE = ('"""H64LM for transformers: the model is h64lm.py, beside this file (python h64lm.py export --format hf).'
+               '"""\n\nfrom .h64lm import transformers_classes\n\nH64LMHFConfig, H64LMForCausalLM = '
+               'transformers_classes()\n')
+
+
+def export_transformers(path: str | Path, out: str | Path, tokenizer_path: str | Path = DEFAULT_TOKENIZER,
+                        dtype: torch.dtype = torch.float32) -> str:
+    """Write a checkpoint as a folder that AutoModelForCausalLM and AutoTokenizer load (see above). Returns the
+    architecture written: "mixtral", "mistral" or "h64lm" (remote code)."""
+    model, ckpt = load_checkpoint(path)
+    tokenizer = load_tokenizer(tokenizer_path)
+    check_vocab(tokenizer, model.config)
+    out = Path(out)
+    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+               pad_token_id=tokenizer.pad_token_id)
+    architecture = native_architecture(model)
+    if architecture is not None:
+        hf = to_transformers(model, **ids)
+    else:
+        config_cls, model_cls = transformers_classes()
+        config = config_cls(h64lm=model.config.to_dict(), **ids)
+        config.auto_map = {"AutoConfig": "modeling_h64lm.H64LMHFConfig",
+                           "AutoModelForCausalLM": "modeling_h64lm.H64LMForCausalLM"}
+        hf = model_cls(config)
+        hf.model.load_state_dict(model.state_dict())
+        hf.generation_config.use_cache = False
+        architecture = "h64lm"
+    out.mkdir(parents=True, exist_ok=True)
+    hf.to(dtype).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    if architecture == "h64lm":
+        shutil.copyfile(Path(__file__), out / "h64lm.py")
+        (out / "modeling_h64lm.py").write_text(REMOTE_CODE)
+    return architecture
+
+
+# -----------------------------------------------------------------------------
+# 19. Benchmark
 # -----------------------------------------------------------------------------
 # `h64lm.py bench` times what matters for pretraining and serving, always side
 # by side with a reference measured in the same process, so that the ratios
@@ -3351,7 +3548,7 @@ def bench_report(r: dict) -> str:
     return "\n".join(lines)
 
 # -----------------------------------------------------------------------------
-# 19. Command line
+# 20. Command line
 # -----------------------------------------------------------------------------
 #   python h64lm.py train    [--preset tiny] [--data sample] [--max-steps 200] [--resume] ...
 #   python h64lm.py eval     --ckpt checkpoints/tiny [--split test] [--json]
@@ -3697,11 +3894,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_bench)
 
-    p = command("export", "write a checkpoint's weights as safetensors",
-                "Write <out>/model.safetensors and <out>/config.json: the weights alone, in a format that cannot "
-                "hold code, for sharing; eval and generate read the folder.")
+    p = command("export", "write a checkpoint's weights as safetensors, for h64lm.py or for transformers",
+                "--format h64lm: <out>/model.safetensors and <out>/config.json, the weights alone in a format that "
+                "cannot hold code; eval and generate read the folder. --format hf: a folder that transformers' "
+                "AutoModelForCausalLM and AutoTokenizer load: a native Mixtral or Mistral when the model is exactly "
+                "one (RoPE only, and every layer MoE with softmax routing and no shared experts or routing bias, or "
+                "every layer dense), otherwise this file as remote code (trust_remote_code=True).")
     p.add_argument("--ckpt", required=True, type=checkpoint_flag, help="a run folder (its best.pt) or a .pt file")
     p.add_argument("--out", required=True, type=output_folder_flag, help="folder to write")
+    p.add_argument("--format", default="h64lm", choices=("h64lm", "hf"),
+                   help="h64lm: this program's own; hf: Hugging Face transformers'")
+    p.add_argument("--tokenizer", default=str(DEFAULT_TOKENIZER), type=folder_flag,
+                   help="with --format hf: the tokenizer to save beside the model")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                    help="precision of the stored weights; bfloat16 halves the file")
     p.set_defaults(func=cmd_export)
@@ -3961,8 +4165,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not (out / "model.safetensors").exists():
         raise H64LMError(f"{out} holds other files; export into an empty or new folder.")
-    path = export_checkpoint(args.ckpt, out, getattr(torch, args.dtype))
-    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB) and config.json")
+    if args.format == "h64lm":
+        path = export_checkpoint(args.ckpt, out, getattr(torch, args.dtype))
+        print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB) and config.json")
+        return 0
+    architecture = export_transformers(args.ckpt, out, args.tokenizer, getattr(torch, args.dtype))
+    if architecture == "h64lm":
+        print(f"wrote {out}: H64LM as remote code (h64lm.py, modeling_h64lm.py) with its tokenizer; load it with "
+              "AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)")
+    else:
+        print(f"wrote {out}: a native transformers {architecture.capitalize()} with its tokenizer; load it with "
+              "AutoModelForCausalLM.from_pretrained(path)")
     return 0
 
 

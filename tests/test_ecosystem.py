@@ -1,11 +1,16 @@
 """Out into the ecosystem: Muon from torch (with the experts orthogonalised one at a time), models that
 transformers loads, and the interactive prompt."""
 
+import dataclasses
+
 import pytest
 import torch
 
 import h64lm
-from conftest import small_config
+from conftest import REPO, TINY_FLAGS, run_cli, small_config
+
+DEMO = REPO / "checkpoints" / "demo"
+PROMPT = "The river rises in the hills north of the town and"
 
 
 # --- Muon --------------------------------------------------------------------------------------------------------
@@ -88,3 +93,103 @@ def test_resuming_with_another_optimizer_is_refused_in_one_sentence():
     run = type("Run", (), dict(tc=tc, optimizer=None))()
     with pytest.raises(h64lm.H64LMError, match="was trained with --optimizer adamw.*resume it with --optimizer adamw"):
         h64lm.restore_run(run, {"train_config": {}}, "old.pt", print)
+
+
+# --- A model transformers loads ------------------------------------------------------------------------------------
+
+def greedy_cli(ckpt, new_tokens: int = 24) -> str:
+    result = run_cli("generate", "--ckpt", ckpt, "--prompt", PROMPT, "--greedy", "--max-new-tokens", new_tokens)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def assert_transformers_matches(out, ckpt, expected_class: str, trust_remote_code: bool):
+    """Logits of the transformers-loaded folder equal H64LM's (float32, 1e-5), and its greedy generate() writes
+    what `h64lm.py generate --greedy` writes, with the same repetition penalty (the CLI's default 1.1: CTRL's, in
+    both)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hf = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(out, trust_remote_code=trust_remote_code)
+    assert type(hf).__name__ == expected_class and hf.dtype == torch.float32
+    model, _ = h64lm.load_checkpoint(ckpt)
+    model.eval()
+    ids = tokenizer([PROMPT], return_tensors="pt").input_ids
+    assert ids[0].tolist() == h64lm.load_tokenizer()(PROMPT)["input_ids"]  # the same tokenizer, BOS included
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
+    generated = hf.generate(ids, max_new_tokens=24, do_sample=False, repetition_penalty=1.1)
+    assert tokenizer.decode(generated[0], skip_special_tokens=True).strip() == greedy_cli(ckpt)
+
+
+@pytest.mark.slow
+def test_the_demo_exports_as_remote_code_that_transformers_runs_like_h64lm(tmp_path):
+    result = run_cli("export", "--ckpt", DEMO, "--out", tmp_path / "hf", "--format", "hf")
+    assert result.returncode == 0, result.stderr
+    assert "trust_remote_code=True" in result.stdout
+    files = {p.name for p in (tmp_path / "hf").iterdir()}
+    assert {"config.json", "model.safetensors", "h64lm.py", "modeling_h64lm.py", "tokenizer.json"} <= files
+    # The model code is this file, not a second implementation.
+    assert (tmp_path / "hf" / "h64lm.py").read_bytes() == (REPO / "h64lm.py").read_bytes()
+    assert_transformers_matches(tmp_path / "hf", DEMO, "H64LMForCausalLM", trust_remote_code=True)
+
+
+@pytest.mark.slow
+def test_a_mixtral_shaped_run_exports_as_a_native_mixtral(corpus, tmp_path):
+    run = run_cli("train", *TINY_FLAGS, "--attention-type", "rope", "--moe-layers", "all", "--balance", "switch",
+                  "--max-steps", "3", "--eval-every", "3", "--batch-size", "4", "--data", corpus, "--out-dir",
+                  tmp_path, "--cache-dir", tmp_path / "cache", "--run-name", "mixtral")
+    assert run.returncode == 0, run.stderr
+    result = run_cli("export", "--ckpt", tmp_path / "mixtral", "--out", tmp_path / "hf", "--format", "hf")
+    assert result.returncode == 0, result.stderr
+    assert "native transformers Mixtral" in result.stdout
+    assert not (tmp_path / "hf" / "h64lm.py").exists()  # transformers' own code runs it
+    assert_transformers_matches(tmp_path / "hf", tmp_path / "mixtral", "MixtralForCausalLM", trust_remote_code=False)
+
+
+def test_only_a_model_that_is_exactly_mixtral_or_mistral_is_exported_natively():
+    mixtral = dict(attention_type="rope", moe_layers="all", balance="switch")
+    assert h64lm.native_architecture(h64lm.H64LM(small_config(**mixtral))) == "mixtral"
+    assert h64lm.native_architecture(h64lm.H64LM(small_config(attention_type="rope", moe_layers="none"))) == "mistral"
+    for change in (dict(attention_type="rope+alibi"), dict(attention_type="alibi"), dict(moe_layers="odd"),
+                   dict(router_scoring="sigmoid"), dict(num_shared_experts=1)):
+        assert h64lm.native_architecture(h64lm.H64LM(small_config(**{**mixtral, **change}))) is None, change
+    # aux_free's bias changes which experts are chosen, which Mixtral cannot express; an all-zero bias does not.
+    model = h64lm.H64LM(small_config(**{**mixtral, "balance": "aux_free"}))
+    assert h64lm.native_architecture(model) == "mixtral"
+    model.blocks[0].ffn.balance_bias[1] = 0.5
+    assert h64lm.native_architecture(model) is None
+
+
+@pytest.mark.parametrize("architecture, change", [("mistral", dict(moe_layers="none", sliding_window=5)),
+                                                  ("mixtral", dict(moe_layers="all", tie_word_embeddings=True))])
+def test_native_models_compute_what_h64lm_computes(architecture, change):
+    model = h64lm.H64LM(small_config(attention_type="rope", balance="switch", **change)).eval()
+    hf = h64lm.to_transformers(model)
+    assert type(hf).__name__ == architecture.capitalize() + "ForCausalLM"
+    ids = torch.randint(0, 101, (2, 21))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
+
+
+def test_the_remote_code_model_handles_left_and_right_padding_like_separate_sequences():
+    model = h64lm.H64LM(small_config(attention_type="rope+alibi", sliding_window=6)).eval()
+    config_cls, model_cls = h64lm.transformers_classes()
+    hf = model_cls(config_cls(h64lm=model.config.to_dict())).eval()
+    hf.model.load_state_dict(model.state_dict())
+    short, long = torch.randint(3, 101, (1, 5)), torch.randint(3, 101, (1, 12))
+    with torch.no_grad():
+        expected = model(short).logits[0]
+        for side in ("left", "right"):
+            pad = torch.zeros(1, 7, dtype=torch.long)
+            ids = torch.cat([torch.cat([pad, short], 1) if side == "left" else torch.cat([short, pad], 1), long])
+            mask = (torch.cat([torch.cat([pad, pad[:, :5] + 1], 1) if side == "left" else
+                               torch.cat([pad[:, :5] + 1, pad], 1), torch.ones(1, 12, dtype=torch.long)]))
+            logits = hf(ids, attention_mask=mask).logits
+            got = logits[0, 7:] if side == "left" else logits[0, :5]
+            torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+            torch.testing.assert_close(logits[1], model(long).logits[0], rtol=0, atol=1e-5)
+        # labels, as transformers' convention has them: the inputs, shifted inside.
+        ids = torch.randint(0, 101, (2, 9))
+        loss = hf(ids, labels=ids).loss
+        torch.testing.assert_close(loss, model(ids[:, :-1], ids[:, 1:]).lm_loss, rtol=1e-5, atol=1e-6)
