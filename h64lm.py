@@ -36,6 +36,7 @@ import dataclasses
 import functools
 import gzip
 import hashlib
+import importlib
 import inspect
 import json
 import math
@@ -3829,20 +3830,15 @@ def build_parser() -> argparse.ArgumentParser:
                 "Stream the continuation of each --prompt to stdout.")
     p.add_argument("--ckpt", required=True, type=checkpoint_flag,
                    help="a run folder (its best.pt), a .pt file or an exported folder")
-    p.add_argument("--prompt", action="append", required=True, type=text_flag,
+    p.add_argument("--prompt", action="append", type=text_flag,
                    help="text to continue; give it several times for a batch")
-    p.add_argument("--max-new-tokens", type=number_flag(COUNT), default=100, help="tokens to generate per prompt")
-    p.add_argument("--temperature", type=number_flag(NON_NEGATIVE), default=0.8,
-                   help="divides the logits; 0 = greedy")
-    p.add_argument("--top-k", type=number_flag(Range(0, integer=True)), default=50,
-                   help="sample among the k most likely tokens; 0 = all")
-    p.add_argument("--top-p", type=number_flag(Range(0, 1, low_open=True)), default=0.95,
-                   help="nucleus sampling: the smallest set reaching "
-                                                              "probability p; 1 = all")
-    p.add_argument("--repetition-penalty", type=number_flag(POSITIVE), default=1.1,
-                   help="> 1 discourages tokens already in the text (CTRL)")
+    p.add_argument("--interactive", action="store_true",
+                   help="a prompt line instead of --prompt: type the start of a text, the model continues it "
+                        "(streamed); /help lists the settings that change between turns. A base model, it "
+                        "continues text: it does not answer questions or follow instructions")
+    for name, (kind, default, text) in SAMPLING_FLAGS.items():
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=default, help=text)
     p.add_argument("--greedy", action="store_true", help="always the most likely token (--temperature 0)")
-    p.add_argument("--seed", type=number_flag(SEED), default=None, help="seed for sampling, for repeatable output")
     p.add_argument("--no-eos", action="store_true", help="keep going after the model ends the text with </s>")
     _add_common(p, cache=False)
     p.set_defaults(func=cmd_generate)
@@ -3910,6 +3906,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="precision of the stored weights; bfloat16 halves the file")
     p.set_defaults(func=cmd_export)
     return parser
+
+
+# generate's sampling settings: its flags, and the /commands of its prompt line, checked alike.
+SAMPLING_FLAGS: dict[str, tuple[Callable, object, str]] = {
+    "max_new_tokens": (number_flag(COUNT), 100, "tokens to generate per prompt"),
+    "temperature": (number_flag(NON_NEGATIVE), 0.8, "divides the logits; 0 = greedy"),
+    "top_k": (number_flag(Range(0, integer=True)), 50, "sample among the k most likely tokens; 0 = all"),
+    "top_p": (number_flag(Range(0, 1, low_open=True)), 0.95,
+              "nucleus sampling: the smallest set reaching probability p; 1 = all"),
+    "repetition_penalty": (number_flag(POSITIVE), 1.1, "> 1 discourages tokens already in the text (CTRL)"),
+    "seed": (number_flag(SEED, optional=True), None, "seed for sampling, for repeatable output; none = random"),
+}
 
 
 def _add_common(p: argparse.ArgumentParser, cache: bool = True) -> None:
@@ -4043,45 +4051,139 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     rt = setup_runtime(args.device, args.precision)
-    if any(not p.strip() for p in args.prompt):
+    if not args.prompt and not args.interactive:
+        raise H64LMError("Nothing to continue: give --prompt TEXT, or --interactive for a prompt line.")
+    if args.prompt and args.interactive:
+        raise H64LMError("--interactive reads its prompts from the prompt line; drop --prompt.")
+    if any(not p.strip() for p in args.prompt or []):
         raise H64LMError("--prompt is empty; give some text for the model to continue.")
     model, saved = load_checkpoint(args.ckpt, rt.device)
-    config = model.config
     tokenizer = load_tokenizer(args.tokenizer)
-    check_vocab(tokenizer, config)
+    check_vocab(tokenizer, model.config)
     if not args.allow_mismatch:
         check_trained_with(saved, resolve_checkpoint(args.ckpt), tokenizer)
-    if not 1 <= args.max_new_tokens < config.max_position_embeddings:
+    settings = {name: getattr(args, name) for name in SAMPLING_FLAGS}
+    if args.greedy:
+        settings["temperature"] = 0.0
+    check_new_tokens(settings["max_new_tokens"], model.config)
+    if args.interactive:
+        return prompt_line(model, tokenizer, settings, args)
+    prompts = fitted_prompts(args.prompt, tokenizer, settings["max_new_tokens"], model.config)
+    sampling = sampling_options(settings, None if args.no_eos else tokenizer.eos_token_id)
+    if len(prompts) == 1:
+        print_continuation(model, tokenizer, args.prompt[0], prompts[0], settings["max_new_tokens"], sampling)
+    else:
+        new_tokens = generate(model, prompts, settings["max_new_tokens"], **sampling)
+        for ids, new in zip(prompts, new_tokens):
+            new = [t for t in new if t != sampling["eos_id"]]
+            print(tokenizer.decode(ids + new, skip_special_tokens=True), end="\n\n", flush=True)
+    return 0
+
+
+def check_new_tokens(max_new_tokens: int, config: H64LMConfig) -> None:
+    if not 1 <= max_new_tokens < config.max_position_embeddings:
         raise H64LMError(f"--max-new-tokens must be between 1 and {config.max_position_embeddings - 1}, the "
                          "model's context minus one.")
-    with warnings.catch_warnings(record=True) as caught:  # a long prompt: the library's rule, said in one line
+
+
+def fitted_prompts(texts: list[str], tokenizer, max_new_tokens: int, config: H64LMConfig) -> list[list[int]]:
+    """The prompts as token ids, cut to fit the context; fit_prompts's warning about a cut is said in one line."""
+    with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        prompts = fit_prompts([tokenizer(p)["input_ids"] for p in args.prompt], args.max_new_tokens, config)
+        prompts = fit_prompts([tokenizer(t)["input_ids"] for t in texts], max_new_tokens, config)
     for warning in caught:
         print(f"warning: {warning.message}", file=sys.stderr)
-    sampling = dict(temperature=0.0 if args.greedy else args.temperature, top_k=args.top_k or None,
-                    top_p=args.top_p if args.top_p < 1 else None, repetition_penalty=args.repetition_penalty,
-                    eos_id=None if args.no_eos else tokenizer.eos_token_id, seed=args.seed)
-    if len(prompts) == 1:
-        # Stream: decode everything generated so far and print what is new (a word can span several tokens).
-        out, shown = [], ""
-        prefix = tokenizer.decode(prompts[0], skip_special_tokens=True)
-        print(args.prompt[0], end="", flush=True)
-        for token in stream_generate(model, prompts, args.max_new_tokens, **sampling):
-            if token.item() == sampling["eos_id"]:
-                break
-            out.append(token.item())
-            text = tokenizer.decode(prompts[0] + out, skip_special_tokens=True)
-            new = text[len(prefix):]
-            print(new[len(shown):], end="", flush=True)
-            shown = new
-        print()
-    else:
-        for prompt, ids, new in zip(args.prompt, prompts, generate(model, prompts, args.max_new_tokens, **sampling)):
-            new = [t for t in new if t != sampling["eos_id"]]
-            text = tokenizer.decode(ids + new, skip_special_tokens=True)
-            print(text, end="\n\n", flush=True)
-    return 0
+    return prompts
+
+
+def sampling_options(settings: dict, eos_id: int | None) -> dict:
+    """generate's settings (flag names) as stream_generate's options."""
+    return dict(temperature=settings["temperature"], top_k=settings["top_k"] or None,
+                top_p=settings["top_p"] if settings["top_p"] < 1 else None,
+                repetition_penalty=settings["repetition_penalty"], eos_id=eos_id, seed=settings["seed"])
+
+
+def print_continuation(model: H64LM, tokenizer, text: str, ids: list[int], max_new_tokens: int,
+                       sampling: dict) -> None:
+    """Print text, then its continuation as it is generated: decode everything generated so far and print what is
+    new (a word can span several tokens, so tokens are not printed one by one)."""
+    out, shown = [], ""
+    prefix = tokenizer.decode(ids, skip_special_tokens=True)
+    print(text, end="", flush=True)
+    for token in stream_generate(model, [ids], max_new_tokens, **sampling):
+        if token.item() == sampling["eos_id"]:
+            break
+        out.append(token.item())
+        new = tokenizer.decode(ids + out, skip_special_tokens=True)[len(prefix):]
+        print(new[len(shown):], end="", flush=True)
+        shown = new
+    print()
+
+
+PROMPT_LINE_HELP = """\
+Type the start of a text and press Enter: the model continues it.
+
+This is a base model: it was trained to continue text like its training text (Wikipedia articles), never to
+follow instructions or to chat. Asked a question, it does not answer; it writes what might come next in a
+document, often another question or a heading. Write the start of what you want instead: "The capital of
+France is", not "What is the capital of France?". Each line is continued on its own; nothing is remembered.
+
+Settings, for the turns that follow: /temperature X  /top-k N  /top-p X  /repetition-penalty X
+/max-new-tokens N  /seed N (or none)  /greedy (= /temperature 0)  /settings  /help
+Ctrl-C stops a continuation; Ctrl-D or /quit leaves."""
+
+
+def prompt_line(model: H64LM, tokenizer, settings: dict, args: argparse.Namespace) -> int:
+    """generate --interactive: read a line, stream its continuation, repeat. Lines starting with / change the
+    sampling settings (checked as the flags are). Ctrl-C stops one continuation, Ctrl-D leaves."""
+    if sys.stdin.isatty():
+        importlib.import_module("readline")  # line editing and history for input(), when a person types
+    eos_id = None if args.no_eos else tokenizer.eos_token_id
+    print(PROMPT_LINE_HELP, file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:  # Ctrl-D, or the end of piped input
+            print(file=sys.stderr)
+            return 0
+        except KeyboardInterrupt:  # Ctrl-C at the prompt: a fresh line, as Python's own prompt does
+            print(file=sys.stderr)
+            continue
+        if line.startswith("/"):
+            if line.strip() in ("/quit", "/exit"):
+                return 0
+            print(change_setting(line, settings, model.config), file=sys.stderr)
+            continue
+        if not line.strip():
+            continue
+        ids = fitted_prompts([line], tokenizer, settings["max_new_tokens"], model.config)[0]
+        try:
+            print_continuation(model, tokenizer, line, ids, settings["max_new_tokens"],
+                               sampling_options(settings, eos_id))
+        except KeyboardInterrupt:
+            print(" [stopped]", flush=True)
+
+
+def change_setting(line: str, settings: dict, config: H64LMConfig) -> str:
+    """Apply a /command of the prompt line to settings; returns what to tell the user."""
+    command, _, value = line[1:].strip().partition(" ")
+    name = command.replace("-", "_")
+    if command == "help":
+        return PROMPT_LINE_HELP
+    if command == "settings":
+        return "  ".join(f"{n.replace('_', '-')}={v}" for n, v in settings.items())
+    if command == "greedy":
+        command, name, value = "temperature", "temperature", "0"
+    if name not in SAMPLING_FLAGS:
+        return f"error: unknown command {line.split()[0]!r}; /help lists them."
+    try:
+        new = SAMPLING_FLAGS[name][0](value.strip())
+        if name == "max_new_tokens":
+            check_new_tokens(new, config)
+    except (argparse.ArgumentTypeError, H64LMError) as e:
+        return f"error: /{command}: {e}"
+    settings[name] = new
+    return f"{command.replace('_', '-')} = {new}"
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:

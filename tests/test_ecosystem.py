@@ -1,7 +1,13 @@
 """Out into the ecosystem: Muon from torch (with the experts orthogonalised one at a time), models that
 transformers loads, and the interactive prompt."""
 
-import dataclasses
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -193,3 +199,73 @@ def test_the_remote_code_model_handles_left_and_right_padding_like_separate_sequ
         ids = torch.randint(0, 101, (2, 9))
         loss = hf(ids, labels=ids).loss
         torch.testing.assert_close(loss, model(ids[:, :-1], ids[:, 1:]).lm_loss, rtol=1e-5, atol=1e-6)
+
+
+# --- The interactive prompt ----------------------------------------------------------------------------------------
+
+def test_the_prompt_line_takes_settings_between_turns_and_leaves_at_the_end_of_input():
+    lines = ["/settings", "/temperature -1", "/top-k many", "/max-new-tokens 9999", "/bogus", "/greedy",
+             "/max-new-tokens 12", PROMPT, "", "/repetition-penalty 1.0", PROMPT]
+    result = subprocess.run([sys.executable, str(REPO / "h64lm.py"), "generate", "--ckpt", str(DEMO), "--interactive"],
+                            input="\n".join(lines) + "\n", capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    # The help says what a base model does with a question, and how to leave.
+    assert "does not answer" in result.stderr and "Ctrl-D" in result.stderr
+    # Bad settings: one line each, checked as the flags are, and the session goes on.
+    assert "max-new-tokens=100  temperature=0.8  top-k=50" in result.stderr
+    assert "error: /temperature: must be a finite number of at least 0, got -1.0" in result.stderr
+    assert "error: /top-k: 'many' is not an integer" in result.stderr
+    assert "error: /max-new-tokens: --max-new-tokens must be between 1 and 255" in result.stderr
+    assert "error: unknown command '/bogus'" in result.stderr
+    assert "temperature = 0.0" in result.stderr and "max-new-tokens = 12" in result.stderr
+    # Each continuation is what generate --greedy writes with the settings of its turn.
+    turns = [t.strip() for t in result.stdout.split("> ") if t.strip()]
+    expected = [run_cli("generate", "--ckpt", DEMO, "--prompt", PROMPT, "--greedy", "--max-new-tokens", 12,
+                        *extra).stdout.strip() for extra in ([], ["--repetition-penalty", "1.0"])]
+    assert turns == expected and expected[0] != expected[1]
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_one_continuation_and_ctrl_d_leaves(tmp_path):
+    # A model slow enough to interrupt mid-way on any machine: the small preset, 500 new tokens.
+    from safetensors.torch import save_file
+
+    model = h64lm.H64LM(h64lm.H64LMConfig.from_preset("small"))
+    save_file(model.state_dict(), str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps(model.config.to_dict()))
+    process = subprocess.Popen([sys.executable, str(REPO / "h64lm.py"), "generate", "--ckpt", str(tmp_path),
+                                "--interactive", "--max-new-tokens", "500", "--no-eos"], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ,
+                                                                                      "OMP_NUM_THREADS": "1"})
+    os.set_blocking(process.stdout.fileno(), False)
+    seen = b""
+
+    def read_until(marker: bytes, after: int) -> None:
+        nonlocal seen
+        deadline = time.monotonic() + 120
+        while marker not in seen[after:]:
+            assert time.monotonic() < deadline and process.poll() is None, seen
+            seen += process.stdout.read() or b""
+            time.sleep(0.01)
+
+    read_until(b"> ", 0)
+    process.stdin.write(b"Once upon a time\n")
+    process.stdin.flush()
+    read_until(b"Once upon a time", 0)
+    start = len(seen)
+    read_until(b" ", start + 1)  # the continuation has begun
+    process.send_signal(signal.SIGINT)
+    read_until(b"[stopped]", start)
+    read_until(b"> ", seen.index(b"[stopped]"))  # back at the prompt, still running
+    process.send_signal(signal.SIGINT)  # Ctrl-C at the prompt: a fresh line, not an exit
+    time.sleep(0.5)
+    assert process.poll() is None
+    process.stdin.write(b"/max-new-tokens 3\nThe end\n")
+    process.stdin.close()  # Ctrl-D
+    assert process.wait(timeout=120) == 0
+    seen += process.stdout.read() or b""
+    stderr = process.stderr.read().decode()
+    assert "Traceback" not in stderr and "interrupted" not in stderr
+    assert b"The end" in seen.split(b"[stopped]")[1]

@@ -280,6 +280,8 @@ BAD_INPUTS = [
     ("CUDA absent", "train {tiny} --device cuda --data {corpus} --run-name x", "sees no CUDA GPU"),
     ("no checkpoint", "eval --ckpt {tmp}/nowhere", "No checkpoint at"),
     ("empty prompt", "generate --ckpt {run} --prompt ' '", "--prompt is empty"),
+    ("no prompt", "generate --ckpt {run}", "give --prompt TEXT, or --interactive"),
+    ("prompt and prompt line", "generate --ckpt {run} --prompt Hi --interactive", "drop --prompt"),
     ("too many new tokens", "generate --ckpt {run} --prompt Hi --max-new-tokens 64", "--max-new-tokens must be"),
     ("foreign checkpoint", "generate --ckpt {tmp}/foreign.pt --prompt Hi", "is not an H64LM checkpoint"),
 ]
