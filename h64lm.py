@@ -1826,10 +1826,9 @@ def make_optimizer(model: nn.Module, tc: TrainConfig, device: torch.device, log=
         is_hidden = p.dim() >= 2 and not any(part in name for part in ("embed", "lm_head", "router"))
         (hidden if is_hidden else rest).append(p)
     if log is not None:
-        count = lambda ps: sum(p.numel() for p in ps)  # noqa: E731
-        log(f"optimizer: Muon for {len(hidden)} hidden matrices ({count(hidden):,} parameters; a stacked expert "
-            f"tensor is orthogonalised one expert at a time), AdamW for the embeddings, LM head, norms and routers "
-            f"({count(rest):,} parameters)")
+        log(f"optimizer: Muon for {len(hidden)} hidden matrices ({sum(p.numel() for p in hidden):,} parameters; a "
+            f"stacked expert tensor is orthogonalised one expert at a time), AdamW for the embeddings, LM head, norms "
+            f"and routers ({sum(p.numel() for p in rest):,} parameters)")
     return Optimizers(adamw=torch.optim.AdamW(decay_groups(rest, tc.weight_decay), **adamw),
                       muon=ExpertMuon(hidden, lr=tc.lr, weight_decay=tc.weight_decay, adjust_lr_fn="match_rms_adamw"))
 
@@ -2479,8 +2478,8 @@ def start_run(config: H64LMConfig, tc: TrainConfig, rt: Runtime, run_dir: Path, 
 
 
 def restore_run(run: Run, ckpt: dict, resume: Path, log) -> None:
-    """Put a checkpoint's training state into a fresh run: the optimizer, the gradient scaler, step, best validation loss,
-    history, and every process's random generators, so that the run goes on exactly as if it had not stopped."""
+    """Put a checkpoint's training state into a fresh run: the optimizer, the gradient scaler, step, best validation
+    loss, history, and every process's random generators, so that the run goes on exactly as if it had not stopped."""
     try:
         was = TrainConfig(**ckpt["train_config"])
         if was.optimizer != run.tc.optimizer:
@@ -3289,9 +3288,12 @@ def transformers_classes():
 
 
 # What an exported remote-code folder imports: this file, copied beside it.
-REMOTE_CODE = ('"""H64LM for transformers: the model is h64lm.py, beside this file (python h64lm.py export --format hf).'
-               '"""\n\nfrom .h64lm import transformers_classes\n\nH64LMHFConfig, H64LMForCausalLM = '
-               'transformers_classes()\n')
+REMOTE_CODE = '''"""H64LM for transformers: the model is h64lm.py, beside this file (h64lm.py export --format hf)."""
+
+from .h64lm import transformers_classes
+
+H64LMHFConfig, H64LMForCausalLM = transformers_classes()
+'''
 
 
 def export_transformers(path: str | Path, out: str | Path, tokenizer_path: str | Path = DEFAULT_TOKENIZER,
