@@ -274,7 +274,8 @@ BAD_INPUTS = [
     ("resume a missing path", "train --resume {tmp}/nowhere", "Nothing to resume at"),
     ("resume with another model", "train --resume {run} --hidden-size 64", "takes the model from the checkpoint"),
     ("resume changing the data order", "train --resume {run} --seed 7", "--resume cannot change --seed"),
-    ("resume with another optimizer", "train --resume {run} --optimizer muon", "--resume cannot change --optimizer"),
+    ("resume with another optimizer", "train --resume {run} --optimizer adamw",  # the run: tiny's recipe, Muon
+     "--resume cannot change --optimizer"),
     ("vocabulary larger than the model", "train {tiny} --vocab-size 1000 --data {corpus} --run-name x",
      "tokenizer has 32000 tokens but the model only 1000"),
     ("CUDA absent", "train {tiny} --device cuda --data {corpus} --run-name x", "sees no CUDA GPU"),

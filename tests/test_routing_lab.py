@@ -229,8 +229,12 @@ def test_aux_free_bias_follows_each_steps_load(corpus, tmp_path):
 @pytest.mark.parametrize("balance", ["global", "aux_free"])
 def test_two_processes_give_the_same_loss_and_bias_as_one_process(corpus, tmp_path, balance):
     """torchrun with 2 gloo processes of batch 2 against one process of batch 4: the same windows each step."""
+    # The balancing is under test, so the optimizer is pinned to the one this test was written with (tiny's recipe
+    # was AdamW at 2e-3). With Muon, whose Newton-Schulz runs in bfloat16, the last-bit differences between one
+    # process's and two processes' gradient sums grow past this test's tolerance.
     common = [*TINY_FLAGS, "--max-steps", "4", "--eval-every", "4", "--data", corpus, "--out-dir", tmp_path,
-              "--cache-dir", tmp_path / "cache", "--balance", balance, "--bias-update-rate", "0.01"]
+              "--cache-dir", tmp_path / "cache", "--balance", balance, "--bias-update-rate", "0.01",
+              "--optimizer", "adamw", "--lr", "2e-3", "--min-lr", "2e-4"]
     one = run_cli("train", *common, "--batch-size", "4", "--run-name", "one")
     assert one.returncode == 0, one.stderr
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
