@@ -4,6 +4,7 @@ that know the tokenizer and text they were trained on; a token cache that proves
 refused before anything is allocated; OS errors as one sentence; Ctrl-C answered at once."""
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -100,6 +101,7 @@ BASE = {
 }
 
 
+@functools.cache  # building the parser reads every dataclass's source for its help: once is enough
 def _subcommands() -> dict[str, argparse.ArgumentParser]:
     parser = h64lm.build_parser()
     return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
