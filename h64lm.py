@@ -3297,12 +3297,15 @@ H64LMHFConfig, H64LMForCausalLM = transformers_classes()
 
 
 def export_transformers(path: str | Path, out: str | Path, tokenizer_path: str | Path = DEFAULT_TOKENIZER,
-                        dtype: torch.dtype = torch.float32) -> str:
-    """Write a checkpoint as a folder that AutoModelForCausalLM and AutoTokenizer load (see above). Returns the
-    architecture written: "mixtral", "mistral" or "h64lm" (remote code)."""
+                        dtype: torch.dtype = torch.float32, allow_mismatch: bool = False) -> str:
+    """Write a checkpoint as a folder that AutoModelForCausalLM and AutoTokenizer load (see above), refusing a
+    tokenizer other than the one it was trained with. Returns the architecture written: "mixtral", "mistral" or
+    "h64lm" (remote code)."""
     model, ckpt = load_checkpoint(path)
     tokenizer = load_tokenizer(tokenizer_path)
     check_vocab(tokenizer, model.config)
+    if not allow_mismatch:
+        check_trained_with(ckpt, resolve_checkpoint(path), tokenizer)
     out = Path(out)
     ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                pad_token_id=tokenizer.pad_token_id)
@@ -3907,6 +3910,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="h64lm: this program's own; hf: Hugging Face transformers'")
     p.add_argument("--tokenizer", default=str(DEFAULT_TOKENIZER), type=folder_flag,
                    help="with --format hf: the tokenizer to save beside the model")
+    p.add_argument("--allow-mismatch", action="store_true", help="with --format hf: save the tokenizer although "
+                   "it is not the one the checkpoint records")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                    help="precision of the stored weights; bfloat16 halves the file")
     p.set_defaults(func=cmd_export)
@@ -4276,7 +4281,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         path = export_checkpoint(args.ckpt, out, getattr(torch, args.dtype))
         print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB) and config.json")
         return 0
-    architecture = export_transformers(args.ckpt, out, args.tokenizer, getattr(torch, args.dtype))
+    architecture = export_transformers(args.ckpt, out, args.tokenizer, getattr(torch, args.dtype),
+                                       args.allow_mismatch)
     if architecture == "h64lm":
         print(f"wrote {out}: H64LM as remote code (h64lm.py, modeling_h64lm.py) with its tokenizer; load it with "
               "AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)")

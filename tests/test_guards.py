@@ -372,11 +372,12 @@ def test_eval_generate_and_analyze_refuse_another_tokenizer_and_export_keeps_the
         for tokenizer in (permuted, small):
             for command in (["eval", "--ckpt", ckpt, "--max-batches", "1", "--cache-dir", tmp_path / "cache"],
                             ["generate", "--ckpt", ckpt, "--prompt", "the history of", "--max-new-tokens", "2"],
-                            ["analyze", "--ckpt", ckpt, "--out", tmp_path / "r.png"]):
+                            ["analyze", "--ckpt", ckpt, "--out", tmp_path / "r.png"],
+                            ["export", "--ckpt", ckpt, "--out", tmp_path / "hf", "--format", "hf"]):
                 status, err = run_main([*map(str, command), "--tokenizer", str(tokenizer)], capsys)
                 assert_one_sentence(status, err)
                 assert "was trained with another tokenizer" in err, err
-    assert not (tmp_path / "r.png").exists()
+    assert not (tmp_path / "r.png").exists() and not (tmp_path / "hf").exists()
     assert h64lm.main(["generate", "--ckpt", str(exported), "--prompt", "the history of", "--max-new-tokens", "2",
                        "--tokenizer", str(permuted), "--allow-mismatch"]) == 0
 
