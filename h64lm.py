@@ -1699,6 +1699,11 @@ class TrainConfig:
             raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}.")
 
 
+def with_defaults(train_config: dict) -> dict:
+    """A saved run's training settings, with today's default for each field newer than the run."""
+    return {**{f.name: f.default for f in fields(TrainConfig)}, **train_config}
+
+
 def check_run_name(name: str) -> None:
     """A run name names one folder inside --out-dir: no separator, not '.' or '..', nothing that leaves it."""
     if name in ("", ".", "..") or any(c in name for c in ("/", os.sep, os.altsep or "/", "\0")):
@@ -3001,8 +3006,7 @@ def study_run(config: H64LMConfig, tc: TrainConfig, log=print) -> tuple[H64LM, d
     path = Path(tc.out_dir) / tc.run_name / "latest.pt"
     ckpt = read_checkpoint(path) if path.exists() else None
     def settings(train_config: dict) -> dict:  # what decides the result: all but overwrite and stop_at
-        defaults = {f.name: f.default for f in fields(TrainConfig)}  # for fields newer than the run
-        return {k: v for k, v in {**defaults, **train_config}.items() if k not in ("overwrite", "stop_at")}
+        return {k: v for k, v in with_defaults(train_config).items() if k not in ("overwrite", "stop_at")}
 
     same = ckpt is not None and ckpt.get("config") == config.to_dict() and \
         settings(ckpt.get("train_config", {})) == settings(asdict(tc))
@@ -3984,9 +3988,8 @@ def train_settings(args: argparse.Namespace) -> tuple[H64LMConfig, TrainConfig, 
         saved_tc = ckpt.get("train_config")
         if not isinstance(saved_tc, dict) or "step" not in ckpt:
             raise H64LMError(f"{resume} holds weights but no training state; start a new run instead.")
-        defaults = {f.name: f.default for f in fields(TrainConfig)}  # for a field newer than the checkpoint
         fixed = {k: v for k, v in train_flags.items() if k not in RESUMABLE_FLAGS | {"run_name", "out_dir"}
-                 and saved_tc.get(k, defaults[k]) != v}
+                 and with_defaults(saved_tc)[k] != v}
         if fixed:
             raise H64LMError(f"--resume cannot change {', '.join('--' + k.replace('_', '-') for k in fixed)}: the run "
                              "would no longer continue the same way; start a new --run-name instead.")
