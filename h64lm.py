@@ -457,6 +457,61 @@ class KVCache:
         return 0 if self.positions is None else self.positions.shape[1]
 
 
+# The same cache in preallocated tensors (gpt-fast's static cache): a fixed
+# number of slots per layer, written in place, so that every decoding step has
+# the same shapes and torch.compile captures it once (section 13). Position p
+# goes to slot p % slots. With a window of W there are W slots, a ring: the
+# new key overwrites the one W positions back, which no query can see any
+# more; without a window, one slot per position of the context. Empty slots
+# have position -1, which the mask hides like padding, and attention reads
+# the slots in any order: the mask and ALiBi come from the positions, and RoPE
+# was applied before caching. A prompt of several tokens attends to the slots
+# and its own keys side by side (it may be longer than the ring), then its
+# last keys are written.
+
+class StaticKVCache(KVCache):
+    def __init__(self, num_layers: int, batch: int, context: int, sliding_window: int | None = None,
+                 device: torch.device | str = "cpu"):
+        super().__init__(num_layers, sliding_window)
+        self.slots = min(sliding_window or context, context)
+        # keys and values are allocated at the first update, with the shape and dtype attention gives them
+        self.positions = torch.full((batch, self.slots), -1, device=device)  # (B, slots) each slot's position
+        self.slot_of_new: torch.Tensor | None = None  # (B, T') the slots the new tokens' keys go to
+
+    def key_positions(self, new_positions: torch.Tensor) -> torch.Tensor:
+        B, T = self.positions.shape[0], new_positions.shape[1]
+        new_positions = new_positions.expand(B, -1)
+        if T == 1:  # decoding: the new key is written first, then attention reads the slots
+            self.slot_of_new = new_positions % self.slots  # (B, 1)
+            return self.positions.scatter(1, self.slot_of_new, new_positions)  # (B, slots)
+        self.slot_of_new = new_positions[:, -self.slots:] % self.slots  # (B, min(T, slots)): padding (-1) goes to
+        return torch.cat((self.positions, new_positions), dim=1)  # the last slot, and stays masked; (B, slots + T)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.keys[layer] is None:
+            shape = (k.shape[0], k.shape[1], self.slots, k.shape[3])  # (B, Hkv, slots, hd)
+            self.keys[layer], self.values[layer] = k.new_zeros(shape), v.new_zeros(shape)
+        keys, values = self.keys[layer], self.values[layer]
+        slot = self.slot_of_new[:, None, :, None]  # (B, 1, T', 1)
+        T = slot.shape[2]
+        if k.shape[2] == 1:
+            keys.scatter_(2, slot.expand_as(k), k)
+            values.scatter_(2, slot.expand_as(v), v)
+            return keys, values  # (B, Hkv, slots, hd)
+        all_k, all_v = torch.cat((keys, k), dim=2), torch.cat((values, v), dim=2)  # (B, Hkv, slots + T, hd)
+        keys.scatter_(2, slot.expand(-1, k.shape[1], -1, k.shape[3]), k[:, :, -T:])
+        values.scatter_(2, slot.expand(-1, v.shape[1], -1, v.shape[3]), v[:, :, -T:])
+        return all_k, all_v
+
+    def advance(self, new_positions: torch.Tensor) -> None:
+        T = self.slot_of_new.shape[1]
+        self.positions.scatter_(1, self.slot_of_new, new_positions.expand(self.positions.shape[0], -1)[:, -T:])
+        self.next_position = new_positions.amax(dim=1, keepdim=True) + 1
+
+    def __len__(self) -> int:
+        return int((self.positions >= 0).sum(dim=1).max())
+
+
 # -----------------------------------------------------------------------------
 # 7. Grouped-query attention
 # -----------------------------------------------------------------------------
@@ -597,8 +652,10 @@ def route(logits: torch.Tensor, top_k: int, scoring: str = "softmax", bias: torc
 
 
 def expert_load(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """(..., k) chosen experts -> (num_experts,) how many tokens chose each expert."""
-    return torch.bincount(expert_ids.reshape(-1), minlength=num_experts)
+    """(..., k) chosen experts -> (num_experts,) how many tokens chose each expert. (A scatter-add, not
+    torch.bincount, whose output length depends on the data: torch.compile could not give it a shape.)"""
+    ids = expert_ids.reshape(-1)
+    return torch.zeros(num_experts, dtype=torch.long, device=ids.device).scatter_add_(0, ids, torch.ones_like(ids))
 
 
 def load_balancing_loss(probs: torch.Tensor, expert_ids: torch.Tensor, f: torch.Tensor | None = None) -> torch.Tensor:
@@ -696,11 +753,90 @@ class RoutingStats:
 # Two dispatch implementations compute the same function, and a test proves it:
 # `_experts_loop` visits each expert and finds its tokens with torch.where, the
 # way mistral-inference writes it; `_experts_grouped` sorts the assignments by
-# expert once, so each expert reads one contiguous block of rows, with one
-# gather, one scatter and one host sync instead of one per expert. On a CPU
-# the two run at the same speed (README, Speed); the sorted layout is kept
-# because it is the input that grouped-GEMM kernels, one kernel for all
-# experts, take on a GPU.
+# expert once, so that each expert's rows are one contiguous block, and runs
+# every projection as one grouped GEMM over all the blocks (torchtitan's MoE).
+#
+# Grouped GEMM. Given rows sorted into E blocks, the stacked weights (E, K, M)
+# and the row where each block ends, `grouped_mm` computes block i times
+# W[i] for every i in one call. On a GPU in bfloat16 that is one kernel,
+# torch._grouped_mm; elsewhere a loop of matrix multiplies inside one custom
+# operator (torch.library), whose output shape (rows, M) the compiler knows
+# without running it. Either way the block sizes stay in a tensor and never
+# reach Python, so the layer has no host sync and torch.compile captures the
+# whole of it, forward and backward, without a graph break. Its gradient, per
+# block: dX_i = dY_i W_i^T (a grouped GEMM with W transposed), dW_i = X_i^T dY_i.
+
+# The operators' namespace: this module's own, so that a second copy of this file in one process (a model
+# exported with remote code, section 18, imports its own) registers its operators beside ours, not over them.
+_OPS = "h64lm" if __name__ in ("h64lm", "__main__") else "h64lm_" + re.sub(r"\W", "_", __name__)
+
+
+def _native_grouped_mm(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether torch._grouped_mm's CUDA kernel takes these: bfloat16 on a Hopper or newer GPU, rows aligned to
+    16 bytes. (Not measured here: this project's sessions have had no GPU.)"""
+    return (x.is_cuda and x.dtype == w.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (9, 0)
+            and x.shape[-1] % 8 == 0 and w.shape[-1] % 8 == 0)
+
+
+@torch.library.custom_op(f"{_OPS}::grouped_mm_loop", mutates_args=())
+def grouped_mm_loop(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """x (A, K) in blocks, block i ending at row ends[i] (E,); w (E, K, M) -> (A, M), block i times w[i]; rows
+    after the last block are 0."""
+    out = x.new_empty(x.shape[0], w.shape[-1])  # every row is written below: zero-filling would cost a pass
+    start = 0
+    for i, end in enumerate(ends.tolist()):  # inside the operator: the compiler never sees these numbers
+        if end > start:  # an expert with no rows is skipped: when decoding one token, 6 of 8 are idle
+            torch.mm(x[start:end], w[i], out=out[start:end])
+        start = end
+    out[start:].zero_()
+    return out
+
+
+@torch.library.custom_op(f"{_OPS}::grouped_mm_weight_grad", mutates_args=())
+def grouped_mm_weight_grad(x: torch.Tensor, grad: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """dW for grouped_mm_loop: x (A, K), grad (A, M) in the same blocks -> (E, K, M), block i's x^T grad."""
+    out = x.new_empty(ends.shape[0], x.shape[1], grad.shape[1])
+    start = 0
+    for i, end in enumerate(ends.tolist()):
+        if end > start:
+            torch.mm(x[start:end].T, grad[start:end], out=out[i])
+        else:
+            out[i].zero_()  # an expert that had no rows gets no gradient
+        start = end
+    return out
+
+
+@grouped_mm_loop.register_fake
+def _(x, w, ends):
+    return x.new_empty(x.shape[0], w.shape[-1])
+
+
+@grouped_mm_weight_grad.register_fake
+def _(x, grad, ends):
+    return x.new_empty(ends.shape[0], x.shape[1], grad.shape[1])
+
+
+def _grouped_mm_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _grouped_mm_backward(ctx, grad):
+    x, w, ends = ctx.saved_tensors
+    grad = grad.contiguous()
+    grad_x = grouped_mm_loop(grad, w.transpose(1, 2), ends) if ctx.needs_input_grad[0] else None
+    grad_w = grouped_mm_weight_grad(x, grad, ends) if ctx.needs_input_grad[1] else None
+    return grad_x, grad_w, None
+
+
+grouped_mm_loop.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
+
+
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """Block i of the rows x (A, K) times w[i] (E, K, M), block i ending at row ends[i] (E,) -> (A, M)."""
+    if _native_grouped_mm(x, w):
+        return torch._grouped_mm(x, w, offs=ends)  # rows after the last block are left undefined
+    return grouped_mm_loop(x, w, ends)
+
 
 def init_weight(name: str, p: torch.Tensor, config: H64LMConfig) -> None:
     """GPT-2's initialisation, by parameter name (see section 12): RMSNorm gains 1; every matrix N(0, 0.02), the
@@ -787,7 +923,7 @@ class MoE(nn.Module):
             y = y + self.shared(x)
 
         with torch.no_grad():
-            counts = torch.bincount(routed_ids.reshape(-1), minlength=self.num_experts + 1)
+            counts = expert_load(routed_ids, self.num_experts + 1)  # the last count is the dropped assignments
             self.stats = RoutingStats(
                 load=expert_load(expert_ids, self.num_experts), expert_ids=expert_ids,
                 tokens_per_expert=counts[: self.num_experts],
@@ -818,19 +954,24 @@ class MoE(nn.Module):
         return y
 
     def _experts_grouped(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """The same function with one gather and one scatter: sort the assignments by expert, then each expert
-        multiplies one contiguous block of rows. Dropped assignments (id E) sort last and are skipped."""
+        """The same function as one grouped GEMM per projection: sort the assignments by expert, so that expert
+        i's rows are one block, and multiply every block by its expert's weights in one call. Dropped
+        assignments (id E) sort last, past every block, and add nothing. No host sync: the block sizes stay in
+        a tensor."""
+        E, k = self.num_experts, self.top_k
         flat_ids = expert_ids.reshape(-1)  # (A,)
-        order = torch.argsort(flat_ids, stable=True)  # (A,) assignments grouped by expert
-        counts = torch.bincount(flat_ids, minlength=self.num_experts + 1)[: self.num_experts].tolist()
-        order = order[: sum(counts)]  # drop the dropped
-        token = order // self.top_k  # (A',) the token of each sorted assignment
-        rows = x.index_select(0, token)  # (A', D), expert 0's rows first, then expert 1's, ...
-        # An expert with no rows is skipped, not called on an empty block: when decoding one token, 6 of 8 are idle.
-        outs = [self.expert(block, *w) for block, w, n in zip(rows.split(counts), self.expert_weights(), counts) if n]
-        out = torch.cat(outs) if outs else rows  # (A', D)
-        out = out * weights.reshape(-1)[order, None]
-        return torch.zeros_like(x).index_add_(0, token, out)  # (N, D)
+        order = torch.argsort(flat_ids, stable=True)  # (A,) assignments grouped by expert, in token order within
+        ends = expert_load(flat_ids, E + 1)[:E].cumsum(0).to(torch.int32)  # (E,) the row where each block ends
+        token = order // k  # (A,) the token of each sorted assignment
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        rows = x.index_select(0, token).to(dtype)  # (A, D), expert 0's rows first, then expert 1's, ...
+        w_gate, w_up, w_down = (w.to(dtype) for w in (self.w_gate, self.w_up, self.w_down))  # autocast's casts
+        h = F.silu(grouped_mm(rows, w_gate, ends)) * grouped_mm(rows, w_up, ends)  # (A, F)
+        out = grouped_mm(h, w_down, ends)  # (A, D)
+        weight = weights.reshape(-1)[order]  # (A,)
+        if self.training and self.capacity_factor is not None:  # rows past the last block are not computed
+            out = torch.where((flat_ids[order] < E)[:, None], out, 0)
+        return torch.zeros_like(x).index_add_(0, token, out * weight[:, None])  # (N, D)
 
 
 # -----------------------------------------------------------------------------
@@ -1009,14 +1150,15 @@ class H64LM(nn.Module):
         default_positions = positions is None
         steps = torch.arange(T, device=idx.device)[None]  # (1, T)
         if not default_positions:
-            last = int(positions.max())
+            last = positions.max()
         elif cache is None or cache.next_position is None:
             positions, last = steps, T - 1  # no device sync in training
         else:
             positions = cache.next_position + steps  # (B or 1, T): each row continues from its own position
-            last = int(positions.max())
-        if last >= self.config.max_position_embeddings:
-            raise ValueError(f"Position {last} is beyond max_position_embeddings "
+            last = positions.max()
+        # A compiled decoding step skips the check, a host sync: stream_generate has made room (fit_prompts).
+        if not torch.compiler.is_compiling() and last >= self.config.max_position_embeddings:
+            raise ValueError(f"Position {int(last)} is beyond max_position_embeddings "
                              f"({self.config.max_position_embeddings}); use a shorter sequence.")
         k_pos = cache.key_positions(positions) if cache is not None else positions  # (B or 1, S)
         plain_causal = cache is None and default_positions and (self.config.sliding_window or T) >= T
@@ -1055,8 +1197,12 @@ class H64LM(nn.Module):
         loss = lm_loss + self.config.router_aux_loss_coef * aux_loss + self.config.router_z_loss_coef * z_loss
         return H64LMOutput(logits=logits, loss=loss, lm_loss=lm_loss, aux_loss=aux_loss, z_loss=z_loss)
 
-    def new_cache(self) -> KVCache:
-        return KVCache(self.config.num_layers, self.config.sliding_window)
+    def new_cache(self, static_batch: int | None = None) -> KVCache:
+        """A KVCache that grows; with static_batch, a StaticKVCache preallocated for that many rows (section 6)."""
+        if static_batch is None:
+            return KVCache(self.config.num_layers, self.config.sliding_window)
+        return StaticKVCache(self.config.num_layers, static_batch, self.config.max_position_embeddings,
+                             self.config.sliding_window, self.embed.weight.device)
 
     def moe_layers(self) -> dict[int, MoE]:
         """The MoE layers, by block index."""
@@ -1139,6 +1285,13 @@ class H64LM(nn.Module):
 # then feeds one token at a time, attending to the cache. `sample` turns the
 # last logits into the next token.
 #
+# With compile=True decoding is gpt-fast's: the cache is a StaticKVCache
+# (section 6), so that every step has the same shapes, and decode_one_token is
+# compiled whole, with no graph break (the MoE layer's dispatch has no host
+# sync, section 10). Each step then runs as one generated program instead of
+# a few hundred Python-dispatched operators. The eager path stays the one to
+# read; tests/test_generation.py proves both give the same tokens.
+#
 # Batched prompts of different lengths are left-padded so that every row's last
 # prompt token is in the same column; padding slots get position -1, which the
 # mask hides, and each row's real tokens are numbered from 0, so a padded row
@@ -1194,23 +1347,31 @@ def sample(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int | None 
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def prefill(model: H64LM, idx: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
     """Run the prompts (B, T) through the model, filling the cache; return the last position's logits (B, V)."""
     return model(idx, positions=positions, cache=cache).logits[:, -1]
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: a compiled step writes the cache in place
 def decode_one_token(model: H64LM, token: torch.Tensor, position: torch.Tensor, cache: KVCache) -> torch.Tensor:
     """Feed one token per row, token and position (B, 1), through the cached model; return its logits (B, V)."""
     return model(token, positions=position, cache=cache).logits[:, -1]
 
 
+def compiled_decoder() -> Callable:
+    """decode_one_token compiled whole (fullgraph: no graph break), for a StaticKVCache, whose shapes do not change
+    from one token to the next, so it is compiled once per batch size. The first call compiles (seconds)."""
+    return torch.compile(decode_one_token, fullgraph=True, dynamic=False)
+
+
 def stream_generate(model: H64LM, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 1.0,
                     top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
-                    eos_id: int | None = None, pad_id: int = 0, seed: int | None = None) -> Iterator[torch.Tensor]:
+                    eos_id: int | None = None, pad_id: int = 0, seed: int | None = None,
+                    compile: bool = False) -> Iterator[torch.Tensor]:
     """Yield the next token of every prompt (B,), step by step, until max_new_tokens or every row has produced
-    eos_id. A row that has finished keeps yielding eos_id. pad_id fills the left of shorter prompts."""
+    eos_id. A row that has finished keeps yielding eos_id. pad_id fills the left of shorter prompts.
+    compile: decode with a StaticKVCache and compiled_decoder() (gpt-fast's way); the same tokens, faster."""
     config = model.config
     prompts = fit_prompts(prompts, max_new_tokens, config)
     device = next(model.parameters()).device
@@ -1230,7 +1391,8 @@ def stream_generate(model: H64LM, prompts: list[list[int]], max_new_tokens: int,
     was_training = model.training
     model.eval()  # no router jitter or capacity dropping while generating
     try:
-        cache = model.new_cache()
+        cache = model.new_cache(static_batch=len(prompts) if compile else None)
+        decode = compiled_decoder() if compile else decode_one_token
         logits = prefill(model, idx, positions, cache)
         next_pos = lengths[:, None]  # (B, 1)
         for step in range(max_new_tokens):
@@ -1244,7 +1406,7 @@ def stream_generate(model: H64LM, prompts: list[list[int]], max_new_tokens: int,
                 break
             if seen is not None:
                 seen.scatter_(1, token[:, None], True)
-            logits = decode_one_token(model, token[:, None], next_pos, cache)
+            logits = decode(model, token[:, None], next_pos, cache)
             next_pos = next_pos + 1
     finally:
         model.train(was_training)
@@ -3493,6 +3655,8 @@ def moe_overhead(config: H64LMConfig, tokens: int, rt: Runtime, repeats: int) ->
                 out = layer(x)
                 out = out[0] if first else out
             out.float().sum().backward()
+            layer.zero_grad(set_to_none=True)  # as a training step leaves them: otherwise each call adds the
+            x.grad = None  # gradients to the last, a pass over 4x more weights in the MoE layer than in the dense
         return fn
     times = _time_alternating({"moe": run(moe, True), "dense": run(dense, False)}, repeats, rt.device)
     return {"moe_layer_seconds": times["moe"], "dense_layer_seconds": times["dense"],
