@@ -3521,8 +3521,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time_alternating(fns: dict[str, Callable[[], None]], repeats: int, device: torch.device) -> dict[str, float]:
-    """Median seconds of each function, called in turn repeats times (after one warm-up call each)."""
+def _time_alternating(fns: dict[str, Callable[[], None]], repeats: int, device: torch.device) -> dict[str, list[float]]:
+    """Seconds of each function, called in turn repeats times (after one warm-up call each, which also compiles):
+    one list per function, so that ratios can be taken repeat by repeat between calls made moments apart."""
     for fn in fns.values():
         fn()
     times = {name: [] for name in fns}
@@ -3533,7 +3534,13 @@ def _time_alternating(fns: dict[str, Callable[[], None]], repeats: int, device: 
             fn()
             _sync(device)
             times[name].append(time.perf_counter() - start)
-    return {name: _median(t) for name, t in times.items()}
+    return times
+
+
+def _ratio(times: dict[str, list[float]], numerator: str, denominator: str) -> tuple[float, float, float]:
+    """The median, lowest and highest over the repeats of numerator's time over denominator's."""
+    ratios = [a / b for a, b in zip(times[numerator], times[denominator])]
+    return _median(ratios), min(ratios), max(ratios)
 
 
 def _train_step_fn(model: nn.Module, x: torch.Tensor, rt: Runtime, loss_of) -> Callable[[], None]:
@@ -3579,7 +3586,7 @@ def _fastest_hf_experts(hf_model, x: torch.Tensor, rt: Runtime, repeats: int) ->
     times = {}
     for impl, fn in candidates.items():
         hf_model.set_experts_implementation(impl)
-        times[impl] = _time_alternating({impl: fn}, max(2, repeats // 2), rt.device)[impl]
+        times[impl] = _median(_time_alternating({impl: fn}, max(2, repeats // 2), rt.device)[impl])
     best = min(times, key=times.get)
     hf_model.set_experts_implementation(best)
     return best, candidates[best]
@@ -3620,7 +3627,8 @@ def bench(preset: str = "tiny", device: str = "auto", precision: str = "auto", s
     if compare_hf:
         hf = mixtral_like(config).to(rt.device).train()
         hf_impl, fns["transformers"] = _fastest_hf_experts(hf, ids, rt, repeats)
-    times = _time_alternating(fns, repeats, rt.device)
+    all_times = _time_alternating(fns, repeats, rt.device)
+    times = {name: _median(t) for name, t in all_times.items()}
     tokens = batch_size * seq_len
     flops_per_token = model.flops_per_token(seq_len)
     peak = peak_flops(rt.device)
@@ -3638,7 +3646,7 @@ def bench(preset: str = "tiny", device: str = "auto", precision: str = "auto", s
     if compare_hf:
         result["hf_experts_implementation"] = hf_impl
         result["hf_tokens_per_s"] = tokens / times["transformers"]
-        result["speedup_vs_hf"] = times["transformers"] / times["h64lm"]
+        result["speedup_vs_hf"], *result["speedup_vs_hf_spread"] = _ratio(all_times, "transformers", "h64lm")
         result.update(decode_bench(model, hf, rt, decode_tokens, repeats))
     return result
 
@@ -3659,34 +3667,130 @@ def moe_overhead(config: H64LMConfig, tokens: int, rt: Runtime, repeats: int) ->
             x.grad = None  # gradients to the last, a pass over 4x more weights in the MoE layer than in the dense
         return fn
     times = _time_alternating({"moe": run(moe, True), "dense": run(dense, False)}, repeats, rt.device)
-    return {"moe_layer_seconds": times["moe"], "dense_layer_seconds": times["dense"],
-            "moe_overhead": times["moe"] / times["dense"]}
+    overhead, *spread = _ratio(times, "moe", "dense")
+    return {"moe_layer_seconds": _median(times["moe"]), "dense_layer_seconds": _median(times["dense"]),
+            "moe_overhead": overhead, "moe_overhead_spread": spread}
 
 
 @torch.no_grad()
 def decode_bench(model: H64LM, hf, rt: Runtime, new_tokens: int, repeats: int) -> dict:
-    """Greedy cached decoding, tokens/s at batch 1 and 8: H64LM's stream_generate against transformers' generate."""
+    """Greedy cached decoding, tokens/s at batch 1 and 8: H64LM's stream_generate, eager and compiled (a static
+    cache, section 13), against transformers' generate with its fastest experts implementation for decoding."""
     out = {}
     prompt_len = 16
+    hf.eval()
     for batch in (1, 8):
         prompt = torch.randint(3, model.config.vocab_size, (batch, prompt_len), device=rt.device)
 
-        def ours():
-            with rt.autocast():
-                for _ in stream_generate(model, prompt.tolist(), new_tokens, temperature=0.0):
-                    pass
+        def ours(compile: bool):
+            def fn():
+                with rt.autocast():
+                    for _ in stream_generate(model, prompt.tolist(), new_tokens, temperature=0.0, compile=compile):
+                        pass
+            return fn
 
         def theirs():
             with rt.autocast():
                 hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
                             min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-        hf.eval()
-        times = _time_alternating({"h64lm": ours, "transformers": theirs}, max(3, repeats // 2), rt.device)
+        hf_impl = _fastest_hf_decoding(hf, theirs, rt)
+        times = _time_alternating({"h64lm": ours(False), "h64lm_compiled": ours(True), "transformers": theirs},
+                                  max(3, repeats // 2), rt.device)
         suffix = "" if batch == 1 else f"_batch{batch}"
-        out[f"decode_tokens_per_s{suffix}"] = batch * new_tokens / times["h64lm"]
-        out[f"hf_decode_tokens_per_s{suffix}"] = batch * new_tokens / times["transformers"]
-        out[f"decode_speedup_vs_hf{suffix}"] = times["transformers"] / times["h64lm"]
+        out[f"hf_decode_experts_implementation{suffix}"] = hf_impl
+        for name, key in (("h64lm", "decode"), ("h64lm_compiled", "decode_compiled"), ("transformers", "hf_decode")):
+            out[f"{key}_tokens_per_s{suffix}"] = batch * new_tokens / _median(times[name])
+        out[f"decode_speedup_vs_hf{suffix}"], *out[f"decode_speedup_vs_hf{suffix}_spread"] = _ratio(
+            times, "transformers", "h64lm")
+        out[f"decode_compiled_speedup_vs_hf{suffix}"], *out[f"decode_compiled_speedup_vs_hf{suffix}_spread"] = _ratio(
+            times, "transformers", "h64lm_compiled")
     return out
+
+
+def _fastest_hf_decoding(hf, generate: Callable[[], None], rt: Runtime) -> str:
+    """Set transformers' experts implementation that decodes fastest here (one timed generate each)."""
+    times = {}
+    for impl in ("eager", "batched_mm", "grouped_mm"):
+        try:
+            hf.set_experts_implementation(impl)
+            times[impl] = _median(_time_alternating({impl: generate}, 1, rt.device)[impl])
+        except Exception:  # an implementation this device or version does not support
+            continue
+    best = min(times, key=times.get)
+    hf.set_experts_implementation(best)
+    return best
+
+
+# The targets of `bench --targets`: ratios measured in alternation in one process, on the shapes users train.
+SPEED_TARGETS = {
+    "decode_vs_transformers": 2.0,  # at least: compiled cached greedy decoding over transformers' generate, tiny
+    # and small shapes, batch 1 and 8
+    "moe_layer_over_dense": 1.15,  # at most: one MoE layer over a dense SwiGLU of equal active FLOPs, forward and
+    # backward, h64lm shape, 1,024 tokens
+    "train_step_vs_transformers": 1.3,  # at least: a training step over transformers' Mixtral, small shape
+    "graph_breaks": 0,  # at most: in the compiled training step of the tiny model
+}
+
+
+def graph_breaks(config: H64LMConfig, batch_size: int = 2, seq_len: int = 32) -> list[str]:
+    """Why torch.compile would split a training step of this model (forward with the loss; the backward is traced
+    from the same graph): an empty list when it captures it whole."""
+    model = H64LM(config)
+    x = torch.randint(0, config.vocab_size, (batch_size, seq_len + 1))
+    explanation = torch._dynamo.explain(model)(x[:, :-1], x[:, 1:])
+    torch._dynamo.reset()
+    return [str(b.reason).split("\n")[0] for b in explanation.break_reasons]
+
+
+def bench_targets(device: str = "auto", precision: str = "auto", repeats: int = 5, decode_tokens: int = 32,
+                  log=print) -> dict:
+    """Measure each of SPEED_TARGETS on its shape, in one process, and say which are met."""
+    rt = setup_runtime(device, precision)
+    log("graph breaks in the tiny model's training step")
+    breaks = graph_breaks(H64LMConfig.from_preset("tiny"))
+    log("one MoE layer over a dense SwiGLU, h64lm shape, 1,024 tokens")
+    r = {"graph_breaks": len(breaks), "graph_break_reasons": breaks, "repeats": repeats,
+         "moe_h64lm": moe_overhead(H64LMConfig.from_preset("h64lm"), 1024, rt, repeats)}
+    log("training step and decoding, small shape, against transformers' Mixtral")
+    r["small"] = bench("small", device, precision, repeats=repeats, compare_hf=True, decode_tokens=decode_tokens)
+    log("decoding, tiny shape, against transformers' Mixtral")
+    torch.manual_seed(0)
+    config = H64LMConfig.from_preset("tiny", moe_layers="all", attention_type="rope")
+    model, hf = H64LM(config).to(rt.device), mixtral_like(config).to(rt.device)
+    r["tiny"] = decode_bench(model, hf, rt, decode_tokens, repeats)
+    r["device"], r["dtype"] = r["small"]["device"], r["small"]["dtype"]
+    decode = [r[p][f"decode_compiled_speedup_vs_hf{s}"] for p in ("tiny", "small") for s in ("", "_batch8")]
+    r["targets"] = {
+        "decode_vs_transformers": min(decode) >= SPEED_TARGETS["decode_vs_transformers"],
+        "moe_layer_over_dense": r["moe_h64lm"]["moe_overhead"] <= SPEED_TARGETS["moe_layer_over_dense"],
+        "train_step_vs_transformers": r["small"]["speedup_vs_hf"] >= SPEED_TARGETS["train_step_vs_transformers"],
+        "graph_breaks": r["graph_breaks"] <= SPEED_TARGETS["graph_breaks"],
+    }
+    return r
+
+
+def targets_report(r: dict) -> str:
+    def spread(figures: dict, key: str) -> str:
+        low, high = figures[f"{key}_spread"]
+        return f"{figures[key]:.2f}x (repeats {low:.2f}-{high:.2f})"
+    met = {name: "met" if ok else "NOT MET" for name, ok in r["targets"].items()}
+    lines = [f"device {r['device']}, {r['dtype']}, median of {r['repeats']} repeats, each ratio timed in alternation",
+             f"  graph breaks, tiny training step        {r['graph_breaks']}   target 0: {met['graph_breaks']}"]
+    lines += [f"    {reason}" for reason in r["graph_break_reasons"]]
+    lines.append(f"  MoE layer / dense SwiGLU, h64lm shape   {spread(r['moe_h64lm'], 'moe_overhead')}   target <= "
+                 f"{SPEED_TARGETS['moe_layer_over_dense']}x: {met['moe_layer_over_dense']}")
+    lines.append(f"  training step / transformers, small     {spread(r['small'], 'speedup_vs_hf')}   target >= "
+                 f"{SPEED_TARGETS['train_step_vs_transformers']}x: {met['train_step_vs_transformers']}")
+    for preset in ("tiny", "small"):
+        for suffix, batch in (("", 1), ("_batch8", 8)):
+            d = r[preset]
+            lines.append(f"  decoding, {preset:5} batch {batch}   compiled {spread(d, f'decode_compiled_speedup_vs_hf{suffix}')}"
+                         f", eager {spread(d, f'decode_speedup_vs_hf{suffix}')}  "
+                         f"({d[f'decode_compiled_tokens_per_s{suffix}']:,.0f} / {d[f'decode_tokens_per_s{suffix}']:,.0f}"
+                         f" vs {d[f'hf_decode_tokens_per_s{suffix}']:,.0f} tokens/s)")
+    lines.append(f"  decoding target >= {SPEED_TARGETS['decode_vs_transformers']}x everywhere, compiled: "
+                 f"{met['decode_vs_transformers']}")
+    return "\n".join(lines)
 
 
 def tokenize_throughput(data: str = "sample", tokenizer_path: str | Path = DEFAULT_TOKENIZER) -> dict:
@@ -3713,12 +3817,14 @@ def bench_report(r: dict) -> str:
              f"{r['dense_layer_seconds'] * 1e3:.1f} ms, same active FLOPs)",
              f"  peak memory          {r['peak_memory_bytes'] / 2**20:9.0f} MiB"]
     if "speedup_vs_hf" in r:
-        lines += [f"  transformers Mixtral {r['hf_tokens_per_s']:,.0f} tokens/s ({r['hf_experts_implementation']} "
-                  f"experts) -> H64LM is {r['speedup_vs_hf']:.2f}x",
-                  f"  decode, batch 1      {r['decode_tokens_per_s']:,.0f} vs {r['hf_decode_tokens_per_s']:,.0f} "
-                  f"tokens/s -> {r['decode_speedup_vs_hf']:.2f}x",
-                  f"  decode, batch 8      {r['decode_tokens_per_s_batch8']:,.0f} vs "
-                  f"{r['hf_decode_tokens_per_s_batch8']:,.0f} tokens/s -> {r['decode_speedup_vs_hf_batch8']:.2f}x"]
+        low, high = r["speedup_vs_hf_spread"]
+        lines.append(f"  transformers Mixtral {r['hf_tokens_per_s']:,.0f} tokens/s ({r['hf_experts_implementation']} "
+                     f"experts) -> H64LM is {r['speedup_vs_hf']:.2f}x (repeats {low:.2f}-{high:.2f})")
+        for suffix, batch in (("", 1), ("_batch8", 8)):
+            lines.append(f"  decode, batch {batch}      eager {r[f'decode_tokens_per_s{suffix}']:,.0f}, compiled "
+                         f"{r[f'decode_compiled_tokens_per_s{suffix}']:,.0f} vs "
+                         f"{r[f'hf_decode_tokens_per_s{suffix}']:,.0f} tokens/s -> "
+                         f"{r[f'decode_speedup_vs_hf{suffix}']:.2f}x, {r[f'decode_compiled_speedup_vs_hf{suffix}']:.2f}x")
     if "tokenize_tokens_per_s" in r:
         lines.append(f"  tokenizing + packing {r['tokenize_tokens_per_s']:,.0f} tokens/s ({r['tokenize_tokens']:,} "
                      f"tokens in {r['tokenize_seconds']:.2f} s)")
@@ -4045,8 +4151,10 @@ def build_parser() -> argparse.ArgumentParser:
                 "(of peak_flops: measured fp32 matmul rate on CPU, data-sheet bf16 peak on CUDA), moe_overhead "
                 "(one MoE layer over a dense SwiGLU with the same active FLOPs), peak_memory_bytes (CUDA: allocated; "
                 "CPU: process RSS), device; with --compare-hf also hf_tokens_per_s, speedup_vs_hf, "
-                "decode_tokens_per_s, hf_decode_tokens_per_s, decode_speedup_vs_hf (batch 1; the same with "
-                "_batch8 for batch 8), hf_experts_implementation. --compare-hf measures both models in Mixtral's "
+                "decode_tokens_per_s (eager), decode_compiled_tokens_per_s (static cache, compiled step), "
+                "hf_decode_tokens_per_s, decode_speedup_vs_hf, decode_compiled_speedup_vs_hf (batch 1; the same "
+                "with _batch8 for batch 8), hf_experts_implementation. Each ratio is the median of the repeats' "
+                "ratios, with its lowest and highest in KEY_spread. --compare-hf measures both models in Mixtral's "
                 "form: every layer MoE, RoPE only.")
     p.add_argument("--preset", choices=PRESETS, default="tiny")
     p.add_argument("--device", default="auto", choices=DEVICES)
@@ -4057,6 +4165,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=number_flag(COUNT), default=10, help="timed steps; the median is reported")
     p.add_argument("--decode-tokens", type=number_flag(COUNT), default=32, help="new tokens per decode measurement")
     p.add_argument("--compare-hf", action="store_true", help="also time transformers' MixtralForCausalLM")
+    p.add_argument("--targets", action="store_true",
+                   help="measure the speed targets on their shapes instead (graph breaks in the tiny training step; "
+                        "MoE layer over dense at the h64lm shape; training step and decoding against transformers' "
+                        "Mixtral at the small shape, decoding at the tiny shape) and say which are met; --json "
+                        "gives the figures with a 'targets' object of booleans. --preset and the size flags are "
+                        "ignored")
     p.add_argument("--compile", action="store_true", help="torch.compile H64LM's training step")
     p.add_argument("--tokenize", action="store_true", help="also time tokenizing and packing the sample's train "
                    "split, cache bypassed (key tokenize_tokens_per_s)")
@@ -4432,6 +4546,11 @@ def _read_lines_as_text(path: Path) -> list[str]:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     overrides = {name: getattr(args, name) for name in ("attn_impl", "moe_impl", "loss_impl") if getattr(args, name)}
+    if args.targets:
+        result = bench_targets(args.device, args.precision, args.repeats, args.decode_tokens,
+                               log=lambda text: print(text, file=sys.stderr))
+        print(json.dumps(result) if args.json else targets_report(result))
+        return 0
     result = bench(args.preset, args.device, args.precision, args.seq_len, args.batch_size, args.repeats,
                    args.compare_hf, args.decode_tokens, args.compile, **overrides)
     if args.tokenize:
