@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import h64lm
-from conftest import small_config
+from conftest import REPO, run_cli, small_config
 
 
 def test_grouped_mm_equals_a_matmul_per_block_in_outputs_and_gradients():
@@ -101,3 +101,27 @@ def test_compiled_decoding_gives_the_eager_tokens_without_recompiling(preset, wi
     other = [torch.randint(3, config.vocab_size, (n,)).tolist() for n in (5, 2, 9)]
     h64lm.generate(model, other, 20, temperature=0, compile=True)  # ...and for the next prompts of the batch size
     torch._dynamo.reset()
+
+
+@pytest.mark.slow
+def test_generate_compile_writes_the_eager_text():
+    """The command line's switch: the demo model, its default repetition penalty, a static cache and a compiled step."""
+    def text(*extra):
+        result = run_cli("generate", "--ckpt", REPO / "checkpoints" / "demo", "--prompt", "The history of",
+                         "--greedy", "--max-new-tokens", 24, *extra)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+    assert text("--compile") == text()
+
+
+def test_the_targets_are_judged_on_the_medians_at_their_thresholds():
+    def figures(decode=2.0, moe=1.15, train=1.3, breaks=0):
+        decoding = {"decode_compiled_speedup_vs_hf": 3.0, "decode_compiled_speedup_vs_hf_batch8": decode}
+        return {"graph_breaks": breaks, "moe_h64lm": {"moe_overhead": moe}, "tiny": decoding,
+                "small": {"speedup_vs_hf": train, **decoding}}
+    assert all(h64lm.targets_met(figures()).values())  # each threshold itself is met
+    assert h64lm.targets_met(figures(decode=1.99)) == {"decode_vs_transformers": False, "moe_layer_over_dense": True,
+                                                       "train_step_vs_transformers": True, "graph_breaks": True}
+    assert not h64lm.targets_met(figures(moe=1.16))["moe_layer_over_dense"]
+    assert not h64lm.targets_met(figures(train=1.29))["train_step_vs_transformers"]
+    assert not h64lm.targets_met(figures(breaks=1))["graph_breaks"]
