@@ -1291,7 +1291,7 @@ class H64LM(nn.Module):
 # compiled whole, with no graph break (the MoE layer's dispatch has no host
 # sync, section 10). Each step then runs as one generated program instead of
 # a few hundred Python-dispatched operators. The eager path stays the one to
-# read; tests/test_generation.py proves both give the same tokens.
+# read; tests/test_speed.py proves both give the same tokens.
 #
 # Batched prompts of different lengths are left-padded so that every row's last
 # prompt token is in the same column; padding slots get position -1, which the
@@ -1976,10 +1976,11 @@ def _timed(fn) -> float:
 
 def compile_blocks(model: H64LM) -> H64LM:
     """Regional compilation: torch.compile each block in place, not the whole model. The blocks of one kind share
-    one compiled program, so compiling takes seconds, and what it buys is the fusion of the elementwise work
+    one compiled program, so compiling takes seconds, and what it can buy is the fusion of the elementwise work
     around the matrix multiplies (RMSNorm, RoPE, SiLU and the gating product, the router's softmax and top-k),
-    which runs as a few hundred separate operators otherwise. `bench --targets` measures the gain (README,
-    Speed). The weights keep their names: checkpoints are the same."""
+    which runs as a few hundred separate operators otherwise. On 2 CPU cores it buys nothing: `bench --targets`
+    measures 0.99-1.01x a step at the small shape (README, Speed). The weights keep their names: checkpoints
+    are the same."""
     for block in model.blocks:
         block.compile()
     return model
@@ -3522,7 +3523,14 @@ def export_transformers(path: str | Path, out: str | Path, tokenizer_path: str |
 #     with the same active FLOPs (hidden width expert_intermediate_size x k);
 #   - with --compare-hf, transformers' MixtralForCausalLM of the same shape
 #     (every layer MoE, RoPE only: what Mixtral is), timed in alternation with
-#     H64LM in the same form, and cached decoding against its generate().
+#     H64LM in the same form, and cached decoding, eager and compiled (section
+#     13), against its generate();
+#   - with --targets, SPEED_TARGETS on the shapes users train: graph breaks,
+#     the MoE layer at the h64lm shape, the training step and decoding against
+#     transformers' Mixtral at the small shape, decoding at the tiny shape.
+# A ratio is the median of the repeats' ratios, each repeat timing both sides
+# moments apart, with the lowest and highest beside it: the spread says how
+# far one number on a busy machine can be trusted.
 
 def _median(values: list[float]) -> float:
     return float(np.median(values))
@@ -3614,7 +3622,8 @@ def _peak_memory(device: torch.device) -> int:
 def bench(preset: str = "tiny", device: str = "auto", precision: str = "auto", seq_len: int | None = None,
           batch_size: int = 8, repeats: int = 10, compare_hf: bool = False, decode_tokens: int = 32,
           compile: bool = False, log=print, **overrides) -> dict:
-    """Measure a training step, the MoE overhead and (with compare_hf) transformers' Mixtral; see section 18."""
+    """Measure a training step, the MoE overhead and (with compare_hf) transformers' Mixtral, as section 19's
+    header says."""
     rt = setup_runtime(device, precision)
     if compare_hf:  # Mixtral's form: every layer MoE, RoPE only
         overrides = {**overrides, "moe_layers": "all", "attention_type": "rope"}
