@@ -3737,6 +3737,9 @@ def _fastest_hf_decoding(hf, generate: Callable[[], None], rt: Runtime) -> str:
             times[impl] = _median(_time_alternating({impl: generate}, 1, rt.device)[impl])
         except Exception:  # an implementation this device or version does not support
             continue
+    if not times:
+        raise H64LMError("None of transformers' experts implementations decoded here; run bench without "
+                         "--compare-hf or --targets.")
     best = min(times, key=times.get)
     hf.set_experts_implementation(best)
     return best
