@@ -88,7 +88,7 @@ def test_the_static_cache_gives_the_logits_of_the_growing_cache(window):
 
 def test_compiled_decoding_gives_the_eager_tokens_without_recompiling(monkeypatch):
     """A ring shorter than the prompts, batched prompts of different lengths, ALiBi and RoPE, a MoE layer. (The
-    default tiny model without a window: the command line's test below, and the notebook's section 13.)"""
+    tiny shape without a window, through the command line: the demo model, in the test below.)"""
     torch._dynamo.reset()
     torch.manual_seed(0)
     config = small_config(attention_type="rope+alibi", sliding_window=4)
