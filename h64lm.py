@@ -772,6 +772,13 @@ class RoutingStats:
 _OPS = "h64lm" if __name__ in ("h64lm", "__main__") else "h64lm_" + re.sub(r"\W", "_", __name__)
 
 
+def autocast_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype autocast would multiply x in here (x's own when autocast is off). For code that casts by hand:
+    a custom operator (below) and the chunked loss (section 12), which autocast does not see into."""
+    device_type = x.device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+
+
 def _native_grouped_mm(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether torch._grouped_mm's CUDA kernel takes these: bfloat16 on a Hopper or newer GPU, rows aligned to
     16 bytes. (Not measured here: this project's sessions have had no GPU.)"""
@@ -964,7 +971,7 @@ class MoE(nn.Module):
         order = torch.argsort(flat_ids, stable=True)  # (A,) assignments grouped by expert, in token order within
         ends = expert_load(flat_ids, E + 1)[:E].cumsum(0).to(torch.int32)  # (E,) the row where each block ends
         token = order // k  # (A,) the token of each sorted assignment
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        dtype = autocast_dtype(x)
         rows = x.index_select(0, token).to(dtype)  # (A, D), expert 0's rows first, then expert 1's, ...
         w_gate, w_up, w_down = (w.to(dtype) for w in (self.w_gate, self.w_up, self.w_down))  # autocast's casts
         h = F.silu(grouped_mm(rows, w_gate, ends)) * grouped_mm(rows, w_up, ends)  # (A, F)
@@ -1088,10 +1095,9 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
 def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """The LM loss from the final hidden states x (N, D), the LM head weight (V, D) and targets (N,), as
     F.cross_entropy(F.linear(x, weight), targets, ignore_index=-100) computes it, without the (N, V) logits."""
-    device_type = x.device.type
-    compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+    compute_dtype = autocast_dtype(x)
     with_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    with torch.autocast(device_type=device_type, enabled=False):  # the dtypes are chosen above, explicitly
+    with torch.autocast(device_type=x.device.type, enabled=False):  # the dtypes are chosen above, explicitly
         return ChunkedLinearCrossEntropy.apply(x, weight, targets, _chunk_rows(x.device, weight.shape[0]),
                                                compute_dtype, with_grad)
 
@@ -3590,26 +3596,22 @@ def mixtral_like(config: H64LMConfig):
     return MixtralForCausalLM(hf_config)
 
 
-def _fastest_hf_experts(hf_model, x: torch.Tensor, rt: Runtime, repeats: int) -> tuple[str, Callable[[], None]]:
-    """Time transformers' experts implementations that run here and keep the fastest."""
-    candidates = {}
+def _fastest_hf_experts(hf_model, fn: Callable[[], None], rt: Runtime, repeats: int, what: str) -> str:
+    """Set the experts implementation of transformers' model under which fn (what it does, for the error) runs
+    fastest here; return its name. An implementation this device or version does not support is skipped."""
+    times = {}
     for impl in ("eager", "batched_mm", "grouped_mm"):
         try:
             hf_model.set_experts_implementation(impl)
-            fn = _train_step_fn(hf_model, x, rt, lambda m, ids: m(input_ids=ids, labels=ids).loss)
-            fn()
-            candidates[impl] = fn
-        except Exception:  # an implementation this device or version does not support
+            times[impl] = _median(_time_alternating({impl: fn}, repeats, rt.device)[impl])
+        except Exception:  # not supported here: the warm-up call inside _time_alternating raised
             continue
-    if not candidates:
-        raise H64LMError("None of transformers' experts implementations ran here; run bench without --compare-hf.")
-    times = {}
-    for impl, fn in candidates.items():
-        hf_model.set_experts_implementation(impl)
-        times[impl] = _median(_time_alternating({impl: fn}, max(2, repeats // 2), rt.device)[impl])
+    if not times:
+        raise H64LMError(f"None of transformers' experts implementations ran {what} here; run bench without "
+                         "--compare-hf or --targets.")
     best = min(times, key=times.get)
     hf_model.set_experts_implementation(best)
-    return best, candidates[best]
+    return best
 
 
 def _peak_memory(device: torch.device) -> int:
@@ -3647,7 +3649,8 @@ def bench(preset: str = "tiny", device: str = "auto", precision: str = "auto", s
     hf_impl = None
     if compare_hf:
         hf = mixtral_like(config).to(rt.device).train()
-        hf_impl, fns["transformers"] = _fastest_hf_experts(hf, ids, rt, repeats)
+        fns["transformers"] = _train_step_fn(hf, ids, rt, lambda m, ids: m(input_ids=ids, labels=ids).loss)
+        hf_impl = _fastest_hf_experts(hf, fns["transformers"], rt, max(2, repeats // 2), "a training step")
     all_times = _time_alternating(fns, repeats, rt.device)
     times = {name: _median(t) for name, t in all_times.items()}
     tokens = batch_size * seq_len
@@ -3714,7 +3717,7 @@ def decode_bench(model: H64LM, hf, rt: Runtime, new_tokens: int, repeats: int) -
             with rt.autocast():
                 hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
                             min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-        hf_impl = _fastest_hf_decoding(hf, theirs, rt)
+        hf_impl = _fastest_hf_experts(hf, theirs, rt, 1, "generate")
         times = _time_alternating({"h64lm": ours(False), "h64lm_compiled": ours(True), "transformers": theirs},
                                   max(3, repeats // 2), rt.device)
         suffix = "" if batch == 1 else f"_batch{batch}"
@@ -3726,23 +3729,6 @@ def decode_bench(model: H64LM, hf, rt: Runtime, new_tokens: int, repeats: int) -
         out[f"decode_compiled_speedup_vs_hf{suffix}"], *out[f"decode_compiled_speedup_vs_hf{suffix}_spread"] = _ratio(
             times, "transformers", "h64lm_compiled")
     return out
-
-
-def _fastest_hf_decoding(hf, generate: Callable[[], None], rt: Runtime) -> str:
-    """Set transformers' experts implementation that decodes fastest here (one timed generate each)."""
-    times = {}
-    for impl in ("eager", "batched_mm", "grouped_mm"):
-        try:
-            hf.set_experts_implementation(impl)
-            times[impl] = _median(_time_alternating({impl: generate}, 1, rt.device)[impl])
-        except Exception:  # an implementation this device or version does not support
-            continue
-    if not times:
-        raise H64LMError("None of transformers' experts implementations decoded here; run bench without "
-                         "--compare-hf or --targets.")
-    best = min(times, key=times.get)
-    hf.set_experts_implementation(best)
-    return best
 
 
 # The targets of `bench --targets`: ratios measured in alternation in one process, on the shapes users train.
