@@ -779,11 +779,15 @@ def autocast_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
 
 
-def _native_grouped_mm(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether torch._grouped_mm's CUDA kernel takes these: bfloat16 on a Hopper or newer GPU, rows aligned to
-    16 bytes. (Not measured here: this project's sessions have had no GPU.)"""
-    return (x.is_cuda and x.dtype == w.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (9, 0)
-            and x.shape[-1] % 8 == 0 and w.shape[-1] % 8 == 0)
+def native_grouped_mm(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether torch's grouped GEMM kernel takes these, as its documentation says: torch.nn.functional.grouped_mm
+    (public in torch 2.10 and later) for bfloat16 on a CUDA GPU of compute capability 8.0 or more (A100, H100), or, in an
+    older torch, the private torch._grouped_mm on 9.0 (Hopper); rows aligned to 16 bytes either way."""
+    public = hasattr(F, "grouped_mm")
+    if not (public or hasattr(torch, "_grouped_mm")) or not (x.is_cuda and x.dtype == w.dtype == torch.bfloat16):
+        return False
+    aligned = x.shape[-1] % 8 == 0 and w.shape[-1] % 8 == 0
+    return aligned and torch.cuda.get_device_capability(x.device) >= ((8, 0) if public else (9, 0))
 
 
 @torch.library.custom_op(f"{_OPS}::grouped_mm_loop", mutates_args=())
@@ -841,8 +845,9 @@ grouped_mm_loop.register_autograd(_grouped_mm_backward, setup_context=_grouped_m
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
     """Block i of the rows x (A, K) times w[i] (E, K, M), block i ending at row ends[i] (E,) -> (A, M)."""
-    if _native_grouped_mm(x, w):
-        return torch._grouped_mm(x, w, offs=ends)  # rows after the last block are left undefined
+    if native_grouped_mm(x, w):
+        kernel = getattr(F, "grouped_mm", None) or torch._grouped_mm
+        return kernel(x, w, offs=ends)  # rows after the last block are left undefined, in backward too
     return grouped_mm_loop(x, w, ends)
 
 
@@ -1892,8 +1897,11 @@ TRAIN_RECIPES: dict[str, dict] = {
 }
 
 # Dense bf16 peak of common GPUs, in FLOP/s, for model FLOP utilisation (vendor data sheets, without sparsity).
-GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12,
-                  "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12}
+# The first name found in the device's name wins, so the PCIe and NVL cards, which run at lower clocks and power
+# than the SXM ones of the same name, come first.
+GPU_PEAK_FLOPS = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H200 NVL", 835e12), ("H100", 989e12),
+                  ("H200", 989e12), ("A100", 312e12), ("L40S", 362e12), ("A10G", 125e12), ("L4", 121e12),
+                  ("RTX 4090", 165e12), ("RTX 3090", 71e12), ("V100", 125e12))
 
 
 @dataclass
@@ -1959,19 +1967,25 @@ def setup_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
 
 
 def peak_flops(device: torch.device) -> float:
-    """The FLOP/s that utilisation is measured against: a GPU's dense bf16 peak from its data sheet, or on CPU the
-    float32 matmul rate this process actually reaches (one 2048 x 2048 torch.mm, best of 5)."""
+    """The FLOP/s of one device that utilisation is measured against: a GPU's dense bf16 peak from its data sheet
+    (NaN for a GPU not in GPU_PEAK_FLOPS), or on CPU the float32 matmul rate this process actually reaches (one
+    2048 x 2048 torch.mm, best of 5). peak_flops_source says which."""
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, flops in GPU_PEAK_FLOPS.items():
-            if key in name:
-                return flops
-        return float("nan")
+        return next((flops for key, flops in GPU_PEAK_FLOPS if key in torch.cuda.get_device_name(device)), math.nan)
     generator = torch.Generator().manual_seed(0)  # its own, so measuring draws nothing from the run's generators
     a, b = torch.randn(2048, 2048, generator=generator), torch.randn(2048, 2048, generator=generator)
     a @ b  # warm-up
     best = min(_timed(lambda: a @ b) for _ in range(5))
     return 2 * 2048 ** 3 / best
+
+
+def peak_flops_source(device: torch.device) -> str:
+    """Where peak_flops(device) comes from, in words."""
+    if device.type != "cuda":
+        return "measured: float32 2048 x 2048 matmul on this CPU, best of 5"
+    name = torch.cuda.get_device_name(device)
+    key = next((key for key, _ in GPU_PEAK_FLOPS if key in name), None)
+    return f"data sheet, {key} dense bf16" if key else f"unknown: {name} is not in GPU_PEAK_FLOPS (MFU is NaN)"
 
 
 def _timed(fn) -> float:
