@@ -24,7 +24,7 @@ layers are top-2-of-8 Mixture-of-Experts layers: 250M parameters, of which
 122M are active for any one token.
 
 Importing this file only defines things; nothing runs until you call it.
-As a program: python h64lm.py {train,eval,generate,analyze,bench,export} --help.
+As a program: python h64lm.py {train,eval,generate,analyze,bench,doctor,export} --help.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ import contextlib
 import copy
 import ctypes
 import dataclasses
+import datetime
 import functools
 import gzip
 import hashlib
@@ -522,9 +523,10 @@ class StaticKVCache(KVCache):
 # means a smaller KV cache and fewer projection weights at almost no loss.
 #
 # Two implementations of the same function: `plain_attention` writes the math
-# out, so a reader can follow it; `F.scaled_dot_product_attention` runs fused
-# kernels (flash attention on CPU and GPU when the mask is plain causal).
-# tests/test_attention.py proves they agree.
+# out, so a reader can follow it; `fused_attention` hands the same inputs to
+# F.scaled_dot_product_attention, which runs fused kernels (flash attention,
+# memory-efficient attention) when they take them. tests/test_attention.py
+# proves they agree.
 
 def plain_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """q (B, H, T, hd), k and v (B, Hkv, S, hd); bias: None (causal), a bool mask or float additive bias."""
@@ -541,6 +543,25 @@ def plain_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: tor
         scores = scores + bias
     weights = torch.softmax(scores.float(), dim=-1).to(q.dtype)
     return weights @ v  # (B, H, T, hd)
+
+
+# Which fused kernel SDPA reaches depends on what it is given. On CUDA, flash attention takes no mask at all, and
+# the memory-efficient kernel, which takes any mask, does not take enable_gqa in released builds, so a mask (an
+# ALiBi bias, a window, padding) with fewer KV heads than query heads falls back to the unfused math kernel,
+# which stores the whole (B, H, T, S) score matrix. There the KV heads are repeated to the query heads first, after
+# the cache, which keeps them few. A CPU's flash kernel takes a mask and enable_gqa together, and repeating costs
+# it time (README, Speed), so it is not done there. `python h64lm.py doctor` prints the kernel each attention
+# type reaches on a device.
+KV_REPEATING_DEVICES = ("cuda",)
+
+
+def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """plain_attention's function with F.scaled_dot_product_attention. q (B, H, T, hd), k and v (B, Hkv, S, hd)."""
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1 and bias is not None and q.device.type in KV_REPEATING_DEVICES:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # (B, H, S, hd)
+        groups = 1
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=bias is None, enable_gqa=groups > 1)
 
 
 class Attention(nn.Module):
@@ -564,11 +585,7 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, Hkv, S, hd), S = cached + T
-        if self.impl == "plain":
-            y = plain_attention(q, k, v, bias)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=bias is None,
-                                               enable_gqa=self.num_heads != self.num_kv_heads)
+        y = plain_attention(q, k, v, bias) if self.impl == "plain" else fused_attention(q, k, v, bias)
         y = y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)  # (B, T, H*hd)
         return self.o_proj(y)
 
@@ -781,8 +798,8 @@ def autocast_dtype(x: torch.Tensor) -> torch.dtype:
 
 def native_grouped_mm(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether torch's grouped GEMM kernel takes these, as its documentation says: torch.nn.functional.grouped_mm
-    (public in torch 2.10 and later) for bfloat16 on a CUDA GPU of compute capability 8.0 or more (A100, H100), or, in an
-    older torch, the private torch._grouped_mm on 9.0 (Hopper); rows aligned to 16 bytes either way."""
+    (public in torch 2.10 and later) for bfloat16 on a CUDA GPU of compute capability 8.0 or more (A100, H100),
+    or, in an older torch, the private torch._grouped_mm on 9.0 (Hopper); rows aligned to 16 bytes either way."""
     public = hasattr(F, "grouped_mm")
     if not (public or hasattr(torch, "_grouped_mm")) or not (x.is_cuda and x.dtype == w.dtype == torch.bfloat16):
         return False
@@ -978,12 +995,19 @@ class MoE(nn.Module):
         token = order // k  # (A,) the token of each sorted assignment
         dtype = autocast_dtype(x)
         rows = x.index_select(0, token).to(dtype)  # (A, D), expert 0's rows first, then expert 1's, ...
+        # Dropped assignments sort past the last block, where torch's grouped GEMM leaves its output rows and, in
+        # backward, its input-gradient rows undefined (recycled GPU memory: NaN as likely as anything). So both
+        # ends are masked with torch.where, whose backward selects, not multiplies (0 * NaN is NaN): at the
+        # gather, so that no undefined gradient reaches x, and at the output.
+        kept = (flat_ids[order] < E)[:, None] if self.training and self.capacity_factor is not None else None
+        if kept is not None:
+            rows = torch.where(kept, rows, 0)
         w_gate, w_up, w_down = (w.to(dtype) for w in (self.w_gate, self.w_up, self.w_down))  # autocast's casts
         h = F.silu(grouped_mm(rows, w_gate, ends)) * grouped_mm(rows, w_up, ends)  # (A, F)
         out = grouped_mm(h, w_down, ends)  # (A, D)
         weight = weights.reshape(-1)[order]  # (A,)
-        if self.training and self.capacity_factor is not None:  # rows past the last block are not computed
-            out = torch.where((flat_ids[order] < E)[:, None], out, 0)
+        if kept is not None:
+            out = torch.where(kept, out, 0)
         return torch.zeros_like(x).index_add_(0, token, out * weight[:, None])  # (N, D)
 
 
@@ -1078,9 +1102,12 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             loss = z_max + sum_exp.log() - target_logit  # (c, 1): logsumexp(z) - z_y
             total += (loss.squeeze(1) * counted[rows]).sum()
             if with_grad:
-                scale = counted[rows, None].to(exact) / n  # (c, 1): 1/n for a counted row, 0 for an ignored one
-                z.mul_(scale / sum_exp)  # softmax(z) / n
-                z.scatter_add_(1, safe_targets[rows], -scale)  # - onehot(y) / n: z is now dL/dz
+                # n * dL/dz = softmax(z) - onehot(y), for a counted row (an ignored one's is 0). The 1/n waits for
+                # backward, where it meets the loss's own gradient: p/n would be cast to fp16 here, before a
+                # gradient scaler's factor has reached it, and at 16k tokens it is below fp16's smallest number.
+                counted_rows = counted[rows, None].to(exact)  # (c, 1)
+                z.mul_(counted_rows / sum_exp)  # softmax(z)
+                z.scatter_add_(1, safe_targets[rows], -counted_rows)  # - onehot(y)
                 g = z.to(compute_dtype)
                 grad_x[rows] = g @ wc  # (c, D)
                 if compute_dtype == exact:
@@ -1088,13 +1115,14 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
                 else:
                     grad_w += (g.T @ xc[rows]).to(exact)
         if with_grad:
-            ctx.save_for_backward(grad_x, grad_w.to(weight.dtype))
+            ctx.save_for_backward(grad_x, grad_w.to(weight.dtype), n)
         return total / n
 
     @staticmethod
     def backward(ctx, grad_loss):
-        grad_x, grad_w = ctx.saved_tensors
-        return grad_x * grad_loss, grad_w * grad_loss, None, None, None, None
+        grad_x, grad_w, n = ctx.saved_tensors
+        scale = grad_loss / n  # in float32 at least: a gradient scaler's factor times 1/n
+        return (grad_x * scale).to(grad_x.dtype), (grad_w * scale).to(grad_w.dtype), None, None, None, None
 
 
 def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -2614,12 +2642,7 @@ def load_run_data(config: H64LMConfig, tc: TrainConfig, rt: Runtime, seq_len: in
     """The tokenizer, the text source and its splits as tokens, checked to be big enough for one batch."""
     tokenizer = load_tokenizer(tc.tokenizer)
     check_vocab(tokenizer, config)
-    # Rank 0 tokenizes and fills the cache while the others wait, then they read its cache: done once.
-    if rt.world_size > 1 and not rt.master:
-        torch.distributed.barrier()
-    source, splits = load_token_splits(tc.data, tokenizer, tc.cache_dir, log=log)
-    if rt.world_size > 1 and rt.master:
-        torch.distributed.barrier()
+    source, splits = rank0_first(rt, lambda: load_token_splits(tc.data, tokenizer, tc.cache_dir, log=log))
     windows = PackedWindows(splits["train"].tokens, seq_len).count
     global_batch = tc.batch_size * tc.grad_accum * rt.world_size
     if windows < global_batch:
@@ -2632,6 +2655,27 @@ def load_run_data(config: H64LMConfig, tc: TrainConfig, rt: Runtime, seq_len: in
         f"{len(splits['valid'].tokens):,} validation tokens"
         + ("" if tc.data == "wikitext-103" else "; --data wikitext-103 insists on WikiText-103"))
     return tokenizer, source, splits
+
+
+# How long the other processes wait for rank 0 to tokenize a text (rank0_first). The first run on WikiText-103
+# tokenizes 540 MB of text for minutes; NCCL's watchdog aborts a collective after 10 minutes, and gloo's default
+# is 30. If rank 0 fails instead, torchrun stops the others at once, so a long wait costs nothing then.
+TOKENIZE_WAIT = datetime.timedelta(hours=4)
+
+
+def rank0_first(rt: Runtime, fn: Callable[[], object]):
+    """fn() on rank 0, then on the others: rank 0 tokenizes and fills the cache, and the others read it, so the
+    work is done once. They wait in a barrier of their own, on gloo with a TOKENIZE_WAIT timeout, not on NCCL."""
+    if rt.world_size == 1:
+        return fn()
+    group = torch.distributed.new_group(backend="gloo", timeout=TOKENIZE_WAIT)
+    if not rt.master:
+        torch.distributed.barrier(group=group)
+    result = fn()
+    if rt.master:
+        torch.distributed.barrier(group=group)
+    torch.distributed.destroy_process_group(group)
+    return result
 
 
 def start_run(config: H64LMConfig, tc: TrainConfig, rt: Runtime, run_dir: Path, resume: Path | None = None,
@@ -2648,21 +2692,17 @@ def start_run(config: H64LMConfig, tc: TrainConfig, rt: Runtime, run_dir: Path, 
     check_fits(config, rt.device)
     random.seed(tc.seed)
     np.random.seed(tc.seed)
-    torch.manual_seed(tc.seed + rt.rank)  # router jitter differs per rank; the weights are broadcast by DDP
+    torch.manual_seed(tc.seed + rt.rank)  # each rank its own stream: router jitter differs per rank
     tokenizer, source, splits = load_run_data(config, tc, rt, seq_len, log)
     if ckpt is not None and not allow_mismatch:
         check_trained_with(ckpt, resume, tokenizer, source)
 
-    torch.manual_seed(tc.seed)  # the same initial weights on every rank
-    model = H64LM(config).to(rt.device)
+    with torch.random.fork_rng(devices=[rt.device] if rt.device.type == "cuda" else []):
+        torch.manual_seed(tc.seed)  # the same initial weights on every rank, drawn aside from the rank's stream
+        model = H64LM(config).to(rt.device)
     model.gradient_checkpointing = tc.gradient_checkpointing
-    step_model = compile_blocks(model) if tc.compile else model
-    if rt.world_size > 1:
-        step_model = nn.parallel.DistributedDataParallel(step_model, device_ids=None if rt.device.type == "cpu"
-                                                         else [rt.device.index])
-    run = Run(config=config, tc=tc, rt=rt, run_dir=run_dir, model=model, step_model=step_model,
-              optimizer=make_optimizer(model, tc, rt.device, log),
-              scaler=torch.amp.GradScaler(enabled=rt.dtype == torch.float16),
+    run = Run(config=config, tc=tc, rt=rt, run_dir=run_dir, model=model, step_model=step_model_of(model, tc, rt),
+              optimizer=make_optimizer(model, tc, rt.device, log), scaler=grad_scaler(rt),
               windows=PackedWindows(splits["train"].tokens, seq_len), valid_tokens=splits["valid"].tokens,
               seq_len=seq_len, provenance=provenance(tokenizer, source),
               history={"config": config.to_dict(), "train_config": asdict(tc), "train": [], "val": []})
@@ -2675,6 +2715,20 @@ def start_run(config: H64LMConfig, tc: TrainConfig, rt: Runtime, run_dir: Path, 
         raise H64LMError(f"The run in {run_dir} already finished its {tc.max_steps} steps; raise --max-steps to "
                          "train it further.")
     return run
+
+
+def step_model_of(model: H64LM, tc: TrainConfig, rt: Runtime) -> nn.Module:
+    """What a training step calls: the model, its blocks compiled if asked, in DDP under torchrun."""
+    step_model = compile_blocks(model) if tc.compile else model
+    if rt.world_size > 1:
+        step_model = nn.parallel.DistributedDataParallel(step_model, device_ids=None if rt.device.type == "cpu"
+                                                         else [rt.device.index])
+    return step_model
+
+
+def grad_scaler(rt: Runtime) -> torch.amp.GradScaler:
+    """fp16's gradient scaler (Micikevicius et al. 2018): off in bf16 and float32, whose range needs none."""
+    return torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)
 
 
 def restore_run(run: Run, ckpt: dict, resume: Path, log) -> None:
@@ -2908,7 +2962,9 @@ def train_loop(run: Run, log, on_step: Callable[[dict], None] | None = None) -> 
     from tqdm.auto import tqdm
 
     tc, rt = run.tc, run.rt
-    flops_per_token, peak = run.model.flops_per_token(run.seq_len), peak_flops(rt.device)
+    flops_per_token = run.model.flops_per_token(run.seq_len)
+    peak = peak_flops(rt.device) * rt.world_size  # every process's device, alike under torchrun
+    run.history["peak_flops"] = peak
     warn_if_slow(flops_per_token * run.tokens_per_step / peak, tc.max_steps - run.step, rt.device, log)
     quiet = {} if rt.master else {"disable": True}  # on rank 0 the bar obeys tqdm's own TQDM_DISABLE
     bar = tqdm(range(run.step, tc.max_steps), desc="training", unit="step", dynamic_ncols=True, initial=run.step,
@@ -2918,10 +2974,11 @@ def train_loop(run: Run, log, on_step: Callable[[dict], None] | None = None) -> 
     with _StopRequest(speak=rt.master) as stop:
         stop.kept = last_good(run.saved)
         for step in bar:
+            started = time.perf_counter()
             stats = train_step(run, step)
             now = time.perf_counter()
-            run.seconds += now - t_last
-            tokens_per_s, t_last = run.tokens_per_step / (now - t_last), now
+            run.seconds, t_last = run.seconds + now - t_last, now  # validations and saves included
+            tokens_per_s = run.tokens_per_step / (now - started)  # the step alone: every process's tokens
             mfu = tokens_per_s * flops_per_token / peak
             load = stats.pop("load")  # (L, E)
             balance = ({} if not len(load) else {"aux": f"{stats['aux_loss']:.3f}"} if stats["aux_loss"]
@@ -3628,6 +3685,10 @@ def _fastest_hf_experts(hf_model, fn: Callable[[], None], rt: Runtime, repeats: 
     return best
 
 
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+
+
 def _peak_memory(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
@@ -3671,8 +3732,7 @@ def bench(preset: str = "tiny", device: str = "auto", precision: str = "auto", s
     flops_per_token = model.flops_per_token(seq_len)
     peak = peak_flops(rt.device)
     result = {
-        "device": str(torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else
-                      f"cpu ({torch.get_num_threads()} threads)"),
+        "device": device_name(rt.device),
         "preset": preset, "config": config.to_dict(with_impl=True), "batch_size": batch_size, "seq_len": seq_len,
         "dtype": str(rt.dtype).replace("torch.", ""), "step_seconds": times["h64lm"],
         "tokens_per_s": tokens / times["h64lm"], "flops_per_token": flops_per_token,
@@ -3886,6 +3946,345 @@ def bench_report(r: dict) -> str:
                      f"tokens in {r['tokenize_seconds']:.2f} s)")
     return "\n".join(lines)
 
+# --- The doctor ---------------------------------------------------------------
+# `h64lm.py doctor` is what to run first on a new machine, as `accelerate test`
+# and `flutter doctor` are for theirs: in about a minute, before hours go into a
+# run, it says what this device will run and checks that it runs it right:
+#   - the device, the torch, CUDA and cuDNN versions, and the peak FLOP/s that
+#     MFU is measured against, with where that number comes from;
+#   - the SDPA kernel each attention type reaches (one layer's real call, under
+#     each backend alone, in torch's order of preference) and whether the
+#     grouped GEMM is torch's kernel or the loop, in the dtype training uses;
+#   - every fast path against its readable twin on this device, compared as
+#     the tests compare them on a CPU, at a small width: attention, the MoE
+#     dispatch, the loss, compiled decoding, and bf16 (and fp16 on CUDA)
+#     against float32;
+#   - three training steps (train_step) at the preset's width with its recipe's
+#     optimizer: seconds per step, tokens/s, peak memory, finite losses;
+#   - under torchrun, that an all-reduce sums right, and that after those steps
+#     the aux_free balance bias and the weights are the same on every process.
+# A row is a fact (passed None) or a check (passed True or False); a failed
+# check makes the exit status 1.
+
+# How far a fast path may stray from its twin: the largest difference over the twin's largest magnitude (_gap), by
+# the dtype training computes in here. float32 differs by summation order alone (the tests allow 1e-4 relative);
+# bfloat16 keeps 8 bits of mantissa, so one rounding moves a value by up to 4e-3 and two layers of them add up.
+TWIN_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
+# The loss and the logits under bf16 or fp16 autocast against float32's, relative (_gap). At initialisation the loss
+# is about ln(vocabulary) whatever the precision, so the logits, each rounded a few times, are compared too.
+PRECISION_TOLERANCE = {"loss": 1e-2, "logits": 3e-2}
+DOCTOR_STEPS = 3  # training steps; the first warms up, the others are timed
+SDPA_KERNELS = {"FLASH_ATTENTION": "flash", "EFFICIENT_ATTENTION": "memory-efficient", "CUDNN_ATTENTION": "cuDNN",
+                "MATH": "unfused math"}  # torch.nn.attention.SDPBackend's names, in words
+
+
+def doctor(rt: Runtime, preset: str = "h64lm", log=print, debug: bool = False) -> dict:
+    """Every row of the doctor (above) on this process's device, and the failed checks, each named with what was
+    found. A part that raises is a failed check (with debug, the error is raised instead)."""
+    try:
+        config = H64LMConfig.from_preset(preset)
+    except ValueError as e:
+        raise H64LMError(str(e)) from None
+    small = doctor_config(config)
+    parts = {"the device": lambda: device_rows(rt)}
+    if rt.world_size > 1:  # before training, which needs it
+        parts["the all-reduce"] = lambda: [all_reduce_row(rt)]
+    parts |= {"attention kernels": lambda: attention_kernel_rows(config, rt),
+              "grouped GEMM": lambda: [grouped_gemm_row(config, rt)],
+              "fast paths against their twins": lambda: twin_rows(small, rt),
+              "lower precision against float32": lambda: precision_rows(small, rt),
+              "compiled decoding": lambda: [decoding_row(small, rt)],
+              f"{DOCTOR_STEPS} training steps": lambda: training_rows(config, preset, rt)}
+    rows, started = [], time.perf_counter()
+    for what, part in parts.items():
+        log(f"doctor: {what}")
+        try:
+            rows += part()
+        except Exception as e:
+            if debug:
+                raise
+            rows.append(_row(re.sub(r"\W+", "_", what), what, f"raised {one_sentence(e)}", False))
+    return {"preset": preset, "device": device_name(rt.device), "processes": rt.world_size,
+            "seconds": time.perf_counter() - started, "checks": sum(r["passed"] is not None for r in rows),
+            "failed": [f"{r['check']} ({r['value']})" for r in rows if r["passed"] is False],
+            "rows": {r.pop("key"): r for r in rows}}
+
+
+def _row(key: str, check: str, value: str, passed: bool | None = None, **figures) -> dict:
+    """One line of the report: key names it in --json, check in the table; value says what was found."""
+    return {"key": key, "check": check, "value": value, "passed": passed, **figures}
+
+
+def doctor_config(config: H64LMConfig) -> H64LMConfig:
+    """The preset's model at a small width, for the checks that compare two computations of it: its attention type,
+    window, experts, routing and balance, in 2 layers (dense, then MoE) 64 wide, with 4 query and 2 KV heads and a
+    512-token vocabulary, as the tests' small models."""
+    return dataclasses.replace(config, vocab_size=512, max_position_embeddings=64, hidden_size=64, num_layers=2,
+                               num_heads=4, num_kv_heads=2, intermediate_size=128, expert_intermediate_size=64,
+                               moe_layers="odd")
+
+
+def device_rows(rt: Runtime) -> list[dict]:
+    """The facts: the device, the versions, the dtype training computes in, the peak FLOP/s of MFU."""
+    cuda = rt.device.type == "cuda"
+    versions = (torch.__version__, torch.version.cuda if cuda else "n/a",
+                str(torch.backends.cudnn.version()) if cuda else "n/a")
+    dtype = str(rt.dtype).removeprefix("torch.")
+    peak = peak_flops(rt.device)
+    rate = f"{peak / 1e9:.1f} GFLOP/s" if peak < 1e12 else f"{peak / 1e12:.0f} TFLOP/s"
+    return [_row("device", "device", device_name(rt.device)),
+            _row("versions", "torch / CUDA / cuDNN", " / ".join(versions)),
+            _row("precision", "training precision",
+                 f"{dtype}, no autocast" if rt.dtype == torch.float32 else f"{dtype} autocast"),
+            _row("peak_flops", "peak FLOP/s for MFU", f"{rate} ({peak_flops_source(rt.device)})", peak_flops=peak)]
+
+
+def attention_kernel_rows(config: H64LMConfig, rt: Runtime) -> list[dict]:
+    """The SDPA kernel each attention type reaches here: one layer with the preset's heads, forward and backward in
+    the training dtype, under each backend alone. torch takes the first that accepts its inputs, in its order of
+    preference, so the first that runs in that order is the one training gets."""
+    from torch.nn.attention import SDPBackend
+    priority = torch._C._get_sdp_priority_order()  # the order torch tries them in; it has no public accessor
+    backends = sorted((getattr(SDPBackend, name) for name in SDPA_KERNELS), key=lambda b: priority.index(int(b)))
+    rows = []
+    for attention_type in ATTENTION_TYPES:
+        layer = dataclasses.replace(config, attention_type=attention_type, attn_impl="sdpa", num_layers=1,
+                                    moe_layers="none", vocab_size=256, intermediate_size=64)
+        torch.manual_seed(0)
+        model = H64LM(layer).to(rt.device)
+        ids = torch.randint(0, layer.vocab_size, (1, min(128, layer.max_position_embeddings)), device=rt.device)
+        runs = [SDPA_KERNELS[b.name] for b in backends if _runs_under(b, model, ids, rt)]
+        value = (runs[0] + (f" (also runs: {', '.join(runs[1:])})" if runs[1:] else "")) if runs else "none runs"
+        fused = bool(runs) and runs[0] != SDPA_KERNELS["MATH"]  # math stores every (B, H, T, S) score: a failure
+        rows.append(_row(f"attention_{attention_type.replace('+', '_')}", f"attention kernel, {attention_type}",
+                         value, fused, kernel=runs[0] if runs else None, runs=runs))
+    return rows
+
+
+def _runs_under(backend, model: H64LM, ids: torch.Tensor, rt: Runtime) -> bool:
+    """Whether a training forward and backward of model runs with SDPA held to this one backend."""
+    from torch.nn.attention import sdpa_kernel
+    try:
+        with warnings.catch_warnings(), sdpa_kernel([backend]):
+            warnings.simplefilter("ignore")  # torch explains, at length, why each kernel it cannot use was skipped
+            with rt.autocast():
+                loss = model(ids, ids).loss
+            loss.backward()
+    except RuntimeError:  # "No available kernel": this backend does not take these inputs here
+        return False
+    return True
+
+
+def grouped_gemm_row(config: H64LMConfig, rt: Runtime) -> dict:
+    """Whether the MoE layers' grouped GEMM is torch's kernel or the loop (native_grouped_mm, section 10), for the
+    preset's expert shape in the dtype training multiplies in here."""
+    x = torch.empty((), dtype=rt.dtype, device=rt.device).expand(8, config.hidden_size)  # shapes, no memory
+    w = torch.empty((), dtype=rt.dtype, device=rt.device).expand(config.num_experts, config.hidden_size,
+                                                                 config.expert_intermediate_size)
+    dtype = str(rt.dtype).removeprefix("torch.")
+    if native_grouped_mm(x, w):
+        kernel = "torch.nn.functional.grouped_mm" if hasattr(F, "grouped_mm") else "torch._grouped_mm"
+        return _row("grouped_gemm", "grouped GEMM", f"torch's kernel, {dtype} ({kernel})", native=True)
+    return _row("grouped_gemm", "grouped GEMM", f"loop, {dtype} (torch's kernel: bf16 on CUDA SM >= 8.0)", native=False)
+
+
+def twin_rows(config: H64LMConfig, rt: Runtime) -> list[dict]:
+    """Each fast path against its readable twin on this device, in the dtype training uses, compared as
+    tests/test_attention.py, test_moe.py and test_training.py compare them on a CPU: the attention of every
+    attention type, the MoE dispatch, the loss; outputs and every gradient."""
+    tolerance = TWIN_TOLERANCE[rt.dtype]
+    x = _doctor_batch(config, rt)
+    logits = dataclasses.replace(config, loss_impl="plain")  # so that the outputs compared are the logits
+    attention = [twin_gaps(dataclasses.replace(logits, attention_type=t), "attn_impl", "sdpa", "plain", rt, x)
+                 for t in ATTENTION_TYPES]
+    pairs = [("sdpa_vs_plain_attention", "SDPA vs plain attention", "outputs", [max(g) for g in zip(*attention)]),
+             ("grouped_vs_loop_moe", "grouped vs loop MoE", "outputs",
+              twin_gaps(logits, "moe_impl", "grouped", "loop", rt, x)),
+             ("chunked_vs_plain_loss", "chunked vs plain loss", "value",
+              twin_gaps(config, "loss_impl", "chunked", "plain", rt, x))]
+    rows = []
+    for key, name, outputs, gaps in pairs:
+        for what, gap in zip((outputs, "gradients"), gaps):
+            rows.append(_gap_row(f"{key}_{what}", f"{name} {what}", gap, tolerance))
+    return rows
+
+
+def _doctor_batch(config: H64LMConfig, rt: Runtime) -> torch.Tensor:
+    """Two windows of random tokens, (2, T + 1): inputs x[:, :-1], targets x[:, 1:]."""
+    torch.manual_seed(0)
+    return torch.randint(0, config.vocab_size, (2, config.max_position_embeddings + 1), device=rt.device)
+
+
+def twin_gaps(config: H64LMConfig, field: str, fast: str, readable: str, rt: Runtime,
+              x: torch.Tensor) -> tuple[float, float]:
+    """The _gap between two models with the same weights that differ only in how `field` is computed (fast or
+    readable): in their outputs (the logits, or the loss when the loss is compared), and the largest over every
+    parameter's gradient."""
+    models = [H64LM(dataclasses.replace(config, **{field: impl})).to(rt.device) for impl in (fast, readable)]
+    models[0].load_state_dict(models[1].state_dict())
+    outputs = []
+    for model in models:
+        torch.manual_seed(0)  # the same router noise in both, where the preset has any
+        with rt.autocast():
+            out = model(x[:, :-1], x[:, 1:])
+        out.loss.backward()
+        outputs.append(out.loss if field == "loss_impl" else out.logits)
+    grads = [_gap(p.grad, q.grad) for p, q in zip(models[0].parameters(), models[1].parameters())]
+    return _gap(*outputs), max(grads)
+
+
+def _gap(fast: torch.Tensor, readable: torch.Tensor) -> float:
+    """The largest difference between two computations of one tensor over the largest magnitude of the readable
+    one: relative, so that one tolerance serves logits, losses and gradients of any scale. NaN if either has one."""
+    fast, readable = fast.detach().float(), readable.detach().float()
+    return float((fast - readable).abs().max() / readable.abs().max().clamp_min(torch.finfo(torch.float32).tiny))
+
+
+def _gap_row(key: str, check: str, gap: float, tolerance: float) -> dict:
+    passed = gap <= tolerance  # NaN fails
+    return _row(key, check, f"max diff {gap:.1e} {'<=' if passed else '>'} {tolerance:.0e}", passed,
+                max_diff=gap, tolerance=tolerance)
+
+
+@torch.no_grad()
+def precision_rows(config: H64LMConfig, rt: Runtime) -> list[dict]:
+    """The loss and the logits of one batch under bf16 autocast (and fp16, on CUDA) against float32's, the same
+    weights."""
+    torch.manual_seed(0)
+    model = H64LM(dataclasses.replace(config, loss_impl="plain")).to(rt.device)  # plain: it returns the logits
+    x = _doctor_batch(config, rt)
+    names = {torch.float32: "float32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+    outputs = {}
+    for dtype in names if rt.device.type == "cuda" else (torch.float32, torch.bfloat16):
+        torch.manual_seed(0)
+        with dataclasses.replace(rt, dtype=dtype).autocast():
+            outputs[dtype] = model(x[:, :-1], x[:, 1:])
+    reference = outputs.pop(torch.float32)
+    return [_gap_row(f"{names[dtype]}_vs_float32_{what}", f"{names[dtype]} vs float32 {what}",
+                     _gap(getattr(out, what), getattr(reference, what)), tolerance)
+            for dtype, out in outputs.items() for what, tolerance in PRECISION_TOLERANCE.items()]
+
+
+def decoding_row(config: H64LMConfig, rt: Runtime) -> dict:
+    """Greedy decoding with a static cache and a compiled step (section 13) against eager decoding, in float32: the
+    same tokens. Compiling needs a C++ compiler on CPU and Triton on CUDA; without them the row says so."""
+    name = "compiled vs eager decoding"
+    if not torch._dynamo.is_dynamo_supported():
+        return _row("compiled_decoding", name, f"skipped: torch.compile does not run on Python "
+                    f"{platform.python_version()}")
+    torch.manual_seed(0)
+    model = H64LM(config).to(rt.device)
+    prompts = [torch.randint(3, config.vocab_size, (n,)).tolist() for n in (5, 9)]  # of two lengths: left padding
+    eager = generate(model, prompts, 8, temperature=0)
+    try:
+        compiled = generate(model, prompts, 8, temperature=0, compile=True)
+    except torch._dynamo.exc.BackendCompilerFailed as e:  # no compiler for the backend: compiling is impossible here
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        return _row("compiled_decoding", name, f"skipped: compiling is impossible here ({why})")
+    finally:
+        torch._dynamo.reset()
+    differ = sum(a != b for row, other in zip(compiled, eager) for a, b in zip(row, other))
+    return _row("compiled_decoding", name, f"{differ} of {sum(map(len, eager))} tokens differ", differ == 0)
+
+
+def training_rows(config: H64LMConfig, preset: str, rt: Runtime) -> list[dict]:
+    """DOCTOR_STEPS optimizer steps (train_step, section 15) of the preset's model with its recipe's optimizer, on
+    random tokens, a micro-batch each: the recipe's on CUDA, 1 x 128 tokens on CPU, where a step of the h64lm
+    model takes seconds. Under torchrun, then, whether the balance bias and the weights are the same everywhere."""
+    cpu = {} if rt.device.type == "cuda" else {"batch_size": 1, "seq_len": min(128, config.max_position_embeddings)}
+    tc = TrainConfig(**{**TRAIN_RECIPES.get(preset, {}), **cpu, "grad_accum": 1})
+    run = doctor_run(config, tc, rt)
+    if rt.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(rt.device)
+    seconds, losses = [], []
+    name = (f"{DOCTOR_STEPS} training steps ({tc.batch_size} x {run.seq_len} tokens"
+            f"{' per process' if rt.world_size > 1 else ''}, {tc.optimizer})")
+    for step in range(DOCTOR_STEPS):
+        _sync(rt.device)
+        started = time.perf_counter()
+        try:
+            losses.append(train_step(run, step)["lm_loss"])
+        except H64LMError:  # diverged(): train_step refuses a loss or gradient that is not finite
+            return [_row("training_steps", name, f"the loss or gradient became NaN or infinite at step {step}",
+                         False)] + (same_state_rows(run) if rt.world_size > 1 else [])
+        _sync(rt.device)  # the optimizer's last kernels included
+        seconds.append(time.perf_counter() - started)
+    per_step = _median(seconds[1:])  # the first step warms up
+    memory = _peak_memory(rt.device)
+    value = (f"{per_step:.2f} s/step, {run.tokens_per_step / per_step:,.0f} tokens/s, peak memory "
+             f"{memory / 2**20:,.0f} MiB, losses {', '.join(f'{loss:.3f}' for loss in losses)}")
+    rows = [_row("training_steps", name, value, True, seconds_per_step=per_step, losses=losses,
+                 tokens_per_s=run.tokens_per_step / per_step, peak_memory_bytes=memory)]
+    return rows + (same_state_rows(run) if rt.world_size > 1 else [])
+
+
+def doctor_run(config: H64LMConfig, tc: TrainConfig, rt: Runtime) -> Run:
+    """What train_step needs, made as start_run makes it, for a fresh model on one step's worth of random tokens,
+    with no data to read and no folder to write."""
+    check_fits(config, rt.device)
+    seq_len = tc.seq_len or config.max_position_embeddings
+    torch.manual_seed(tc.seed)  # the same initial weights on every process
+    model = H64LM(config).to(rt.device)
+    tokens = np.random.default_rng(tc.seed).integers(0, config.vocab_size,
+                                                     tc.batch_size * tc.grad_accum * rt.world_size * seq_len + 1)
+    return Run(config=config, tc=tc, rt=rt, run_dir=Path(tc.out_dir) / "doctor", model=model,
+               step_model=step_model_of(model, tc, rt), optimizer=make_optimizer(model, tc, rt.device),
+               scaler=grad_scaler(rt), windows=PackedWindows(tokens, seq_len), valid_tokens=tokens, seq_len=seq_len,
+               provenance={}, history={})
+
+
+def all_reduce_row(rt: Runtime) -> dict:
+    """Every process adds rank + 1, so n processes must sum to n (n + 1) / 2."""
+    total = torch.tensor([rt.rank + 1.0], device=rt.device)
+    torch.distributed.all_reduce(total)
+    n = rt.world_size
+    return _row("all_reduce", f"all-reduce ({torch.distributed.get_backend()})",
+                f"sum {total.item():g} over {n} processes, expected {n * (n + 1) / 2:g}",
+                total.item() == n * (n + 1) / 2)
+
+
+def same_state_rows(run: Run) -> list[dict]:
+    """Whether every process holds the same aux_free balance bias (which train_step moves by the all-reduced load)
+    and the same weights (which DDP's averaged gradients move alike): a digest of each from every process."""
+    biases = [m.balance_bias for m in run.model.moe_layers().values() if m.balance_bias is not None]
+    rows = []
+    for key, what, tensors in (("same_balance_bias", "balance bias", biases),
+                               ("same_weights", "weights", list(run.model.parameters()))):
+        digests = [None] * run.rt.world_size
+        torch.distributed.all_gather_object(digests, _digest(tensors))
+        same = len(set(digests)) == 1
+        value = (f"no bias to compare (balance {run.config.balance})" if not tensors else
+                 f"the same on all {len(digests)} processes" if same else
+                 f"{len(set(digests))} different versions on {len(digests)} processes")
+        rows.append(_row(key, f"{what} identical on every process", value, same if tensors else None))
+    return rows
+
+
+def _digest(tensors: list[torch.Tensor]) -> str:
+    """SHA-256 of the tensors' bytes: two digests are equal when every bit is."""
+    digest = hashlib.sha256()
+    for t in tensors:
+        digest.update(t.detach().contiguous().flatten().view(torch.uint8).cpu().numpy())
+    return digest.hexdigest()
+
+
+def doctor_report(report: dict) -> str:
+    """The table: one row a line, ok or FAIL beside each check, then the verdict."""
+    rows = report["rows"].values()
+    width = max(len(r["check"]) for r in rows)
+    n = report["processes"]
+    lines = [f"h64lm doctor: preset {report['preset']}, {n} process{'es' if n > 1 else ''}, {report['seconds']:.0f} s"]
+    lines += [f"  {r['check']:<{width}}  {({True: 'ok', False: 'FAIL'}.get(r['passed'], '')):4}  {r['value']}"
+              for r in rows]
+    return "\n".join(lines + [doctor_verdict(report)])
+
+
+def doctor_verdict(report: dict) -> str:
+    failed = report["failed"]
+    if not failed:
+        return f"doctor: all {report['checks']} checks passed"
+    return f"doctor: {len(failed)} check{'s' if len(failed) > 1 else ''} failed: {'; '.join(failed)}"
+
 # -----------------------------------------------------------------------------
 # 20. Command line
 # -----------------------------------------------------------------------------
@@ -3894,6 +4293,7 @@ def bench_report(r: dict) -> str:
 #   python h64lm.py generate --ckpt checkpoints/tiny --prompt "The history of"
 #   python h64lm.py analyze  --ckpt checkpoints/tiny
 #   python h64lm.py bench    --preset tiny --compare-hf
+#   python h64lm.py doctor   [--preset h64lm] [--device cuda] [--json]
 #   python h64lm.py compare  --preset tiny --data sample --variants dense,switch,aux_free --seeds 3
 #   python h64lm.py export   --ckpt checkpoints/tiny --out checkpoints/tiny-export
 #
@@ -4115,8 +4515,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model preset, and the training recipe of the same name (default: h64lm)")
     p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="PATH", type=checkpoint_flag,
                    help="continue the run in <out-dir>/<run> from its latest.pt, or the run at PATH (a run folder "
-                        "or a .pt file); settings come from the checkpoint, and flags given may change only the "
-                        "schedule and logging, not the model or the data order")
+                        "or a .pt file); 'auto': continue the run if its folder holds latest.pt, else start it, so "
+                        "one command both starts a run and continues it (torchrun --max-restarts relaunches it "
+                        "unchanged; a folder named auto is ./auto). Settings come from the checkpoint; --preset and "
+                        "model flags given must agree with it, and other flags may change only the schedule and "
+                        "logging, not the data order")
     p.add_argument("--allow-mismatch", action="store_true", help="with --resume: go on although the tokenizer or "
                    "the text differ from the ones the checkpoint records")
     add_dataclass_flags(p.add_argument_group("model (H64LMConfig)"), H64LMConfig, PRESETS)
@@ -4240,6 +4643,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_bench)
 
+    p = command("doctor", "check a machine before training on it: kernels, fast paths, three training steps",
+                "What to run first on a new machine, in about a minute: the device and the torch, CUDA and cuDNN "
+                "versions; the peak FLOP/s that MFU uses and where it comes from; the attention kernel each "
+                "attention type reaches and whether the grouped GEMM is torch's kernel or the loop; each fast path "
+                "against its readable twin on this device (attention, MoE dispatch, loss, compiled decoding, bf16 "
+                "and on CUDA fp16 against float32); three training steps at the preset's width, with seconds per "
+                "step, tokens/s and peak memory. Under torchrun also the all-reduce, and that the balance bias and "
+                "the weights stay the same on every process. Exit status 1 when a check fails, naming it.")
+    p.add_argument("--preset", choices=PRESETS, default="h64lm",
+                   help="the model whose width the training steps take, with its recipe's optimizer")
+    p.add_argument("--device", default="auto", choices=DEVICES)
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table: preset, "
+                   "device, processes, seconds, checks, failed, and rows, each with check, value and passed (true, "
+                   "false, or null for a fact)")
+    p.set_defaults(func=cmd_doctor)
+
     p = command("export", "write a checkpoint's weights as safetensors, for h64lm.py or for transformers",
                 "--format h64lm: <out>/model.safetensors and <out>/config.json, the weights alone in a format that "
                 "cannot hold code; eval and generate read the folder. --format hf: a folder that transformers' "
@@ -4293,62 +4712,101 @@ RESUMABLE_FLAGS = {"max_steps", "stop_at", "eval_every", "save_every", "eval_bat
 def train_settings(args: argparse.Namespace) -> tuple[H64LMConfig, TrainConfig, str, Path | None, dict | None]:
     """The model config, training config, run name, and the path and contents of the checkpoint to resume, that
     `train`'s flags ask for: defaults, then the preset and its recipe, then the flags given; with --resume, the
-    checkpoint's settings (the checkpoint is read here, once, and handed on to train)."""
+    checkpoint's settings (the checkpoint is read here, once, and handed on to train). Only the flags given count:
+    the parser leaves the others out of args (argparse.SUPPRESS)."""
     given = vars(args)
     model_flags = {f.name: given[f.name] for f in fields(H64LMConfig)
                    if f.init and f.name in given and f.name not in IMPL_FIELDS}
     impl_flags = {name: given[name] for name in IMPL_FIELDS if name in given}  # how, not what: free on resume
     train_flags = {f.name: given[f.name] for f in fields(TrainConfig) if f.name in given}
-    resume = ckpt = None
-    if args.resume is not None:
-        if "preset" in given or model_flags:
-            raise H64LMError("--resume takes the model from the checkpoint; drop --preset and the model flags "
-                             "(--attn-impl, --moe-impl and --loss-impl may change).")
-        if args.resume == "latest":
-            out_dir = Path(train_flags.get("out_dir", TrainConfig.out_dir))
-            if "run_name" in train_flags:
-                resume = out_dir / train_flags["run_name"] / "latest.pt"
-            else:  # the one run in out_dir is the obvious one to continue
-                runs = sorted(out_dir.glob("*/latest.pt"))
-                if len(runs) > 1:
-                    raise H64LMError(f"{out_dir} holds several runs ({', '.join(r.parent.name for r in runs)}); "
-                                     "say which with --run-name NAME.")
-                resume = runs[0] if runs else out_dir / "h64lm" / "latest.pt"
-            if not resume.exists():
-                raise H64LMError(f"Nothing to resume: {resume} does not exist; start the run without --resume, or "
-                                 "name it with --run-name NAME or --resume PATH.")
-        else:
-            resume = Path(args.resume).expanduser()
-            resume = resume / "latest.pt" if resume.is_dir() else resume
-            if not resume.exists():
-                raise H64LMError(f"Nothing to resume at {resume}; give a run folder holding latest.pt or a .pt file.")
-        ckpt = read_checkpoint(resume)
-        saved_tc = ckpt.get("train_config")
-        if not isinstance(saved_tc, dict) or "step" not in ckpt:
-            raise H64LMError(f"{resume} holds weights but no training state; start a new run instead.")
-        fixed = {k: v for k, v in train_flags.items() if k not in RESUMABLE_FLAGS | {"run_name", "out_dir"}
-                 and with_defaults(saved_tc)[k] != v}
-        if fixed:
-            raise H64LMError(f"--resume cannot change {', '.join('--' + k.replace('_', '-') for k in fixed)}: the run "
-                             "would no longer continue the same way; start a new --run-name instead.")
-        config = dataclasses.replace(_config_of(ckpt, resume), **impl_flags)
-        try:
-            tc = TrainConfig(**{**saved_tc, **train_flags, "out_dir": str(resume.parent.parent),
-                                "run_name": resume.parent.name, "overwrite": False})
-        except TypeError:
-            raise H64LMError(f"{resume} was written by another version of h64lm.py (its training settings "
-                             "differ); resume it with that version.") from None
-        except ValueError as e:
-            raise H64LMError(f"With these flags the resumed run's settings are not valid: {e}") from None
-        preset = resume.parent.name
-    else:
+    resume = resume_path(args.resume, given.get("preset"), train_flags)
+    if resume is None:  # a new run; with --resume auto, one whose folder holds no checkpoint yet
         preset = given.get("preset", "h64lm")
         try:
             config = H64LMConfig.from_preset(preset, **model_flags, **impl_flags)
             tc = TrainConfig(**{**TRAIN_RECIPES[preset], **train_flags})
         except ValueError as e:
             raise H64LMError(str(e)) from None
-    return config, tc, preset, resume, ckpt
+        return config, tc, preset, None, None
+    ckpt = read_checkpoint(resume)
+    saved_tc = ckpt.get("train_config")
+    if not isinstance(saved_tc, dict) or "step" not in ckpt:
+        raise H64LMError(f"{resume} holds weights but no training state; start a new run instead.")
+    saved = _config_of(ckpt, resume)
+    check_same_model(saved, given.get("preset"), model_flags, resume)
+    fixed = {k: v for k, v in train_flags.items() if k not in RESUMABLE_FLAGS | {"run_name", "out_dir"}
+             and with_defaults(saved_tc)[k] != v}
+    if fixed:
+        raise H64LMError(f"--resume cannot change {', '.join('--' + k.replace('_', '-') for k in fixed)}: the run "
+                         "would no longer continue the same way; start a new --run-name instead.")
+    try:  # the training settings not given are the run's own, never the preset's recipe
+        tc = TrainConfig(**{**saved_tc, **train_flags, "out_dir": str(resume.parent.parent),
+                            "run_name": resume.parent.name, "overwrite": False})
+    except TypeError:
+        raise H64LMError(f"{resume} was written by another version of h64lm.py (its training settings "
+                         "differ); resume it with that version.") from None
+    except ValueError as e:
+        raise H64LMError(f"With these flags the resumed run's settings are not valid: {e}") from None
+    return dataclasses.replace(saved, **impl_flags), tc, resume.parent.name, resume, ckpt
+
+
+def resume_path(flag: str | None, preset: str | None, train_flags: dict) -> Path | None:
+    """The checkpoint --resume names, or None for a new run. The run folder is <out-dir>/<run-name or preset>, as
+    train names it; --resume alone, with neither, takes the one run in out-dir. --resume auto is None while the
+    folder holds no latest.pt: a job that torchrun --max-restarts relaunches, or that a person re-runs, repeats
+    the command that started it, and that command must continue what the first attempt saved (torchtitan's way)."""
+    if flag is None:
+        return None
+    out_dir = Path(train_flags.get("out_dir", TrainConfig.out_dir))
+    name = train_flags.get("run_name") or preset
+    if flag == "auto":
+        if train_flags.get("overwrite"):
+            raise H64LMError("--resume auto continues the run its folder holds and --overwrite replaces it; "
+                             "give one of them.")
+        path = out_dir / (name or "h64lm") / "latest.pt"
+        return path if path.exists() else None
+    if flag == "latest":
+        if name:
+            path = out_dir / name / "latest.pt"
+        else:  # the one run in out_dir is the obvious one to continue
+            runs = sorted(out_dir.glob("*/latest.pt"))
+            if len(runs) > 1:
+                raise H64LMError(f"{out_dir} holds several runs ({', '.join(r.parent.name for r in runs)}); "
+                                 "say which with --run-name NAME.")
+            path = runs[0] if runs else out_dir / "h64lm" / "latest.pt"
+        if not path.exists():
+            raise H64LMError(f"Nothing to resume: {path} does not exist; start the run without --resume (or with "
+                             "--resume auto), or name it with --run-name NAME or --resume PATH.")
+        return path
+    path = Path(flag).expanduser()
+    path = path / "latest.pt" if path.is_dir() else path
+    if not path.exists():
+        raise H64LMError(f"Nothing to resume at {path}; give a run folder holding latest.pt or a .pt file.")
+    return path
+
+
+def check_same_model(saved: H64LMConfig, preset: str | None, model_flags: dict, path: Path) -> None:
+    """Refuse a --preset or model flag that asks for another model than the checkpoint holds, naming each one and
+    both values; equal ones pass, so the command that started a run can continue it. A preset is the whole model
+    it makes with the model flags given (to_dict: what the model is, the implementations left out)."""
+    have = saved.to_dict()
+    wanted = {**(H64LMConfig.from_preset(preset).to_dict() if preset else have), **model_flags}
+    differ = [f"{flag_text(k, v)} differs from its {'none' if have[k] is None else have[k]}"
+              for k, v in model_flags.items() if v != have[k]]
+    by_preset = [f"{k} ({wanted[k]}, its {have[k]})" for k in have if k not in model_flags and wanted[k] != have[k]]
+    if by_preset:
+        differ.append(f"--preset {preset} differs in {', '.join(by_preset)}")
+    if differ:
+        raise H64LMError(f"--resume continues the model in {path}; {' and '.join(differ)}; drop "
+                         f"{'it' if len(differ) == 1 else 'them'} or start a new --run-name.")
+
+
+def flag_text(name: str, value) -> str:
+    """A setting as the flag that asks for it: --hidden-size 64, --no-tie-word-embeddings, --sliding-window none."""
+    flag = "--" + name.replace("_", "-")
+    if isinstance(value, bool):
+        return flag if value else "--no-" + flag[2:]
+    return f"{flag} {'none' if value is None else value}"
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -4417,17 +4875,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.greedy:
         settings["temperature"] = 0.0
     check_new_tokens(settings["max_new_tokens"], model.config)
-    if args.interactive:
-        return prompt_line(model, tokenizer, settings, args)
-    prompts = fitted_prompts(args.prompt, tokenizer, settings["max_new_tokens"], model.config)
-    sampling = sampling_options(settings, None if args.no_eos else tokenizer.eos_token_id, args.compile)
-    if len(prompts) == 1:
-        print_continuation(model, tokenizer, args.prompt[0], prompts[0], settings["max_new_tokens"], sampling)
-    else:
+    with rt.autocast():  # --precision, as in training: bf16 on CUDA unless asked otherwise
+        if args.interactive:
+            return prompt_line(model, tokenizer, settings, args)
+        prompts = fitted_prompts(args.prompt, tokenizer, settings["max_new_tokens"], model.config)
+        sampling = sampling_options(settings, None if args.no_eos else tokenizer.eos_token_id, args.compile)
+        if len(prompts) == 1:
+            print_continuation(model, tokenizer, args.prompt[0], prompts[0], settings["max_new_tokens"], sampling)
+            return 0
         new_tokens = generate(model, prompts, settings["max_new_tokens"], **sampling)
-        for ids, new in zip(prompts, new_tokens):
-            new = [t for t in new if t != sampling["eos_id"]]
-            print(tokenizer.decode(ids + new, skip_special_tokens=True), end="\n\n", flush=True)
+    for ids, new in zip(prompts, new_tokens):
+        new = [t for t in new if t != sampling["eos_id"]]
+        print(tokenizer.decode(ids + new, skip_special_tokens=True), end="\n\n", flush=True)
     return 0
 
 
@@ -4618,6 +5077,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
         result.update(tokenize_throughput())
     print(json.dumps(result) if args.json else bench_report(result))
     return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    rt = setup_runtime(args.device)  # the precision training uses here
+    log = (lambda text: print(text, file=sys.stderr)) if rt.master else (lambda text: None)
+    report = doctor(rt, args.preset, log, args.debug)
+    if rt.master:
+        print(json.dumps(report) if args.json else doctor_report(report))
+    if rt.world_size > 1:
+        torch.distributed.barrier()  # no process tears down the process group while another still uses it
+        torch.distributed.destroy_process_group()
+    return 1 if report["failed"] else 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:

@@ -95,6 +95,7 @@ BASE = {
     "generate": ["--ckpt", "{run}", "--prompt", "Hi", "--max-new-tokens", "2"],
     "analyze": ["--ckpt", "{run}", "--out", "{tmp}/routing.png"],
     "bench": ["--repeats", "1", "--batch-size", "1", "--seq-len", "8"],
+    "doctor": ["--preset", "tiny", "--device", "cpu"],
     "compare": [*TINY_FLAGS, "--data", "{corpus}", "--out-dir", "{out}", "--cache-dir", "{out}/cache",
                 "--run-name", "study", "--max-steps", "2", "--seeds", "1", "--variants", "switch"],
     "export": ["--ckpt", "{run}", "--out", "{tmp}/exported"],
@@ -168,7 +169,7 @@ def test_every_flag_refuses_hostile_values(saved_run, corpus, hostile_files, cap
                                            command, flag, value):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     fill = dict(tmp=hostile_files, run=saved_run, out=saved_run.parent, corpus=corpus)
-    base = [] if flag == "--resume" else BASE[command]  # --resume takes the model from the checkpoint
+    base = [] if flag == "--resume" else BASE[command]  # --resume alone: the checkpoint holds the settings
     argv = [command, *(a.format(**fill) for a in base), flag, value.format(**fill)]
     before = stat_snapshot(saved_run.parent, corpus, hostile_files)
     status, err = run_main(argv, capsys)

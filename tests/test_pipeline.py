@@ -273,7 +273,7 @@ def test_export_writes_safetensors_that_eval_reads(trained_run, tmp_path):
 
 # --- --help is accurate -------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("command", ["train", "compare", "eval", "generate", "analyze", "bench", "export"])
+@pytest.mark.parametrize("command", ["train", "compare", "eval", "generate", "analyze", "bench", "doctor", "export"])
 def test_help_of_every_command_names_every_flag_and_says_what_the_command_does(command):
     result = run_cli(command, "--help")
     assert result.returncode == 0 and result.stdout.startswith("usage: h64lm.py " + command)

@@ -97,6 +97,90 @@ def test_resume_may_extend_the_run_but_not_change_its_data_order(corpus, tmp_pat
     assert [s for s, *_ in losses(tmp_path / "r")] == list(range(6))
 
 
+# --- One command starts a run and continues it ---------------------------------------------------------------------
+
+def settings(*argv):
+    """What `train` would run with these flags: (config, tc, run name, checkpoint path, checkpoint)."""
+    return h64lm.train_settings(h64lm.build_parser().parse_args(["train", *map(str, argv)]))
+
+
+def test_resume_accepts_a_preset_and_model_flags_that_agree_with_the_checkpoint(saved_run):
+    # saved_run's own command (TINY_FLAGS: --preset tiny and the model flags), with --resume.
+    config, tc, name, resume, ckpt = settings(*TINY_FLAGS, "--resume", saved_run)
+    assert resume == saved_run / "latest.pt" and name == "run"
+    assert config.to_dict() == ckpt["config"]
+    # The training settings not given are the run's own, not the tiny recipe's (800 steps, validation every 200).
+    assert (tc.max_steps, tc.eval_every, tc.batch_size) == (2, 2, 4)
+    # Model flags alone are compared one by one; implementations stay free.
+    config, *_ = settings("--resume", saved_run, "--hidden-size", "32", "--num-experts", "4", "--moe-impl", "loop")
+    assert config.to_dict() == ckpt["config"] and config.moe_impl == "loop"
+
+
+def test_resume_refuses_by_name_each_model_flag_that_differs_and_changes_nothing(saved_run, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    before = _snapshot(saved_run.parent)
+    latest = saved_run / "latest.pt"
+    assert h64lm.main(["train", "--resume", str(saved_run), *TINY_FLAGS, "--hidden-size", "64", "--num-experts",
+                       "8"]) == 2
+    assert capsys.readouterr().err == (f"error: --resume continues the model in {latest}; --hidden-size 64 differs "
+                                       "from its 32 and --num-experts 8 differs from its 4; drop them or start a new "
+                                       "--run-name.\n")
+    # A preset without the model flags the run was started with makes another model: its fields are named.
+    assert h64lm.main(["train", "--resume", str(saved_run), "--preset", "tiny", "--num-layers", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --resume continues the model in {latest}; --preset tiny differs in "
+                          "max_position_embeddings (256, its 64), hidden_size (128, its 32), num_heads (4, its 2)")
+    assert "num_layers" not in err and err.endswith("; drop it or start a new --run-name.\n")
+    assert _snapshot(saved_run.parent) == before
+
+
+def test_resume_auto_starts_an_empty_folder_and_continues_a_saved_one(saved_run, corpus):
+    command = [*TINY_FLAGS, "--data", corpus, "--out-dir", saved_run.parent, "--resume", "auto"]
+    # No checkpoint in <out-dir>/fresh: a new run from the preset, its recipe and the flags.
+    config, tc, name, resume, ckpt = settings(*command, "--run-name", "fresh")
+    assert resume is None and ckpt is None and config.hidden_size == 32
+    assert (tc.run_name, tc.max_steps, tc.optimizer) == ("fresh", 800, "muon")  # the tiny recipe
+    # The same command into the folder of a run that saved: it continues that run, which agrees with the flags.
+    config, tc, name, resume, ckpt = settings(*command, "--run-name", "run")
+    assert resume == saved_run / "latest.pt" and tc.max_steps == 2 and config.to_dict() == ckpt["config"]
+    with pytest.raises(h64lm.H64LMError, match="--hidden-size 64 differs from its 32"):
+        settings(*command, "--run-name", "run", "--hidden-size", "64")
+
+
+@pytest.mark.slow
+def test_a_killed_two_process_run_relaunched_by_torchrun_continues_exactly(corpus, tmp_path):
+    # One command, run by torchrun up to twice: on the first attempt both processes die right after the first
+    # checkpoint (step 2); the relaunch, the same command, continues from it with --resume auto. Beside it, as
+    # the reference, the same command into an empty folder, where --resume auto starts the run.
+    command = [*TINY_FLAGS, "--batch-size", "4", "--max-steps", "4", "--eval-every", "4", "--save-every", "2",
+               "--data", corpus, "--out-dir", tmp_path, "--device", "cpu", "--resume", "auto"]
+    # torch 2.13's torchrun keeps one store for all attempts, and a relaunched process can read the address of
+    # the dead one's gloo socket from it and hang or fail (pytorch/pytorch#135712); with this, each attempt
+    # gets a store of its own.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+
+    def torchrun(script: Path, run: str) -> subprocess.Popen:
+        with open(tmp_path / f"{run}.out", "w") as out, open(tmp_path / f"{run}.err", "w") as err:
+            return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                     "--nproc_per_node=2", "--max-restarts=1", str(script), "train",
+                                     *map(str, command), "--run-name", run, "--cache-dir", tmp_path / f"cache-{run}"],
+                                    cwd=REPO, env=env, stdout=out, stderr=err)
+
+    # Both at once: each launch spends most of its time importing and loading, which two cores share well.
+    runs = {"straight": torchrun(REPO / "h64lm.py", "straight"),
+            "killed": torchrun(REPO / "tests" / "die_after_first_save.py", "killed")}
+    for run, process in runs.items():
+        assert process.wait(timeout=240) == 0, (tmp_path / f"{run}.err").read_text()[-3000:]
+    assert "resuming" not in (tmp_path / "straight.out").read_text()
+    relaunched = (tmp_path / "killed.out").read_text()
+    assert relaunched.count("resuming") == 1 and f"resuming {tmp_path / 'killed'} from step 2 of 4" in relaunched
+    assert losses(tmp_path / "killed") == losses(tmp_path / "straight")  # every step, exact
+    a, b = (h64lm.read_checkpoint(tmp_path / run / "latest.pt") for run in runs)
+    assert a["step"] == b["step"] == 4
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+
+
 # --- Killed runs ------------------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
@@ -272,7 +356,9 @@ BAD_INPUTS = [
     ("folder holds another run", "train {tiny} --data {corpus} --run-name run", "already holds a run"),
     ("nothing to resume", "train --resume --run-name nothing", "Nothing to resume"),
     ("resume a missing path", "train --resume {tmp}/nowhere", "Nothing to resume at"),
-    ("resume with another model", "train --resume {run} --hidden-size 64", "takes the model from the checkpoint"),
+    ("resume with another model", "train --resume {run} --hidden-size 64", "--hidden-size 64 differs from its 32"),
+    ("resume with another preset", "train --resume {run} --preset small", "--preset small differs in"),
+    ("resume auto and overwrite", "train --resume auto --overwrite --run-name run", "give one of them"),
     ("resume changing the data order", "train --resume {run} --seed 7", "--resume cannot change --seed"),
     ("resume with another optimizer", "train --resume {run} --optimizer adamw",  # the run: tiny's recipe, Muon
      "--resume cannot change --optimizer"),

@@ -1,0 +1,73 @@
+"""`python h64lm.py doctor`: a CPU run passes every check and its JSON holds every row; a fast path made wrong is a
+failed check, named, with exit status 1; under torchrun the all-reduce, and the balance bias and weights of every
+process, are checked too."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+import h64lm
+from conftest import REPO, run_cli
+
+FACTS = ["device", "versions", "precision", "peak_flops", "grouped_gemm"]
+CHECKS = ["attention_rope", "attention_alibi", "attention_rope_alibi", "sdpa_vs_plain_attention_outputs",
+          "sdpa_vs_plain_attention_gradients", "grouped_vs_loop_moe_outputs", "grouped_vs_loop_moe_gradients",
+          "chunked_vs_plain_loss_value", "chunked_vs_plain_loss_gradients", "bf16_vs_float32_loss",
+          "bf16_vs_float32_logits", "compiled_decoding", "training_steps"]
+DISTRIBUTED = ["all_reduce", "same_balance_bias", "same_weights"]
+
+
+def assert_every_check_passed(report: dict, checks: list[str]) -> None:
+    rows = report["rows"]
+    assert set(FACTS + checks) <= set(rows), set(FACTS + checks) - set(rows)
+    assert all(rows[key]["passed"] is None for key in FACTS)
+    assert all(rows[key]["passed"] is True for key in checks), {k: rows[k] for k in checks if not rows[k]["passed"]}
+    assert report["failed"] == [] and report["checks"] == sum(r["passed"] is not None for r in rows.values())
+
+
+@pytest.mark.slow
+def test_the_doctor_passes_every_check_on_a_cpu():
+    result = run_cli("doctor", "--preset", "tiny", "--device", "cpu", "--json")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    assert (report["preset"], report["processes"]) == ("tiny", 1)
+    assert_every_check_passed(report, CHECKS)
+    rows = report["rows"]
+    assert rows["versions"]["value"].endswith(" / n/a / n/a")  # no CUDA, no cuDNN on a CPU
+    assert rows["grouped_gemm"]["native"] is False  # torch's kernel is for bf16 on CUDA
+    assert all(row["max_diff"] <= row["tolerance"] for row in rows.values() if "max_diff" in row)
+    steps = rows["training_steps"]
+    assert len(steps["losses"]) == h64lm.DOCTOR_STEPS and all(map(math.isfinite, steps["losses"]))
+    assert steps["tokens_per_s"] > 0 and steps["peak_memory_bytes"] > 0
+
+
+def test_a_wrong_fast_path_is_a_failed_check_named_with_exit_status_1(monkeypatch, capsys):
+    """The grouped MoE dispatch made 1% wrong; the compile and the training steps, checked above, are left out."""
+    grouped = h64lm.MoE._experts_grouped
+    monkeypatch.setattr(h64lm.MoE, "_experts_grouped", lambda self, *args: grouped(self, *args) * 1.01)
+    monkeypatch.setattr(h64lm, "decoding_row", lambda config, rt: h64lm._row("compiled_decoding", "left out", ""))
+    monkeypatch.setattr(h64lm, "training_rows", lambda config, preset, rt: [])
+    assert h64lm.main(["doctor", "--preset", "tiny", "--device", "cpu"]) == 1
+    out = capsys.readouterr().out
+    verdict = out.splitlines()[-1]
+    assert verdict.startswith("doctor: 2 checks failed: grouped vs loop MoE outputs (max diff ")
+    assert "; grouped vs loop MoE gradients (max diff " in verdict and "> 1e-04)" in verdict
+    failed = [line.split("  FAIL  ")[0].strip() for line in out.splitlines() if "  FAIL  " in line]
+    assert failed == ["grouped vs loop MoE outputs", "grouped vs loop MoE gradients"]
+
+
+@pytest.mark.slow
+def test_under_torchrun_the_doctor_checks_the_all_reduce_and_that_every_process_holds_the_same_state():
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(REPO / "h64lm.py"), "doctor", "--preset", "tiny", "--device", "cpu", "--json"],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)  # one object: rank 0 alone prints
+    assert report["processes"] == 2
+    assert_every_check_passed(report, CHECKS + DISTRIBUTED)
+    assert report["rows"]["all_reduce"]["check"] == "all-reduce (gloo)"
