@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import ctypes
 import dataclasses
 import datetime
@@ -2026,9 +2025,9 @@ def compile_blocks(model: H64LM) -> H64LM:
     """Regional compilation: torch.compile each block in place, not the whole model. The blocks of one kind share
     one compiled program, so compiling takes seconds, and what it can buy is the fusion of the elementwise work
     around the matrix multiplies (RMSNorm, RoPE, SiLU and the gating product, the router's softmax and top-k),
-    which runs as a few hundred separate operators otherwise. On 2 CPU cores it buys nothing: `bench --targets`
-    measures 0.99-1.01x a step at the small shape (README, Speed). The weights keep their names: checkpoints
-    are the same."""
+    which runs as a few hundred separate operators otherwise. On 2 CPU cores it buys nothing: `python -m
+    tests.speed --targets` measures 0.99-1.01x a step at the small shape (README, Speed). The weights keep their
+    names: checkpoints are the same."""
     for block in model.blocks:
         block.compile()
     return model
@@ -2101,8 +2100,9 @@ class ExpertMuon(torch.optim.Muon):
 
 
 class Optimizers:
-    """Several optimizers used as one (Muon's and AdamW's): their parameter groups in one list, so that the
-    learning-rate schedule reaches all of them; one step, one zero_grad, one state_dict."""
+    """Several optimizers used as one (Muon's and AdamW's; PyTorch has no such wrapper): their parameter groups in
+    one list, so that the learning-rate schedule reaches all of them; one step, one zero_grad, one state_dict.
+    param_groups and state are gathered anew at each use, as load_state_dict replaces an optimizer's lists."""
 
     def __init__(self, **named: torch.optim.Optimizer):
         self.named = named
@@ -2375,53 +2375,49 @@ def save_figure(fig, path: Path) -> None:
 
 
 def save_plots(history: dict, folder: Path) -> None:
-    """loss.png (train and validation), lr.png and expert_load.png (share of tokens per expert over time)."""
+    """loss.png (train and validation), lr.png and expert_load.png (share of tokens per expert over time, and its
+    maximal violation, per MoE layer)."""
     # Figure objects, not pyplot: they draw straight to files and leave pyplot's backend and state alone
-    # (a notebook that calls train() keeps its inline plots).
+    # (a notebook that calls train() keeps its inline plots). layout="tight" spaces the parts when the file is drawn.
     from matplotlib.figure import Figure
 
     train, val = history["train"], history["val"]
     if not train:
         return
     steps = [r["step"] for r in train]
-    fig = Figure(figsize=(7, 4))
-    ax = fig.subplots()
+    ax = Figure(figsize=(7, 4), layout="tight").subplots()
     ax.plot(steps, [r["lm_loss"] for r in train], label="train")
     if val:
         ax.plot([r["step"] for r in val], [r["loss"] for r in val], "o-", label="validation")
     ax.set(xlabel="step", ylabel="cross-entropy (nats/token)", title="Loss")
     ax.legend()
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    save_figure(fig, folder / "loss.png")
+    save_figure(ax.figure, folder / "loss.png")
 
-    fig = Figure(figsize=(7, 3))
-    ax = fig.subplots()
+    ax = Figure(figsize=(7, 3), layout="tight").subplots()
     ax.plot(steps, [r["lr"] for r in train])
     ax.set(xlabel="step", ylabel="learning rate", title="Learning rate")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    save_figure(fig, folder / "lr.png")
+    save_figure(ax.figure, folder / "lr.png")
 
     layers = sorted(train[-1].get("expert_load", {}), key=int)
-    if layers:
-        fig = Figure(figsize=(4 * len(layers), 5.6))
-        axes = fig.subplots(2, len(layers), squeeze=False, sharex=True, gridspec_kw={"height_ratios": [2, 1]})
-        for ax, vio, layer in zip(axes[0], axes[1], layers):
-            load = np.array([r["expert_load"][layer] for r in train])  # (records, E) shares of assignments
-            ax.stackplot(steps, load.T, labels=[f"expert {i}" for i in range(load.shape[1])])
-            ax.set(title=f"layer {layer}", ylim=(0, 1))
-            vio.plot(steps, [r.get("max_vio", {}).get(layer, float("nan")) for r in train])
-            vio.set(xlabel="step")
-            vio.set_ylim(bottom=0)
-            vio.grid(alpha=0.3)
-        axes[0][0].set_ylabel("share of token assignments")
-        axes[1][0].set_ylabel("MaxVio")
-        if len(train[-1]["expert_load"][layers[0]]) <= 16:  # a legend of 64 experts hides the plot
-            axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1, 0.5))
-        fig.suptitle("Expert load per MoE layer, and its maximal violation (max load / mean load - 1)")
-        fig.tight_layout()
-        save_figure(fig, folder / "expert_load.png")
+    if not layers:  # a dense model
+        return
+    fig = Figure(figsize=(4 * len(layers), 5.6), layout="tight")
+    axes = fig.subplots(2, len(layers), squeeze=False, sharex=True, height_ratios=[2, 1])
+    for ax, vio, layer in zip(axes[0], axes[1], layers):
+        load = np.array([r["expert_load"][layer] for r in train])  # (records, E) shares of assignments
+        ax.stackplot(steps, load.T, labels=[f"expert {i}" for i in range(load.shape[1])])
+        ax.set(title=f"layer {layer}", ylim=(0, 1))
+        vio.plot(steps, [r.get("max_vio", {}).get(layer, float("nan")) for r in train])
+        vio.set(xlabel="step", ylim=(0, None))
+        vio.grid(alpha=0.3)
+    axes[0][0].set_ylabel("share of token assignments")
+    axes[1][0].set_ylabel("MaxVio")
+    if len(train[-1]["expert_load"][layers[0]]) <= 16:  # a legend of 64 experts hides the plot
+        axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1, 0.5))
+    fig.suptitle("Expert load per MoE layer, and its maximal violation (max load / mean load - 1)")
+    save_figure(fig, folder / "expert_load.png")
 
 
 # --- Guards -------------------------------------------------------------------
@@ -2433,100 +2429,94 @@ def save_plots(history: dict, folder: Path) -> None:
 RUN_FILES = ("latest.pt", "best.pt", "training_history.json", "loss.png", "lr.png", "expert_load.png")
 
 
-class _StopRequest:
-    """Remembers a SIGINT (Ctrl-C) or SIGTERM so that the loop saves and stops when the step in flight ends, and
-    says so at once; a second signal stops the process at once (the last checkpoint stays: saves are atomic).
+@dataclass
+class StopRequest:
+    signum: int | None = None  # the first SIGINT or SIGTERM, once one arrived
+    kept: str = "no checkpoint of this run was saved"  # what a second signal leaves behind (see last_good)
+
+
+@contextlib.contextmanager
+def stop_request(speak: bool = True):
+    """Remember a SIGINT (Ctrl-C) or SIGTERM so that the loop saves and stops when the step in flight ends, and say
+    so at once (speak: rank 0 speaks for every process); a second signal stops the process at once (the last
+    checkpoint stays: saves are atomic).
 
     A Python signal handler runs only when the main thread is between two bytecodes, which can be minutes away
     while a big model's step runs on a CPU. So the signal is also written, by the interpreter's C-level handler,
     to a pipe (signal.set_wakeup_fd) that a small thread watches: it answers the moment the signal arrives."""
+    stop = StopRequest()
+    if threading.current_thread() is not threading.main_thread():  # signal handlers belong to the main thread
+        yield stop
+        return
 
-    def __init__(self, speak: bool = True):
-        self.signum: int | None = None
-        self.speak = speak  # rank 0 speaks for every process
-        self.kept = "no checkpoint of this run was saved"  # what a second signal leaves behind (see last_good)
-        self.previous: dict = {}
-
-    def __enter__(self):
-        if threading.current_thread() is not threading.main_thread():
-            return self  # signal handlers belong to the main thread
-        read_fd, self.write_fd = os.pipe()
-        os.set_blocking(self.write_fd, False)
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self.previous[sig] = signal.signal(sig, lambda signum, frame: None)  # the watcher does the work
-        self.previous_wakeup = signal.set_wakeup_fd(self.write_fd, warn_on_full_buffer=False)
-        threading.Thread(target=self._watch, args=(read_fd,), daemon=True).start()
-        return self
-
-    def _watch(self, read_fd: int) -> None:
-        while data := os.read(read_fd, 1):  # b"" once __exit__ closes the write end
-            signum = data[0]
-            if signum not in (signal.SIGINT, signal.SIGTERM):
+    def watch(read_fd: int) -> None:
+        while data := os.read(read_fd, 1):  # b"" once the write end is closed
+            if (signum := data[0]) not in (signal.SIGINT, signal.SIGTERM):
                 continue
             name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-            if self.signum is None:
-                self.signum = signum
-                self._say(f"{name}: saving and stopping when the step in flight ends; {name} again stops at once, "
-                          f"without saving.")
-            else:
-                self._say(f"{name} again: stopped at once; {self.kept}.")
+            if stop.signum is not None:
+                say(f"{name} again: stopped at once; {stop.kept}.")
                 os._exit(128 + signum)
+            stop.signum = signum
+            say(f"{name}: saving and stopping when the step in flight ends; {name} again stops at once, without "
+                "saving.")
         os.close(read_fd)
 
-    def _say(self, text: str) -> None:
-        if self.speak:
+    def say(text: str) -> None:
+        if speak:
             print(f"\n{text}", file=sys.stderr, flush=True)
 
-    def __exit__(self, *exc):
-        if self.previous:
-            signal.set_wakeup_fd(self.previous_wakeup)
-            for sig, handler in self.previous.items():
-                signal.signal(sig, handler)
-            os.close(self.write_fd)
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    previous = {sig: signal.signal(sig, lambda signum, frame: None)  # the watcher does the work
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous_wakeup = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    threading.Thread(target=watch, args=(read_fd,), daemon=True).start()
+    try:
+        yield stop
+    finally:
+        signal.set_wakeup_fd(previous_wakeup)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        os.close(write_fd)
 
 
-class RunLock:
+@contextlib.contextmanager
+def run_lock(run_dir: Path):
     """One writer per run folder: an exclusive lock (flock) on the file .<run>.lock beside the folder, held while
-    a process trains into it, so that a second process is refused instead of writing the same checkpoints. The
-    kernel releases the lock however its holder ends (SIGKILL too), so a lock is never stale."""
-
-    def __init__(self, run_dir: Path):
-        self.run_dir, self.path, self.fd = run_dir, run_dir.with_name(f".{run_dir.name}.lock"), None
-
-    def __enter__(self):
+    a process trains into it, so that a second process is refused, told the holder's pid, instead of writing the
+    same checkpoints. The kernel releases the lock however its holder ends (SIGKILL too), so a lock is never stale;
+    the holder removes the file when it ends normally."""
+    try:
+        import fcntl  # Unix only; imported here so that importing h64lm works everywhere
+    except ImportError:
+        yield
+        return
+    path = run_dir.with_name(f".{run_dir.name}.lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        lock = open(path, "a+")
         try:
-            import fcntl  # Unix only; imported here so that importing h64lm works everywhere
-        except ImportError:
-            return self
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        while self.fd is None:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.read(fd, 64).decode(errors="replace").strip() or "another process"
-                os.close(fd)
-                raise H64LMError(f"{self.run_dir} is being trained into by {holder}; wait for that run to end (or "
-                                 "stop it), or choose another --run-name.") from None
-            try:  # the previous holder may have removed the file between our open and our lock: then try again
-                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                self.fd = fd
-            else:
-                os.close(fd)
-        os.ftruncate(self.fd, 0)
-        os.write(self.fd, f"process {os.getpid()}".encode())
-        for stale in self.run_dir.glob(".*.tmp"):  # left by a process killed mid-save; nobody else writes here
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            lock.close()
+            raise H64LMError(f"{run_dir} is being trained into by {holder}; wait for that run to end (or stop it), "
+                             "or choose another --run-name.") from None
+        if os.fstat(lock.fileno()).st_nlink:  # the file is still there, not removed by the previous holder
+            break
+        lock.close()  # it was removed between our open and our lock: lock the file now at that path
+    with lock:
+        lock.truncate(0)
+        lock.write(f"process {os.getpid()}")
+        lock.flush()  # now, for a second process to read
+        for stale in run_dir.glob(".*.tmp"):  # left by a process killed mid-save; nobody else writes here
             stale.unlink()
-        return self
-
-    def __exit__(self, *exc):
-        if self.fd is not None:
-            self.path.unlink(missing_ok=True)
-            os.close(self.fd)
-            self.fd = None
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)  # while the lock is held, so that it is never another process's file
 
 
 def on_rank0(rt: Runtime, fn: Callable[[], object]):
@@ -2582,7 +2572,7 @@ def resume_command(run_dir: Path, rt: Runtime) -> str:
 def claim_run_dir(run_dir: Path, resume, overwrite: bool, cleanup: contextlib.ExitStack) -> list[str]:
     """Lock the run folder for this process (released by cleanup) and return the run files it holds; refuse a
     folder that holds another run."""
-    cleanup.enter_context(RunLock(run_dir))
+    cleanup.enter_context(run_lock(run_dir))
     held = [name for name in RUN_FILES if (run_dir / name).exists()]
     if resume is None and held and not overwrite:
         raise H64LMError(f"{run_dir} already holds a run; pass --resume to continue it, --overwrite to replace it, "
@@ -2971,7 +2961,7 @@ def train_loop(run: Run, log, on_step: Callable[[dict], None] | None = None) -> 
                total=tc.max_steps, **quiet)
     run.step_model.train()
     t_last, window_load = time.perf_counter(), None  # window_load: (L, E) summed since the last validation
-    with _StopRequest(speak=rt.master) as stop:
+    with stop_request(speak=rt.master) as stop:
         stop.kept = last_good(run.saved)
         for step in bar:
             started = time.perf_counter()
@@ -3589,25 +3579,22 @@ def export_transformers(path: str | Path, out: str | Path, tokenizer_path: str |
 # -----------------------------------------------------------------------------
 # 19. Benchmark
 # -----------------------------------------------------------------------------
-# `h64lm.py bench` times what matters for pretraining and serving, always side
-# by side with a reference measured in the same process, so that the ratios
-# hold even on a busy machine:
+# `h64lm.py bench` times what matters for pretraining and serving:
 #   - a training step (forward, backward, AdamW): tokens/s, model FLOPs per
 #     token (6 N_active + attention, as torchtitan counts them), achieved FLOP/s
 #     and utilisation of the device's peak (on CPU the float32 matmul rate this
-#     process measures; on CUDA the data-sheet bf16 peak);
+#     process measures; on CUDA the data-sheet bf16 peak), and peak memory;
 #   - the MoE overhead: one MoE layer's forward+backward over a dense SwiGLU
-#     with the same active FLOPs (hidden width expert_intermediate_size x k);
-#   - with --compare-hf, transformers' MixtralForCausalLM of the same shape
-#     (every layer MoE, RoPE only: what Mixtral is), timed in alternation with
-#     H64LM in the same form, and cached decoding, eager and compiled (section
-#     13), against its generate();
-#   - with --targets, SPEED_TARGETS on the shapes users train: graph breaks,
-#     the MoE layer at the h64lm shape, the training step and decoding against
-#     transformers' Mixtral at the small shape, decoding at the tiny shape.
+#     with the same active FLOPs (hidden width expert_intermediate_size x k),
+#     both timed in alternation in one process, so that the ratio holds even
+#     on a busy machine;
+#   - cached greedy decoding at batch 1 and 8, eager and, with --compile,
+#     compiled (a static cache, section 13), in alternation too.
 # A ratio is the median of the repeats' ratios, each repeat timing both sides
 # moments apart, with the lowest and highest beside it: the spread says how
-# far one number on a busy machine can be trusted.
+# far one number on a busy machine can be trusted. How the developers check
+# their speed against transformers' Mixtral and the speed targets lives with
+# the tests (`python -m tests.speed --help`), built on the timing below.
 
 def _median(values: list[float]) -> float:
     return float(np.median(values))
@@ -3641,7 +3628,7 @@ def _ratio(times: dict[str, list[float]], numerator: str, denominator: str) -> t
 
 
 def _train_step_fn(model: nn.Module, x: torch.Tensor, rt: Runtime, loss_of) -> Callable[[], None]:
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # the same optimizer for both models
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # the same for every model timed
 
     def step():
         with rt.autocast():
@@ -3650,39 +3637,6 @@ def _train_step_fn(model: nn.Module, x: torch.Tensor, rt: Runtime, loss_of) -> C
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return step
-
-
-def mixtral_like(config: H64LMConfig):
-    """transformers' MixtralForCausalLM with H64LM's shape (config must be all-MoE, RoPE only)."""
-    from transformers import MixtralConfig, MixtralForCausalLM
-
-    hf_config = MixtralConfig(
-        vocab_size=config.vocab_size, hidden_size=config.hidden_size, num_hidden_layers=config.num_layers,
-        num_attention_heads=config.num_heads, num_key_value_heads=config.num_kv_heads, head_dim=config.head_dim,
-        intermediate_size=config.expert_intermediate_size, num_local_experts=config.num_experts,
-        num_experts_per_tok=config.num_experts_per_tok, max_position_embeddings=config.max_position_embeddings,
-        rope_theta=config.rope_theta, rms_norm_eps=config.rms_norm_eps, sliding_window=config.sliding_window,
-        tie_word_embeddings=config.tie_word_embeddings, output_router_logits=True,
-        router_aux_loss_coef=config.router_aux_loss_coef, attn_implementation="sdpa")
-    return MixtralForCausalLM(hf_config)
-
-
-def _fastest_hf_experts(hf_model, fn: Callable[[], None], rt: Runtime, repeats: int, what: str) -> str:
-    """Set the experts implementation of transformers' model under which fn (what it does, for the error) runs
-    fastest here; return its name. An implementation this device or version does not support is skipped."""
-    times = {}
-    for impl in ("eager", "batched_mm", "grouped_mm"):
-        try:
-            hf_model.set_experts_implementation(impl)
-            times[impl] = _median(_time_alternating({impl: fn}, repeats, rt.device)[impl])
-        except Exception:  # not supported here: the warm-up call inside _time_alternating raised
-            continue
-    if not times:
-        raise H64LMError(f"None of transformers' experts implementations ran {what} here; run bench without "
-                         "--compare-hf or --targets.")
-    best = min(times, key=times.get)
-    hf_model.set_experts_implementation(best)
-    return best
 
 
 def device_name(device: torch.device) -> str:
@@ -3697,13 +3651,10 @@ def _peak_memory(device: torch.device) -> int:
 
 
 def bench(preset: str = "tiny", device: str = "auto", precision: str = "auto", seq_len: int | None = None,
-          batch_size: int = 8, repeats: int = 10, compare_hf: bool = False, decode_tokens: int = 32,
-          compile: bool = False, log=print, **overrides) -> dict:
-    """Measure a training step, the MoE overhead and (with compare_hf) transformers' Mixtral, as section 19's
-    header says."""
+          batch_size: int = 8, repeats: int = 10, decode_tokens: int = 32, compile: bool = False,
+          **overrides) -> dict:
+    """Measure a training step, the MoE overhead and decoding, as section 19's header says."""
     rt = setup_runtime(device, precision)
-    if compare_hf:  # Mixtral's form: every layer MoE, RoPE only
-        overrides = {**overrides, "moe_layers": "all", "attention_type": "rope"}
     try:
         config = H64LMConfig.from_preset(preset, **overrides)
     except ValueError as e:
@@ -3715,37 +3666,26 @@ def bench(preset: str = "tiny", device: str = "auto", precision: str = "auto", s
     step_model = compile_blocks(model) if compile else model
     x = torch.randint(0, config.vocab_size, (batch_size, seq_len + 1), device=rt.device)
     ids, targets = x[:, :-1], x[:, 1:]
-    ours = _train_step_fn(step_model, ids, rt, lambda m, _: m(ids, targets).loss)
+    step = _train_step_fn(step_model, ids, rt, lambda m, _: m(ids, targets).loss)
     if rt.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(rt.device)
-    ours()  # warm-up, and the memory peak of H64LM's training step alone
+    step()  # warm-up, and the memory peak of the training step alone
     peak_memory = _peak_memory(rt.device)
-    fns = {"h64lm": ours}
-    hf_impl = None
-    if compare_hf:
-        hf = mixtral_like(config).to(rt.device).train()
-        fns["transformers"] = _train_step_fn(hf, ids, rt, lambda m, ids: m(input_ids=ids, labels=ids).loss)
-        hf_impl = _fastest_hf_experts(hf, fns["transformers"], rt, max(2, repeats // 2), "a training step")
-    all_times = _time_alternating(fns, repeats, rt.device)
-    times = {name: _median(t) for name, t in all_times.items()}
+    seconds = _median(_time_alternating({"h64lm": step}, repeats, rt.device)["h64lm"])
     tokens = batch_size * seq_len
     flops_per_token = model.flops_per_token(seq_len)
     peak = peak_flops(rt.device)
     result = {
         "device": device_name(rt.device),
         "preset": preset, "config": config.to_dict(with_impl=True), "batch_size": batch_size, "seq_len": seq_len,
-        "dtype": str(rt.dtype).replace("torch.", ""), "step_seconds": times["h64lm"],
-        "tokens_per_s": tokens / times["h64lm"], "flops_per_token": flops_per_token,
-        "achieved_flops": tokens * flops_per_token / times["h64lm"], "peak_flops": peak,
+        "dtype": str(rt.dtype).replace("torch.", ""), "step_seconds": seconds,
+        "tokens_per_s": tokens / seconds, "flops_per_token": flops_per_token,
+        "achieved_flops": tokens * flops_per_token / seconds, "peak_flops": peak,
     }
     result["utilization"] = result["achieved_flops"] / peak
     result["peak_memory_bytes"] = peak_memory
     result.update(moe_overhead(config, tokens, rt, repeats))
-    if compare_hf:
-        result["hf_experts_implementation"] = hf_impl
-        result["hf_tokens_per_s"] = tokens / times["transformers"]
-        result["speedup_vs_hf"], *result["speedup_vs_hf_spread"] = _ratio(all_times, "transformers", "h64lm")
-        result.update(decode_bench(model, hf, rt, decode_tokens, repeats))
+    result.update(decode_bench(model, rt, decode_tokens, repeats, compile))
     return result
 
 
@@ -3771,158 +3711,34 @@ def moe_overhead(config: H64LMConfig, tokens: int, rt: Runtime, repeats: int) ->
 
 
 @torch.no_grad()
-def decode_bench(model: H64LM, hf, rt: Runtime, new_tokens: int, repeats: int) -> dict:
-    """Greedy cached decoding, tokens/s at batch 1 and 8: H64LM's stream_generate, eager and compiled (a static
-    cache, section 13), against transformers' generate with its fastest experts implementation for decoding."""
+def decode_bench(model: H64LM, rt: Runtime, new_tokens: int, repeats: int, compile: bool = False) -> dict:
+    """Greedy cached decoding of random 16-token prompts, tokens/s at batch 1 and 8 (keys with _batch8): H64LM's
+    stream_generate eager, and with compile also compiled with a static cache (section 13; compiling takes about a
+    minute on a CPU), timed in alternation."""
     out = {}
-    prompt_len = 16
-    hf.eval()
     for batch in (1, 8):
-        prompt = torch.randint(3, model.config.vocab_size, (batch, prompt_len), device=rt.device)
-
-        def ours(compile: bool):
-            def fn():
-                with rt.autocast():
-                    for _ in stream_generate(model, prompt.tolist(), new_tokens, temperature=0.0, compile=compile):
-                        pass
-            return fn
-
-        def theirs():
-            with rt.autocast():
-                hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
-                            min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-        hf_impl = _fastest_hf_experts(hf, theirs, rt, 1, "generate")
-        times = _time_alternating({"h64lm": ours(False), "h64lm_compiled": ours(True), "transformers": theirs},
-                                  max(3, repeats // 2), rt.device)
+        prompt = torch.randint(3, model.config.vocab_size, (batch, 16), device=rt.device)
+        fns = {"decode": _decoding(model, prompt, new_tokens, rt, compile=False)}
+        if compile:
+            fns["decode_compiled"] = _decoding(model, prompt, new_tokens, rt, compile=True)
+        times = _time_alternating(fns, max(3, repeats // 2), rt.device)
         suffix = "" if batch == 1 else f"_batch{batch}"
-        out[f"hf_decode_experts_implementation{suffix}"] = hf_impl
-        for name, key in (("h64lm", "decode"), ("h64lm_compiled", "decode_compiled"), ("transformers", "hf_decode")):
-            out[f"{key}_tokens_per_s{suffix}"] = batch * new_tokens / _median(times[name])
-        out[f"decode_speedup_vs_hf{suffix}"], *out[f"decode_speedup_vs_hf{suffix}_spread"] = _ratio(
-            times, "transformers", "h64lm")
-        out[f"decode_compiled_speedup_vs_hf{suffix}"], *out[f"decode_compiled_speedup_vs_hf{suffix}_spread"] = _ratio(
-            times, "transformers", "h64lm_compiled")
+        for key, seconds in times.items():
+            out[f"{key}_tokens_per_s{suffix}"] = batch * new_tokens / _median(seconds)
     return out
 
 
-# The targets of `bench --targets`: ratios measured in alternation in one process, on the shapes users train.
-SPEED_TARGETS = {
-    "decode_vs_transformers": 2.0,  # at least: compiled cached greedy decoding over transformers' generate, tiny
-    # and small shapes, batch 1 and 8
-    "moe_layer_over_dense": 1.15,  # at most: one MoE layer over a dense SwiGLU of equal active FLOPs, forward and
-    # backward, h64lm shape, 1,024 tokens
-    "train_step_vs_transformers": 1.3,  # at least: a training step over transformers' Mixtral, small shape
-    "graph_breaks": 0,  # at most: in the compiled training step of the tiny model
-}
-
-
-def graph_breaks(config: H64LMConfig, batch_size: int = 2, seq_len: int = 32) -> list[str]:
-    """Why torch.compile would split a training step of this model (forward with the loss; the backward is traced
-    from the same graph): an empty list when it captures it whole."""
-    model = H64LM(config)
-    x = torch.randint(0, config.vocab_size, (batch_size, seq_len + 1))
-    explanation = torch._dynamo.explain(model)(x[:, :-1], x[:, 1:])
-    torch._dynamo.reset()
-    return [str(b.reason).split("\n")[0] for b in explanation.break_reasons]
-
-
-def bench_targets(device: str = "auto", precision: str = "auto", repeats: int = 5, decode_tokens: int = 32,
-                  log=print) -> dict:
-    """Measure each of SPEED_TARGETS on its shape, in one process, and say which are met."""
-    rt = setup_runtime(device, precision)
-    log("graph breaks in the tiny model's training step")
-    breaks = graph_breaks(H64LMConfig.from_preset("tiny"))
-    log("one MoE layer over a dense SwiGLU, h64lm shape, 1,024 tokens")
-    r = {"graph_breaks": len(breaks), "graph_break_reasons": breaks, "repeats": repeats,
-         # three times the repeats: half a second each, and this ratio moves most on a busy machine
-         "moe_h64lm": moe_overhead(H64LMConfig.from_preset("h64lm"), 1024, rt, 3 * repeats)}
-    log("training step and decoding, small shape, against transformers' Mixtral")
-    r["small"] = bench("small", device, precision, repeats=repeats, compare_hf=True, decode_tokens=decode_tokens)
-    log("training step with compile_blocks against eager, small shape")
-    r["compile_blocks"] = compile_gain(H64LMConfig.from_preset("small"), rt, repeats)
-    log("decoding, tiny shape, against transformers' Mixtral")
-    torch.manual_seed(0)
-    config = H64LMConfig.from_preset("tiny", moe_layers="all", attention_type="rope")
-    model, hf = H64LM(config).to(rt.device), mixtral_like(config).to(rt.device)
-    r["tiny"] = decode_bench(model, hf, rt, decode_tokens, repeats)
-    r["device"], r["dtype"] = r["small"]["device"], r["small"]["dtype"]
-    r["targets"] = targets_met(r)
-    return r
-
-
-def targets_met(r: dict) -> dict[str, bool]:
-    """Which SPEED_TARGETS the medians in bench_targets' figures r meet."""
-    decode = [r[p][f"decode_compiled_speedup_vs_hf{s}"] for p in ("tiny", "small") for s in ("", "_batch8")]
-    return {"decode_vs_transformers": min(decode) >= SPEED_TARGETS["decode_vs_transformers"],
-            "moe_layer_over_dense": r["moe_h64lm"]["moe_overhead"] <= SPEED_TARGETS["moe_layer_over_dense"],
-            "train_step_vs_transformers": r["small"]["speedup_vs_hf"] >= SPEED_TARGETS["train_step_vs_transformers"],
-            "graph_breaks": r["graph_breaks"] <= SPEED_TARGETS["graph_breaks"]}
-
-
-def compile_gain(config: H64LMConfig, rt: Runtime, repeats: int, batch_size: int = 4) -> dict:
-    """A training step's time eager over its time with compile_blocks, same weights and batch, in alternation."""
-    torch.manual_seed(0)
-    eager = H64LM(config).to(rt.device)
-    compiled = copy.deepcopy(eager)
-    compile_blocks(compiled)
-    seq_len = config.max_position_embeddings
-    x = torch.randint(0, config.vocab_size, (batch_size, seq_len + 1), device=rt.device)
-    ids, targets = x[:, :-1], x[:, 1:]
-    fns = {name: _train_step_fn(model, ids, rt, lambda m, _: m(ids, targets).loss)
-           for name, model in (("eager", eager), ("compiled", compiled))}
-    times = _time_alternating(fns, repeats, rt.device)
-    gain, *spread = _ratio(times, "eager", "compiled")
-    torch._dynamo.reset()
-    return {"batch_size": batch_size, "seq_len": seq_len, "eager_step_seconds": _median(times["eager"]),
-            "compiled_step_seconds": _median(times["compiled"]), "speedup": gain, "speedup_spread": spread}
-
-
-def targets_report(r: dict) -> str:
-    def spread(figures: dict, key: str) -> str:
-        low, high = figures[f"{key}_spread"]
-        return f"{figures[key]:.2f}x ({low:.2f}-{high:.2f})"
-    met = {name: "met" if ok else "NOT MET" for name, ok in r["targets"].items()}
-    n = r["repeats"]
-    lines = [f"device {r['device']}, {r['dtype']}; each ratio the median over repeats timed in alternation ({n}; "
-             f"{3 * n} for the MoE layer, {max(3, n // 2)} for decoding), lowest-highest in brackets",
-             f"  graph breaks, tiny training step        {r['graph_breaks']}   target 0: {met['graph_breaks']}"]
-    lines += [f"    {reason}" for reason in r["graph_break_reasons"]]
-    lines.append(f"  MoE layer / dense SwiGLU, h64lm shape   {spread(r['moe_h64lm'], 'moe_overhead')}   target <= "
-                 f"{SPEED_TARGETS['moe_layer_over_dense']}x: {met['moe_layer_over_dense']}")
-    lines.append(f"  training step / transformers, small     {spread(r['small'], 'speedup_vs_hf')}   target >= "
-                 f"{SPEED_TARGETS['train_step_vs_transformers']}x: {met['train_step_vs_transformers']}")
-    c = r["compile_blocks"]
-    lines.append(f"  training step, compile_blocks, small    {spread(c, 'speedup')} faster than eager "
-                 f"({c['compiled_step_seconds']:.2f} vs {c['eager_step_seconds']:.2f} s, batch {c['batch_size']} x "
-                 f"{c['seq_len']})")
-    for preset in ("tiny", "small"):
-        for suffix, batch in (("", 1), ("_batch8", 8)):
-            d = r[preset]
-            compiled, eager = f"decode_compiled_speedup_vs_hf{suffix}", f"decode_speedup_vs_hf{suffix}"
-            lines.append(f"  decoding, {preset:5} batch {batch}   compiled {spread(d, compiled)}, eager "
-                         f"{spread(d, eager)}  ({d[f'decode_compiled_tokens_per_s{suffix}']:,.0f} / "
-                         f"{d[f'decode_tokens_per_s{suffix}']:,.0f} vs {d[f'hf_decode_tokens_per_s{suffix}']:,.0f} "
-                         "tokens/s)")
-    lines.append(f"  decoding target >= {SPEED_TARGETS['decode_vs_transformers']}x everywhere, compiled: "
-                 f"{met['decode_vs_transformers']}")
-    return "\n".join(lines)
-
-
-def tokenize_throughput(data: str = "sample", tokenizer_path: str | Path = DEFAULT_TOKENIZER) -> dict:
-    """Tokens per second of tokenize_documents + packing on the train split of `data`, cache bypassed."""
-    tokenizer = load_tokenizer(tokenizer_path)
-    docs = list(documents(open_text_source(data).read("train")))
-    start = time.perf_counter()
-    tokens = tokenize_documents(docs, tokenizer, desc="tokenizing")
-    PackedWindows(tokens, 1024)
-    seconds = time.perf_counter() - start
-    return {"tokenize_tokens": int(len(tokens)), "tokenize_seconds": seconds,
-            "tokenize_tokens_per_s": len(tokens) / seconds}
+def _decoding(model: H64LM, prompt: torch.Tensor, new_tokens: int, rt: Runtime, compile: bool) -> Callable[[], None]:
+    """A call that decodes new_tokens greedily after each row of prompt (B, T)."""
+    def fn():
+        with rt.autocast():
+            for _ in stream_generate(model, prompt.tolist(), new_tokens, temperature=0.0, compile=compile):
+                pass
+    return fn
 
 
 def bench_report(r: dict) -> str:
-    lines = [f"device {r['device']}, {r['dtype']}, preset {r['preset']}"
-             f"{' (all-MoE, RoPE: Mixtral form)' if 'speedup_vs_hf' in r else ''}, batch {r['batch_size']} x "
+    lines = [f"device {r['device']}, {r['dtype']}, preset {r['preset']}, batch {r['batch_size']} x "
              f"{r['seq_len']} tokens",
              f"  training step        {r['step_seconds'] * 1e3:9.1f} ms   {r['tokens_per_s']:,.0f} tokens/s",
              f"  model FLOPs/token    {r['flops_per_token']:,}",
@@ -3931,19 +3747,10 @@ def bench_report(r: dict) -> str:
              f"  MoE layer / dense    {r['moe_overhead']:9.2f}x   ({r['moe_layer_seconds'] * 1e3:.1f} vs "
              f"{r['dense_layer_seconds'] * 1e3:.1f} ms, same active FLOPs)",
              f"  peak memory          {r['peak_memory_bytes'] / 2**20:9.0f} MiB"]
-    if "speedup_vs_hf" in r:
-        low, high = r["speedup_vs_hf_spread"]
-        lines.append(f"  transformers Mixtral {r['hf_tokens_per_s']:,.0f} tokens/s ({r['hf_experts_implementation']} "
-                     f"experts) -> H64LM is {r['speedup_vs_hf']:.2f}x (repeats {low:.2f}-{high:.2f})")
-        for suffix, batch in (("", 1), ("_batch8", 8)):
-            lines.append(f"  decode, batch {batch}      eager {r[f'decode_tokens_per_s{suffix}']:,.0f}, compiled "
-                         f"{r[f'decode_compiled_tokens_per_s{suffix}']:,.0f} vs "
-                         f"{r[f'hf_decode_tokens_per_s{suffix}']:,.0f} tokens/s -> "
-                         f"{r[f'decode_speedup_vs_hf{suffix}']:.2f}x, "
-                         f"{r[f'decode_compiled_speedup_vs_hf{suffix}']:.2f}x")
-    if "tokenize_tokens_per_s" in r:
-        lines.append(f"  tokenizing + packing {r['tokenize_tokens_per_s']:,.0f} tokens/s ({r['tokenize_tokens']:,} "
-                     f"tokens in {r['tokenize_seconds']:.2f} s)")
+    for suffix, batch in (("", 1), ("_batch8", 8)):
+        compiled = r.get(f"decode_compiled_tokens_per_s{suffix}")
+        lines.append(f"  decode, batch {batch}      eager {r[f'decode_tokens_per_s{suffix}']:,.0f}"
+                     + (f", compiled {compiled:,.0f}" if compiled is not None else "") + " tokens/s")
     return "\n".join(lines)
 
 # --- The doctor ---------------------------------------------------------------
@@ -4292,7 +4099,7 @@ def doctor_verdict(report: dict) -> str:
 #   python h64lm.py eval     --ckpt checkpoints/tiny [--split test] [--json]
 #   python h64lm.py generate --ckpt checkpoints/tiny --prompt "The history of"
 #   python h64lm.py analyze  --ckpt checkpoints/tiny
-#   python h64lm.py bench    --preset tiny --compare-hf
+#   python h64lm.py bench    --preset tiny [--compile] [--json]
 #   python h64lm.py doctor   [--preset h64lm] [--device cuda] [--json]
 #   python h64lm.py compare  --preset tiny --data sample --variants dense,switch,aux_free --seeds 3
 #   python h64lm.py export   --ckpt checkpoints/tiny --out checkpoints/tiny-export
@@ -4607,17 +4414,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=cmd_analyze)
 
-    p = command("bench", "time a training step, the MoE overhead, and transformers' Mixtral",
-                "Median of timed training steps (forward, backward, AdamW) after warm-up. --json keys: "
-                "tokens_per_s, flops_per_token (6 N_active + attention), achieved_flops (FLOP/s), utilization "
-                "(of peak_flops: measured fp32 matmul rate on CPU, data-sheet bf16 peak on CUDA), moe_overhead "
-                "(one MoE layer over a dense SwiGLU with the same active FLOPs), peak_memory_bytes (CUDA: allocated; "
-                "CPU: process RSS), device; with --compare-hf also hf_tokens_per_s, speedup_vs_hf, "
-                "decode_tokens_per_s (eager), decode_compiled_tokens_per_s (static cache, compiled step), "
-                "hf_decode_tokens_per_s, decode_speedup_vs_hf, decode_compiled_speedup_vs_hf (batch 1; the same "
-                "with _batch8 for batch 8), hf_experts_implementation. Each ratio is the median of the repeats' "
-                "ratios, with its lowest and highest in KEY_spread. --compare-hf measures both models in Mixtral's "
-                "form: every layer MoE, RoPE only.")
+    p = command("bench", "time a training step, the MoE overhead and decoding",
+                "Median of timed training steps (forward, backward, AdamW) after warm-up: tokens/s, model FLOPs "
+                "per token, utilisation of the device's peak, peak memory; one MoE layer over a dense SwiGLU with "
+                "the same active FLOPs; cached greedy decoding at batch 1 and 8, eager (and compiled with "
+                "--compile). README, Speed, lists the --json keys.")
     p.add_argument("--preset", choices=PRESETS, default="tiny")
     p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--precision", default="auto", choices=PRECISIONS, help="auto: bf16 on CUDA, fp32 on CPU")
@@ -4626,17 +4427,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=number_flag(COUNT), default=8)
     p.add_argument("--repeats", type=number_flag(COUNT), default=10, help="timed steps; the median is reported")
     p.add_argument("--decode-tokens", type=number_flag(COUNT), default=32, help="new tokens per decode measurement")
-    p.add_argument("--compare-hf", action="store_true", help="also time transformers' MixtralForCausalLM")
-    p.add_argument("--targets", action="store_true",
-                   help="measure the speed targets on their shapes instead (graph breaks in the tiny training step; "
-                        "MoE layer over dense at the h64lm shape; training step and decoding against transformers' "
-                        "Mixtral at the small shape, decoding at the tiny shape) and say which are met; --json "
-                        "gives the figures with a 'targets' object of booleans. --preset and the size flags are "
-                        "ignored")
     p.add_argument("--compile", action="store_true",
-                   help="compile each block of H64LM's training step (compile_blocks)")
-    p.add_argument("--tokenize", action="store_true", help="also time tokenizing and packing the sample's train "
-                   "split, cache bypassed (key tokenize_tokens_per_s)")
+                   help="compile each block of the training step (compile_blocks), and time compiled decoding too")
     p.add_argument("--attn-impl", choices=ATTENTION_IMPLS, default=None, help="override the preset's")
     p.add_argument("--moe-impl", choices=MOE_IMPLS, default=None, help="override the preset's")
     p.add_argument("--loss-impl", choices=LOSS_IMPLS, default=None, help="override the preset's")
@@ -5066,15 +4858,8 @@ def _read_lines_as_text(path: Path) -> list[str]:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     overrides = {name: getattr(args, name) for name in ("attn_impl", "moe_impl", "loss_impl") if getattr(args, name)}
-    if args.targets:
-        result = bench_targets(args.device, args.precision, args.repeats, args.decode_tokens,
-                               log=lambda text: print(text, file=sys.stderr))
-        print(json.dumps(result) if args.json else targets_report(result))
-        return 0
     result = bench(args.preset, args.device, args.precision, args.seq_len, args.batch_size, args.repeats,
-                   args.compare_hf, args.decode_tokens, args.compile, **overrides)
-    if args.tokenize:
-        result.update(tokenize_throughput())
+                   args.decode_tokens, args.compile, **overrides)
     print(json.dumps(result) if args.json else bench_report(result))
     return 0
 

@@ -49,45 +49,35 @@ def test_dead_experts_are_the_ones_under_a_tenth_of_uniform():
     assert h64lm.dead_experts(profile) == []
 
 
-def test_mixtral_for_the_comparison_has_exactly_our_shape():
-    config = h64lm.H64LMConfig.from_preset("tiny", moe_layers="all", attention_type="rope")
-    ours, theirs = h64lm.H64LM(config), h64lm.mixtral_like(config)
-    assert ours.num_params() == sum(p.numel() for p in theirs.parameters())
-    assert theirs.config.num_local_experts == 8 and theirs.config.num_experts_per_tok == 2
-
-
 @pytest.mark.slow
 def test_bench_json_has_every_documented_key_and_consistent_numbers():
     result = run_cli("bench", "--preset", "tiny", "--batch-size", "1", "--seq-len", "16", "--repeats", "1",
-                     "--decode-tokens", "2", "--compare-hf", "--json", "--device", "cpu")
+                     "--decode-tokens", "2", "--compile", "--json", "--device", "cpu")
     assert result.returncode == 0, result.stderr
     r = json.loads(result.stdout)
     for key in ("tokens_per_s", "flops_per_token", "achieved_flops", "utilization", "moe_overhead",
-                "peak_memory_bytes", "device", "hf_tokens_per_s", "speedup_vs_hf", "decode_tokens_per_s",
-                "decode_compiled_tokens_per_s", "hf_decode_tokens_per_s", "decode_speedup_vs_hf",
-                "decode_compiled_speedup_vs_hf", "moe_overhead_spread", "speedup_vs_hf_spread"):
-        for suffix in ("", "_batch8") if key.startswith(("decode", "hf_decode")) else ("",):
+                "peak_memory_bytes", "device", "decode_tokens_per_s", "decode_compiled_tokens_per_s",
+                "moe_overhead_spread"):
+        for suffix in ("", "_batch8") if key.startswith("decode") else ("",):
             assert key + suffix in r, key + suffix
     c = r["config"]
-    assert c["moe_layers"] == "all" and c["attention_type"] == "rope"
+    assert c["moe_layers"] == "odd" and c["attention_type"] == "rope+alibi"  # the preset's, as given
     # FLOPs per token by hand (6 per weight a token meets in a matrix multiply, PaLM appendix B, plus attention's
-    # 12 x layers x heads x head size x context): per layer q, k, v, o, the router and k experts of three matrices,
-    # two RMSNorm gains; the final norm and the LM head. (The norms' gains are counted as the code counts them.)
+    # 12 x layers x heads x head size x context): per layer q, k, v, o and two RMSNorm gains, then on the odd
+    # layers the router and k experts of three matrices, on the even ones a dense SwiGLU of three; the final norm
+    # and the LM head. (The norms' gains are counted as the code counts them.)
     D, hd, L, k = c["hidden_size"], c["hidden_size"] // c["num_heads"], c["num_layers"], c["num_experts_per_tok"]
     attention = D * c["num_heads"] * hd * 2 + D * c["num_kv_heads"] * hd * 2
     moe = D * c["num_experts"] + k * 3 * D * c["expert_intermediate_size"]
-    per_token = L * (attention + moe + 2 * D) + D + c["vocab_size"] * D
+    dense = 3 * D * c["intermediate_size"]
+    per_token = L * (attention + 2 * D) + (L // 2) * moe + (L - L // 2) * dense + D + c["vocab_size"] * D
     assert r["flops_per_token"] == 6 * per_token + 12 * L * c["num_heads"] * hd * 16
     assert r["achieved_flops"] == pytest.approx(r["tokens_per_s"] * r["flops_per_token"])
     assert r["utilization"] == pytest.approx(r["achieved_flops"] / r["peak_flops"])
-    # With one repeat a ratio is the ratio of the two times; decoding takes 3 repeats, whose median ratio lies
-    # within the spread, as does the ratio of the median speeds.
-    assert r["speedup_vs_hf"] == pytest.approx(r["tokens_per_s"] / r["hf_tokens_per_s"])
+    # With one repeat a ratio is the ratio of the two times; the MoE overhead's spread holds its median.
     assert r["moe_overhead"] == pytest.approx(r["moe_layer_seconds"] / r["dense_layer_seconds"])
-    for name in ("decode", "decode_compiled"):
-        for suffix in ("", "_batch8"):
-            low, high = r[f"{name}_speedup_vs_hf{suffix}_spread"]
-            assert low <= r[f"{name}_speedup_vs_hf{suffix}"] <= high
-            ratio = r[f"{name}_tokens_per_s{suffix}"] / r[f"hf_decode_tokens_per_s{suffix}"]
-            assert low - 1e-9 <= ratio <= high + 1e-9
+    low, high = r["moe_overhead_spread"]
+    assert low <= r["moe_overhead"] <= high
+    for suffix in ("", "_batch8"):
+        assert r[f"decode_tokens_per_s{suffix}"] > 0 and r[f"decode_compiled_tokens_per_s{suffix}"] > 0
     assert r["peak_memory_bytes"] > 0

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import h64lm
-from conftest import REPO, TINY_FLAGS, small_config
+from conftest import REPO, TINY_FLAGS
 
 
 @pytest.fixture

@@ -1,13 +1,20 @@
 """The fast paths of section 6, 10 and 13, each proven equal to the readable one: the grouped GEMM operator against
 one matrix multiply per block; the MoE training step captured whole by torch.compile (zero graph breaks, no host
 sync) with the eager loss and gradients; the static KV cache, a ring under a sliding window, against the growing
-cache; and compiled decoding against eager decoding, token for token, without recompiling. No test here times
-anything: the speed is measured by `python h64lm.py bench --targets` (README, Speed)."""
+cache; and compiled decoding against eager decoding, token for token, without recompiling. No test here asserts a
+speed: the developers measure it with tests/speed.py (`python -m tests.speed --targets`, README, Speed), whose
+targets, Mixtral and figures are checked at the end."""
+
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import h64lm
+import speed
 from conftest import REPO, run_cli, small_config
 
 
@@ -118,9 +125,62 @@ def test_the_targets_are_judged_on_the_medians_at_their_thresholds():
         decoding = {"decode_compiled_speedup_vs_hf": 3.0, "decode_compiled_speedup_vs_hf_batch8": decode}
         return {"graph_breaks": breaks, "moe_h64lm": {"moe_overhead": moe}, "tiny": decoding,
                 "small": {"speedup_vs_hf": train, **decoding}}
-    assert all(h64lm.targets_met(figures()).values())  # each threshold itself is met
-    assert h64lm.targets_met(figures(decode=1.99)) == {"decode_vs_transformers": False, "moe_layer_over_dense": True,
-                                                       "train_step_vs_transformers": True, "graph_breaks": True}
-    assert not h64lm.targets_met(figures(moe=1.16))["moe_layer_over_dense"]
-    assert not h64lm.targets_met(figures(train=1.29))["train_step_vs_transformers"]
-    assert not h64lm.targets_met(figures(breaks=1))["graph_breaks"]
+    assert all(speed.targets_met(figures()).values())  # each threshold itself is met
+    assert speed.targets_met(figures(decode=1.99)) == {"decode_vs_transformers": False, "moe_layer_over_dense": True,
+                                                        "train_step_vs_transformers": True, "graph_breaks": True}
+    assert not speed.targets_met(figures(moe=1.16))["moe_layer_over_dense"]
+    assert not speed.targets_met(figures(train=1.29))["train_step_vs_transformers"]
+    assert not speed.targets_met(figures(breaks=1))["graph_breaks"]
+
+
+def test_mixtral_for_the_comparison_has_exactly_our_shape():
+    config = h64lm.H64LMConfig.from_preset("tiny", moe_layers="all", attention_type="rope")
+    ours, theirs = h64lm.H64LM(config), speed.mixtral_like(config)
+    assert ours.num_params() == sum(p.numel() for p in theirs.parameters())
+    assert theirs.config.num_local_experts == 8 and theirs.config.num_experts_per_tok == 2
+
+
+def run_speed(*args) -> subprocess.CompletedProcess:
+    """tests/speed.py's command line, as the README runs it: python -m tests.speed, from the repository root."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "tests.speed", *map(str, args)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_the_speed_command_line_names_its_measurements_and_asks_for_one():
+    result = run_speed("--help")
+    assert result.returncode == 0 and result.stdout.startswith("usage: python -m tests.speed")
+    for flag in ("--targets", "--compare-hf", "--tokenize", "--repeats", "--json"):
+        assert flag in result.stdout, flag
+    result = run_speed("--preset", "tiny")
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith("error: say what to measure") and result.stderr.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_compare_hf_json_has_every_documented_key_and_consistent_numbers():
+    result = run_speed("--compare-hf", "--preset", "tiny", "--batch-size", "1", "--seq-len", "16", "--repeats", "1",
+                       "--decode-tokens", "2", "--json", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    r = json.loads(result.stdout)
+    for key in ("tokens_per_s", "flops_per_token", "achieved_flops", "utilization", "moe_overhead",
+                "peak_memory_bytes", "device", "hf_tokens_per_s", "speedup_vs_hf", "decode_tokens_per_s",
+                "decode_compiled_tokens_per_s", "hf_decode_tokens_per_s", "decode_speedup_vs_hf",
+                "decode_compiled_speedup_vs_hf", "moe_overhead_spread", "speedup_vs_hf_spread",
+                "hf_experts_implementation"):
+        for suffix in ("", "_batch8") if key.startswith(("decode", "hf_decode")) else ("",):
+            assert key + suffix in r, key + suffix
+    c = r["config"]
+    assert c["moe_layers"] == "all" and c["attention_type"] == "rope"  # Mixtral's form
+    assert r["achieved_flops"] == pytest.approx(r["tokens_per_s"] * r["flops_per_token"])
+    # With one repeat a ratio is the ratio of the two times; decoding takes 3 repeats, whose median ratio lies
+    # within the spread, as does the ratio of the median speeds.
+    assert r["speedup_vs_hf"] == pytest.approx(r["tokens_per_s"] / r["hf_tokens_per_s"])
+    assert r["moe_overhead"] == pytest.approx(r["moe_layer_seconds"] / r["dense_layer_seconds"])
+    for name in ("decode", "decode_compiled"):
+        for suffix in ("", "_batch8"):
+            low, high = r[f"{name}_speedup_vs_hf{suffix}_spread"]
+            assert low <= r[f"{name}_speedup_vs_hf{suffix}"] <= high
+            ratio = r[f"{name}_tokens_per_s{suffix}"] / r[f"hf_decode_tokens_per_s{suffix}"]
+            assert low - 1e-9 <= ratio <= high + 1e-9
+    assert r["peak_memory_bytes"] > 0
