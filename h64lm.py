@@ -3737,8 +3737,10 @@ def _decoding(model: H64LM, prompt: torch.Tensor, new_tokens: int, rt: Runtime, 
     return fn
 
 
-def bench_report(r: dict) -> str:
-    lines = [f"device {r['device']}, {r['dtype']}, preset {r['preset']}, batch {r['batch_size']} x "
+def bench_report(r: dict, form: str = "", decoding: bool = True) -> str:
+    """bench's figures as a table; form follows the preset's name (the comparison in tests/speed.py names Mixtral's
+    form there), and decoding=False leaves the decoding lines to the caller."""
+    lines = [f"device {r['device']}, {r['dtype']}, preset {r['preset']}{form}, batch {r['batch_size']} x "
              f"{r['seq_len']} tokens",
              f"  training step        {r['step_seconds'] * 1e3:9.1f} ms   {r['tokens_per_s']:,.0f} tokens/s",
              f"  model FLOPs/token    {r['flops_per_token']:,}",
@@ -3747,7 +3749,7 @@ def bench_report(r: dict) -> str:
              f"  MoE layer / dense    {r['moe_overhead']:9.2f}x   ({r['moe_layer_seconds'] * 1e3:.1f} vs "
              f"{r['dense_layer_seconds'] * 1e3:.1f} ms, same active FLOPs)",
              f"  peak memory          {r['peak_memory_bytes'] / 2**20:9.0f} MiB"]
-    for suffix, batch in (("", 1), ("_batch8", 8)):
+    for suffix, batch in (("", 1), ("_batch8", 8)) if decoding else ():
         compiled = r.get(f"decode_compiled_tokens_per_s{suffix}")
         lines.append(f"  decode, batch {batch}      eager {r[f'decode_tokens_per_s{suffix}']:,.0f}"
                      + (f", compiled {compiled:,.0f}" if compiled is not None else "") + " tokens/s")

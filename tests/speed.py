@@ -266,15 +266,7 @@ def bench_report(r: dict) -> str:
 
 
 def compare_report(r: dict) -> str:
-    lines = [f"device {r['device']}, {r['dtype']}, preset {r['preset']} (all-MoE, RoPE: Mixtral form), batch "
-             f"{r['batch_size']} x {r['seq_len']} tokens",
-             f"  training step        {r['step_seconds'] * 1e3:9.1f} ms   {r['tokens_per_s']:,.0f} tokens/s",
-             f"  model FLOPs/token    {r['flops_per_token']:,}",
-             f"  achieved             {r['achieved_flops'] / 1e9:9.1f} GFLOP/s = {r['utilization']:.1%} of "
-             f"{r['peak_flops'] / 1e9:.1f} GFLOP/s peak",
-             f"  MoE layer / dense    {r['moe_overhead']:9.2f}x   ({r['moe_layer_seconds'] * 1e3:.1f} vs "
-             f"{r['dense_layer_seconds'] * 1e3:.1f} ms, same active FLOPs)",
-             f"  peak memory          {r['peak_memory_bytes'] / 2**20:9.0f} MiB"]
+    lines = h64lm.bench_report(r, " (all-MoE, RoPE: Mixtral form)", decoding=False).splitlines()
     low, high = r["speedup_vs_hf_spread"]
     lines.append(f"  transformers Mixtral {r['hf_tokens_per_s']:,.0f} tokens/s ({r['hf_experts_implementation']} "
                  f"experts) -> H64LM is {r['speedup_vs_hf']:.2f}x (repeats {low:.2f}-{high:.2f})")
