@@ -3,6 +3,7 @@ grouped GEMM (torch.nn.functional.grouped_mm runs in bfloat16 on CPU too), with 
 torch's fill_uninitialized_memory (NaN in every tensor a kernel leaves unwritten); fp16 and bf16 autocast on CPU;
 and gloo for NCCL under torchrun. Each test failed on the code before its fix (issue 21)."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -73,7 +74,7 @@ def test_capacity_dropping_on_the_native_grouped_gemm_gives_the_loops_finite_gra
     torch.manual_seed(0)
     config = default_shape(capacity_factor=0.5, moe_layers="all", num_layers=1)
     layer = h64lm.MoE(config).train()
-    loop = h64lm.MoE(dataclasses_replace(config, moe_impl="loop")).train()
+    loop = h64lm.MoE(dataclasses.replace(config, moe_impl="loop")).train()
     loop.load_state_dict(layer.state_dict())
     x = torch.randn(2, 64, config.hidden_size)
     grads = {}
@@ -89,11 +90,6 @@ def test_capacity_dropping_on_the_native_grouped_gemm_gives_the_loops_finite_gra
         torch.testing.assert_close(grouped, looped, rtol=2e-2, atol=2e-2)
 
 
-def dataclasses_replace(config, **changes):
-    import dataclasses
-    return dataclasses.replace(config, **changes)
-
-
 def test_a_training_step_of_the_default_shape_on_the_native_grouped_gemm_equals_the_loops(native_grouped_gemm):
     # The Hopper path in CI: forward, backward and an AdamW step of the default layout in bf16 autocast, through
     # torch's grouped GEMM kernel, against the readable per-expert loop under the same autocast.
@@ -104,7 +100,7 @@ def test_a_training_step_of_the_default_shape_on_the_native_grouped_gemm_equals_
     results = {}
     for impl in ("grouped", "loop"):
         torch.manual_seed(1)
-        model = h64lm.H64LM(dataclasses_replace(config, moe_impl=impl))
+        model = h64lm.H64LM(dataclasses.replace(config, moe_impl=impl))
         optimizer = h64lm.make_optimizer(model, h64lm.TrainConfig(lr=1e-3), torch.device("cpu"))
         out, grads = loss_and_grads(model, ids, targets)
         optimizer.step()
@@ -157,7 +153,7 @@ def test_on_cuda_sdpa_is_given_what_a_fused_kernel_takes_and_computes_plain_atte
     monkeypatch.setattr(h64lm.F, "scaled_dot_product_attention", spy)
     torch.manual_seed(0)
     config = default_shape(attention_type=attention_type, sliding_window=window)
-    fused, plain = (h64lm.H64LM(dataclasses_replace(config, attn_impl=impl)) for impl in ("sdpa", "plain"))
+    fused, plain = (h64lm.H64LM(dataclasses.replace(config, attn_impl=impl)) for impl in ("sdpa", "plain"))
     plain.load_state_dict(fused.state_dict())
     ids = torch.randint(0, config.vocab_size, (2, 24))
     positions = torch.arange(24)[None].repeat(2, 1) - torch.tensor([[0], [5]])  # row 1 left-padded by 5
