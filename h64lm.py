@@ -7,12 +7,12 @@ number and title, by a section of the notebook H64LM.ipynb.
    The model                       The program
      1. Configuration               14. Data
      2. RMSNorm                     15. Training
-     3. Rotary position embedding   16. Evaluation
-     4. ALiBi                       17. Routing analysis
-     5. Attention masks             18. Sharing the model: transformers
-     6. The KV cache                19. Benchmark
-     7. Grouped-query attention     20. Command line
-     8. SwiGLU feed-forward
+     3. Rotary position embedding   16. Runs and checkpoints
+     4. ALiBi                       17. Evaluation
+     5. Attention masks             18. Routing analysis
+     6. The KV cache                19. Sharing the model: transformers
+     7. Grouped-query attention     20. Benchmark
+     8. SwiGLU feed-forward         21. Command line
      9. The router and its losses
     10. The Mixture-of-Experts layer
     11. The transformer block
@@ -784,7 +784,7 @@ class RoutingStats:
 # block: dX_i = dY_i W_i^T (a grouped GEMM with W transposed), dW_i = X_i^T dY_i.
 
 # The operators' namespace: this module's own, so that a second copy of this file in one process (a model
-# exported with remote code, section 18, imports its own) registers its operators beside ours, not over them.
+# exported with remote code, section 19, imports its own) registers its operators beside ours, not over them.
 _OPS = "h64lm" if __name__ in ("h64lm", "__main__") else "h64lm_" + re.sub(r"\W", "_", __name__)
 
 
@@ -1827,22 +1827,393 @@ def train_window_indices(step: int, global_batch: int, num_windows: int, seed: i
 # -----------------------------------------------------------------------------
 # 15. Training
 # -----------------------------------------------------------------------------
-# One optimizer step, phase by phase (train_step): set the learning rate for
-# this step, take a batch, forward and backward over grad_accum micro-batches
-# (the loss divided by grad_accum, so the gradient is the mean over the whole
-# batch), check that the loss and the gradient are finite, clip the gradient
-# norm, step the optimizer. train() is the story around it: claim the run
-# folder, start the run (data, model, optimizer, a checkpoint's state when
-# resuming: start_run), then train_step for every step, and every eval_every
-# steps, and always at the end, validate and save the latest and the best
-# checkpoint (validate, save_run). The notebook calls the same parts.
-#
-# Device and precision are decided once: bf16 autocast on CUDA (weights and
-# optimizer state stay float32), fp16 with a gradient scaler if asked, float32
-# on CPU. Several processes are started by torchrun, which sets RANK,
-# WORLD_SIZE and LOCAL_RANK; each process takes its share of every batch,
-# DistributedDataParallel averages the gradients, and rank 0 alone prints and
-# saves.
+# One optimizer step is train_step: set this step's learning rate (a linear
+# warm-up, then cosine decay: learning_rate), take this process's share of
+# the batch, forward and backward over grad_accum micro-batches (the loss
+# divided by grad_accum, so the gradient is the mean over the whole batch),
+# check that the loss and the gradient are finite before they touch the
+# weights, clip the gradient norm, step the optimizer (AdamW, or Muon for the
+# hidden matrices: make_optimizer). validate measures the loss on held-out
+# text. train() is the story around them: start the run (its folder, data,
+# model and optimizer, or a checkpoint's state when resuming; section 16),
+# then train_step for every step, and every eval_every steps, and always at
+# the end, validate and save the latest and the best checkpoint. Every
+# setting is a field of TrainConfig, at the end of the section. The notebook
+# calls the same parts.
+
+
+def train_step(run: Run, step: int) -> dict:
+    """Optimizer step `step`: set its learning rate, forward and backward over grad_accum micro-batches (the loss
+    divided by grad_accum, so that the gradient is the mean over the whole batch; DDP averages it over the
+    processes on the last micro-batch), check that the loss and the gradient are finite before they touch the
+    weights, clip the gradient norm, step the optimizer. Returns what it measured, averaged over all processes."""
+    tc, rt, model = run.tc, run.rt, run.step_model
+    lr = learning_rate(step, tc)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    indices = train_window_indices(step, run.global_batch, run.windows.count, tc.seed)
+    moe = list(run.model.moe_layers().values())
+    if run.config.balance == "global" and tc.grad_accum * rt.world_size > 1:
+        for layer, f in zip(moe, step_fractions(run, indices)):
+            layer.step_f = f  # (E,) used by every micro-batch's loss below
+    sums = torch.zeros(3, device=rt.device)  # lm loss, balance loss, z-loss
+    load = torch.zeros(len(moe), run.config.num_experts, device=rt.device)  # (L, E) tokens choosing each expert
+    for micro in range(tc.grad_accum):
+        x, y = micro_batch(run, indices, micro)  # (B, T) each
+        last = micro == tc.grad_accum - 1
+        with (model.no_sync() if rt.world_size > 1 and not last else contextlib.nullcontext()), rt.autocast():
+            out = model(x, y)
+        run.scaler.scale(out.loss / tc.grad_accum).backward()
+        sums += torch.stack([out.lm_loss, out.aux_loss, out.z_loss]).detach() / tc.grad_accum
+        load += torch.stack([layer.stats.load for layer in moe]) if moe else 0
+    if rt.world_size > 1:
+        torch.distributed.all_reduce(sums)
+        sums /= rt.world_size
+        torch.distributed.all_reduce(load)  # the whole step's load, the same on every process
+    run.scaler.unscale_(run.optimizer)
+    grad_norm = nn.utils.clip_grad_norm_(run.model.parameters(), tc.grad_clip or float("inf")).item()
+    lm_loss, aux_loss, z_loss = sums.tolist()
+    if not all(map(math.isfinite, (lm_loss, aux_loss, z_loss))):
+        raise diverged("The loss", step, run)
+    if not math.isfinite(grad_norm) and not run.scaler.is_enabled():  # with fp16 the scaler skips such a step
+        raise diverged("The gradient norm", step, run)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    for layer, layer_load in zip(moe, load):
+        layer.step_f = None
+        if layer.balance_bias is not None:  # aux_free: the bias moves after the step, from the step's load
+            layer.balance_bias.copy_(updated_bias(layer.balance_bias, layer_load, run.config.bias_update_rate))
+    run.step = step + 1
+    return {"step": step, "lm_loss": lm_loss, "aux_loss": aux_loss, "z_loss": z_loss, "lr": lr,
+            "grad_norm": grad_norm, "load": load}
+
+
+def micro_batch(run: Run, indices: list[int], micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """This process's share of micro-batch `micro` of a step whose windows are `indices`: inputs and targets
+    (B, T), on the device."""
+    tc, rt = run.tc, run.rt
+    first = (micro * rt.world_size + rt.rank) * tc.batch_size
+    x, y = run.windows.batch(indices[first:first + tc.batch_size])
+    return x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
+
+
+@torch.no_grad()
+def step_fractions(run: Run, indices: list[int]) -> torch.Tensor:
+    """balance='global': f for each MoE layer, counted over the whole step (every micro-batch of every process)
+    before any loss is formed, (L, E). It costs one forward pass per micro-batch without backward, about a third
+    of a step, and is needed only when the step has more than one micro-batch or process. The random state is
+    put back, so that router jitter draws the same noise in the step itself."""
+    model = run.step_model.module if isinstance(run.step_model, nn.parallel.DistributedDataParallel) \
+        else run.step_model
+    moe = list(run.model.moe_layers().values())
+    load = torch.zeros(len(moe), run.config.num_experts, device=run.rt.device)
+    with torch.random.fork_rng(devices=[run.rt.device] if run.rt.device.type == "cuda" else []):
+        for micro in range(run.tc.grad_accum):
+            x, y = micro_batch(run, indices, micro)
+            with run.rt.autocast():
+                model(x, y)
+            load += torch.stack([layer.stats.load for layer in moe])
+    if run.rt.world_size > 1:
+        torch.distributed.all_reduce(load)
+    return load / run.tokens_per_step
+
+
+def learning_rate(step: int, tc: TrainConfig) -> float:
+    """Linear warm-up to lr over warmup_steps, then cosine decay to min_lr at max_steps (Loshchilov & Hutter 2017)."""
+    if step < tc.warmup_steps:
+        return tc.lr * (step + 1) / tc.warmup_steps
+    progress = min(1.0, (step - tc.warmup_steps) / max(1, tc.max_steps - tc.warmup_steps))
+    return tc.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (tc.lr - tc.min_lr)
+
+
+def make_optimizer(model: nn.Module, tc: TrainConfig, device: torch.device, log=None) -> torch.optim.Optimizer:
+    """The optimizer tc.optimizer names, with weight decay on matrices (and the stacked expert matrices) only:
+    decaying norm gains pulls them towards 0, which is not the prior we want for a scale.
+
+    adamw: AdamW (Loshchilov & Hutter 2019) for everything. fused=True runs the whole update as one kernel per
+    dtype and device, on CPU too (PyTorch 2.4+), instead of a loop over the parameters.
+
+    muon: Muon (Jordan et al. 2024) for the matrices inside the blocks (attention, dense and shared MLPs, and each
+    expert's three), AdamW for the embeddings, the LM head, the norms and the routers, as Muon's authors advise:
+    the first and last layers and the scalars are not hidden linear maps. Muon uses Moonshot's scaling (Liu et al.
+    2025, "Muon is Scalable for LLM Training", section 2.2: the update's RMS matched to AdamW's, 0.2 * sqrt(max(A,
+    B))), so that both take the same learning rate, schedule and weight decay; `log` gets the split."""
+    adamw = dict(lr=tc.lr, betas=(tc.beta1, tc.beta2), fused=True)
+    if tc.optimizer == "adamw":
+        return torch.optim.AdamW(decay_groups(list(model.parameters()), tc.weight_decay), **adamw)
+    hidden, rest = [], []
+    for name, p in model.named_parameters():
+        is_hidden = p.dim() >= 2 and not any(part in name for part in ("embed", "lm_head", "router"))
+        (hidden if is_hidden else rest).append(p)
+    if log is not None:
+        log(f"optimizer: Muon for {len(hidden)} hidden matrices ({sum(p.numel() for p in hidden):,} parameters; a "
+            f"stacked expert tensor is orthogonalised one expert at a time), AdamW for the embeddings, LM head, norms "
+            f"and routers ({sum(p.numel() for p in rest):,} parameters)")
+    return Optimizers(adamw=torch.optim.AdamW(decay_groups(rest, tc.weight_decay), **adamw),
+                      muon=ExpertMuon(hidden, lr=tc.lr, weight_decay=tc.weight_decay, adjust_lr_fn="match_rms_adamw"))
+
+
+def decay_groups(params: list[nn.Parameter], weight_decay: float) -> list[dict]:
+    """Two parameter groups: matrices with weight decay, vectors (norm gains) without."""
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+
+class ExpertMuon(torch.optim.Muon):
+    """torch.optim.Muon, which orthogonalises 2-D matrices only, taught the stacked expert tensors.
+
+    An (E, in, out) tensor holds E matrices, and a mixed update would be wrong: Newton-Schulz on the stack as one
+    matrix would tie the experts together. So each expert's slice is handed to torch's own update as the (out, in)
+    matrix an nn.Linear would hold (a transposed view, updated in place), with the matching slice of one (E, in,
+    out) momentum buffer: each expert's step is exactly torch's Muon step on that expert's matrix alone (a test
+    compares them)."""
+
+    def __init__(self, params, **options):
+        # torch's constructor refuses anything but 2-D parameters; its checked defaults come from a stand-in.
+        defaults = torch.optim.Muon([torch.zeros(1, 1, requires_grad=True)], **options).defaults
+        torch.optim.Optimizer.__init__(self, params, defaults)
+
+    def _init_group(self, group, params_with_grad, grads, muon_momentum_bufs) -> bool:
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
+            buf = state["momentum_buffer"]
+            if p.dim() == 2:
+                params_with_grad.append(p)
+                grads.append(p.grad)
+                muon_momentum_bufs.append(buf)
+            else:  # (E, in, out): E matrices (out, in), views of the stack
+                params_with_grad.extend(p[e].mT for e in range(p.shape[0]))
+                grads.extend(p.grad[e].mT for e in range(p.shape[0]))
+                muon_momentum_bufs.extend(buf[e].mT for e in range(p.shape[0]))
+        return False  # no complex parameters
+
+
+class Optimizers:
+    """Several optimizers used as one (Muon's and AdamW's; PyTorch has no such wrapper): their parameter groups in
+    one list, so that the learning-rate schedule reaches all of them; one step, one zero_grad, one state_dict.
+    param_groups and state are gathered anew at each use, as load_state_dict replaces an optimizer's lists."""
+
+    def __init__(self, **named: torch.optim.Optimizer):
+        self.named = named
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [group for opt in self.named.values() for group in opt.param_groups]
+
+    @property
+    def state(self) -> dict:
+        return {p: s for opt in self.named.values() for p, s in opt.state.items()}
+
+    def step(self) -> None:
+        for opt in self.named.values():
+            opt.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.named.values():
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return {name: opt.state_dict() for name, opt in self.named.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, opt in self.named.items():
+            opt.load_state_dict(state[name])
+
+
+@torch.no_grad()
+def evaluate(model: H64LM, tokens: np.ndarray, seq_len: int, batch_size: int, rt: Runtime,
+             max_batches: int | None = None, progress: bool = False) -> tuple[float, int]:
+    """Summed next-token NLL (nats) and the number of predicted tokens over non-overlapping windows of the
+    token array, in order; each process takes every world_size-th batch and the sums are all-reduced.
+    With max_batches=None every token after the first is predicted exactly once. progress: a bar on stderr."""
+    from tqdm.auto import tqdm
+
+    was_training = model.training
+    model.eval()
+    windows = PackedWindows(tokens, seq_len)
+    starts = list(range(0, windows.count, batch_size))[: max_batches]
+    total = torch.zeros(2, dtype=torch.float64, device=rt.device)  # (NLL, tokens)
+    mine = starts[rt.rank::rt.world_size]
+    for start in tqdm(mine, desc="evaluating", unit="batch", leave=False, disable=not (progress and rt.master)):
+        x, y = windows.batch(range(start, min(start + batch_size, windows.count)))
+        x, y = x.to(rt.device), y.to(rt.device)
+        with rt.autocast():
+            logits = model(x).logits
+        total[0] += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").double()
+        total[1] += y.numel()
+    # The tokens after the last full window: one more window that ends at the last token, scoring only them.
+    tail = len(tokens) - 1 - windows.count * seq_len
+    if tail > 0 and max_batches is None and rt.master:
+        span = min(seq_len, len(tokens) - 1)
+        x = torch.from_numpy(tokens[-span - 1:-1].astype(np.int64))[None].to(rt.device)  # (1, span)
+        y = torch.from_numpy(tokens[-span:].astype(np.int64))[None].to(rt.device)
+        with rt.autocast():
+            logits = model(x).logits[:, -tail:]
+        total[0] += F.cross_entropy(logits.float().flatten(0, 1), y[:, -tail:].flatten(), reduction="sum").double()
+        total[1] += tail
+    if rt.world_size > 1:
+        torch.distributed.all_reduce(total)
+    model.train(was_training)
+    return total[0].item(), int(total[1].item())
+
+
+def validate(run: Run) -> float:
+    """The validation loss on eval_batches batches, recorded in the history (and the best so far kept)."""
+    nll, count = evaluate(run.model, run.valid_tokens, run.seq_len, run.tc.batch_size, run.rt, run.tc.eval_batches)
+    val_loss = nll / count
+    if not math.isfinite(val_loss):
+        raise diverged("The validation loss", run.step - 1, run)
+    run.best_val = min(run.best_val, val_loss)
+    run.history["val"].append({"step": run.step, "loss": val_loss, "ppl": math.exp(min(val_loss, 50)),
+                               "tokens": run.step * run.tokens_per_step, "seconds": run.seconds})
+    return val_loss
+
+
+# --- The whole run ------------------------------------------------------------
+# train claims the run folder and starts or resumes the run (section 16);
+# train_loop steps it to max_steps, logging, validating and saving as the
+# settings say, and stops early, saved, on a signal or at --stop-at.
+
+
+@dataclass
+class Run:
+    """What a training run holds from one step to the next (start_run makes it; train_step and save_run use it)."""
+    config: H64LMConfig
+    tc: TrainConfig
+    rt: Runtime
+    run_dir: Path
+    model: H64LM  # the plain model, whose weights are saved
+    step_model: nn.Module  # what a step calls: the model, compiled and/or wrapped in DDP as asked
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    windows: PackedWindows  # the training split's windows
+    valid_tokens: np.ndarray
+    seq_len: int
+    provenance: dict  # the tokenizer and text it trains on (see check_trained_with)
+    history: dict
+    step: int = 0  # optimizer steps done
+    best_val: float = float("inf")
+    saved: tuple[Path, int] | None = None  # (path, step) of the last checkpoint written or resumed from
+    seconds: float = 0.0  # wall-clock of the training loop (steps, validations, saves), resumed runs included
+
+    @property
+    def global_batch(self) -> int:  # sequences per optimizer step, over every process
+        return self.tc.batch_size * self.tc.grad_accum * self.rt.world_size
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch * self.seq_len
+
+
+def train(config: H64LMConfig, tc: TrainConfig, preset: str = "custom", resume: str | Path | None = None,
+          allow_mismatch: bool = False, ckpt: dict | None = None,
+          on_step: Callable[[dict], None] | None = None) -> dict:
+    """Pretrain a model, or continue the run saved at `resume` (ckpt: that checkpoint, if the caller has read it
+    already; train empties it once the run holds its state); return the run's history. Writes <out_dir>/<run>/
+    (rank 0 only), the folder at the first save. allow_mismatch: resume although the tokenizer or the text differ
+    from the checkpoint's. on_step(history) is called after every step, e.g. to draw the loss as it falls."""
+    rt = setup_runtime(tc.device, tc.precision)
+    log = print if rt.master else (lambda *a, **k: None)
+    run_dir = Path(tc.out_dir) / (tc.run_name or preset)
+    with contextlib.ExitStack() as cleanup:  # the run folder's lock, released however train() ends
+        held = on_rank0(rt, lambda: claim_run_dir(run_dir, resume, tc.overwrite, cleanup))
+        if resume is not None and ckpt is None:
+            ckpt = read_checkpoint(resume, rt.device)
+        run = start_run(config, tc, rt, run_dir, resume, ckpt, allow_mismatch, log)
+        if ckpt is not None:  # consumed: its tensors are copied into the run; at h64lm size they are 3 GB
+            ckpt.clear()
+        if rt.master and resume is None:
+            for name in held:  # --overwrite: the old run's files go, so none is mistaken for this run's
+                (run_dir / name).unlink()
+        train_loop(run, log, on_step)
+    if rt.world_size > 1:
+        torch.distributed.barrier()  # no process tears down gloo while another still uses it
+        torch.distributed.destroy_process_group()
+    return run.history
+
+
+def train_loop(run: Run, log, on_step: Callable[[dict], None] | None = None) -> None:
+    """Steps until max_steps or a stop, each one logged, and validated and saved as often as the TrainConfig
+    says; a SIGINT or SIGTERM, agreed on by all processes, saves and stops at the end of the step in flight."""
+    from tqdm.auto import tqdm
+
+    tc, rt = run.tc, run.rt
+    flops_per_token = run.model.flops_per_token(run.seq_len)
+    peak = peak_flops(rt.device) * rt.world_size  # every process's device, alike under torchrun
+    run.history["peak_flops"] = peak
+    warn_if_slow(flops_per_token * run.tokens_per_step / peak, tc.max_steps - run.step, rt.device, log)
+    quiet = {} if rt.master else {"disable": True}  # on rank 0 the bar obeys tqdm's own TQDM_DISABLE
+    bar = tqdm(range(run.step, tc.max_steps), desc="training", unit="step", dynamic_ncols=True, initial=run.step,
+               total=tc.max_steps, **quiet)
+    run.step_model.train()
+    t_last, window_load = time.perf_counter(), None  # window_load: (L, E) summed since the last validation
+    with stop_request(speak=rt.master) as stop:
+        stop.kept = last_good(run.saved)
+        for step in bar:
+            started = time.perf_counter()
+            stats = train_step(run, step)
+            now = time.perf_counter()
+            run.seconds, t_last = run.seconds + now - t_last, now  # validations and saves included
+            tokens_per_s = run.tokens_per_step / (now - started)  # the step alone: every process's tokens
+            mfu = tokens_per_s * flops_per_token / peak
+            load = stats.pop("load")  # (L, E)
+            balance = ({} if not len(load) else {"aux": f"{stats['aux_loss']:.3f}"} if stats["aux_loss"]
+                       else {"maxvio": f"{max_violation(load).mean():.2f}"})  # without a loss: how even the load is
+            bar.set_postfix(loss=f"{stats['lm_loss']:.3f}", **balance, lr=f"{stats['lr']:.2e}",
+                            tok_s=f"{tokens_per_s:,.0f}", mfu=f"{mfu:.1%}")
+            window_load = load if window_load is None else window_load + load
+            if step % tc.log_every == 0 or step == tc.max_steps - 1:
+                run.history["train"].append(history_record(run, stats, load, tokens_per_s=tokens_per_s, mfu=mfu))
+            signalled = torch.tensor(float(stop.signum is not None), device=rt.device)
+            if rt.world_size > 1:
+                torch.distributed.all_reduce(signalled)
+            stopping = bool(signalled) or run.step == tc.stop_at
+            val_loss = None
+            if run.step % tc.eval_every == 0 or run.step == tc.max_steps:
+                val_loss = validate(run)
+                flags = unbalanced_experts(window_load, run.config.moe_layer_ids)  # since the last validation
+                run.history["val"][-1]["routing_flags"], window_load = flags, None
+                if rt.master:
+                    tqdm.write(f"step {run.step}: validation loss {val_loss:.4f}, perplexity "
+                               f"{math.exp(min(val_loss, 50)):.2f}")
+                    for flag in flags:
+                        tqdm.write(f"  warning: {flag}")
+            if val_loss is not None or stopping or run.step % tc.save_every == 0:
+                save_run(run, val_loss)
+                stop.kept = last_good(run.saved)
+            if on_step is not None:
+                on_step(run.history)
+            if stopping:
+                why = (f"after {signal.Signals(stop.signum).name}" if stop.signum is not None
+                       else f"at --stop-at {tc.stop_at}")
+                bar.close()
+                log(f"stopped {why}, step {run.step} of {tc.max_steps}, saved in {run.run_dir / 'latest.pt'}; "
+                    f"continue with: {resume_command(run.run_dir, rt)}")
+                run.history["stopped"] = why
+                break
+    bar.close()
+
+
+def history_record(run: Run, stats: dict, load: torch.Tensor, **speed) -> dict:
+    """One entry of training_history.json: what train_step measured, the tokens and time so far, and per MoE layer
+    the step's load (each expert's share of the tokens), its MaxVio and the router's entropy (nats, on the step's
+    last micro-batch). load (L, E)."""
+    layers = [str(i) for i in run.config.moe_layer_ids]
+    return {**stats, "tokens": run.step * run.tokens_per_step, "seconds": run.seconds, **speed,
+            "expert_load": dict(zip(layers, (load / load.sum(-1, keepdim=True).clamp_min(1)).tolist())),
+            "max_vio": dict(zip(layers, max_violation(load).tolist())),
+            "router_entropy": {str(i): s.router_entropy.item() for i, s in run.model.routing_stats().items()}}
+
+
+# --- Settings -----------------------------------------------------------------
+# Every setting of a run, with its meaning, unit and source; each one is also
+# a flag of `h64lm.py train` (section 21).
+
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 DEVICES = ("auto", "cpu", "cuda")
@@ -1922,6 +2293,24 @@ TRAIN_RECIPES: dict[str, dict] = {
     "small": dict(batch_size=16, grad_accum=2, max_steps=3000, lr=1e-3, min_lr=1e-4, warmup_steps=100),
     "h64lm": dict(),
 }
+
+
+# -----------------------------------------------------------------------------
+# 16. Runs and checkpoints
+# -----------------------------------------------------------------------------
+# A run is a folder under --out-dir: its checkpoints, its history and its
+# plots. Device and precision are decided once: bf16 autocast on CUDA
+# (weights and optimizer state stay float32), fp16 with a gradient scaler if
+# asked, float32 on CPU. Several processes are started by torchrun, which
+# sets RANK, WORLD_SIZE and LOCAL_RANK; each process takes its share of every
+# batch, DistributedDataParallel averages the gradients, and rank 0 alone
+# prints and saves. A run survives being stopped: its checkpoint holds all it
+# needs to go on exactly, and the guards at the end of the section keep its
+# promises when things go wrong.
+
+
+# --- Where a run runs ---------------------------------------------------------
+
 
 # Dense bf16 peak of common GPUs, in FLOP/s, for model FLOP utilisation (vendor data sheets, without sparsity).
 # The first name found in the device's name wins, so the PCIe and NVL cards, which run at lower clocks and power
@@ -2033,110 +2422,164 @@ def compile_blocks(model: H64LM) -> H64LM:
     return model
 
 
-def make_optimizer(model: nn.Module, tc: TrainConfig, device: torch.device, log=None) -> torch.optim.Optimizer:
-    """The optimizer tc.optimizer names, with weight decay on matrices (and the stacked expert matrices) only:
-    decaying norm gains pulls them towards 0, which is not the prior we want for a scale.
-
-    adamw: AdamW (Loshchilov & Hutter 2019) for everything. fused=True runs the whole update as one kernel per
-    dtype and device, on CPU too (PyTorch 2.4+), instead of a loop over the parameters.
-
-    muon: Muon (Jordan et al. 2024) for the matrices inside the blocks (attention, dense and shared MLPs, and each
-    expert's three), AdamW for the embeddings, the LM head, the norms and the routers, as Muon's authors advise:
-    the first and last layers and the scalars are not hidden linear maps. Muon uses Moonshot's scaling (Liu et al.
-    2025, "Muon is Scalable for LLM Training", section 2.2: the update's RMS matched to AdamW's, 0.2 * sqrt(max(A,
-    B))), so that both take the same learning rate, schedule and weight decay; `log` gets the split."""
-    adamw = dict(lr=tc.lr, betas=(tc.beta1, tc.beta2), fused=True)
-    if tc.optimizer == "adamw":
-        return torch.optim.AdamW(decay_groups(list(model.parameters()), tc.weight_decay), **adamw)
-    hidden, rest = [], []
-    for name, p in model.named_parameters():
-        is_hidden = p.dim() >= 2 and not any(part in name for part in ("embed", "lm_head", "router"))
-        (hidden if is_hidden else rest).append(p)
-    if log is not None:
-        log(f"optimizer: Muon for {len(hidden)} hidden matrices ({sum(p.numel() for p in hidden):,} parameters; a "
-            f"stacked expert tensor is orthogonalised one expert at a time), AdamW for the embeddings, LM head, norms "
-            f"and routers ({sum(p.numel() for p in rest):,} parameters)")
-    return Optimizers(adamw=torch.optim.AdamW(decay_groups(rest, tc.weight_decay), **adamw),
-                      muon=ExpertMuon(hidden, lr=tc.lr, weight_decay=tc.weight_decay, adjust_lr_fn="match_rms_adamw"))
+# --- Starting and resuming ----------------------------------------------------
+# start_run turns settings into a Run (data, model, optimizer), and when
+# resuming puts a checkpoint's state back into it (restore_run); save_run
+# writes it out.
 
 
-def decay_groups(params: list[nn.Parameter], weight_decay: float) -> list[dict]:
-    """Two parameter groups: matrices with weight decay, vectors (norm gains) without."""
-    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+def load_run_data(config: H64LMConfig, tc: TrainConfig, rt: Runtime, seq_len: int, log):
+    """The tokenizer, the text source and its splits as tokens, checked to be big enough for one batch."""
+    tokenizer = load_tokenizer(tc.tokenizer)
+    check_vocab(tokenizer, config)
+    source, splits = rank0_first(rt, lambda: load_token_splits(tc.data, tokenizer, tc.cache_dir, log=log))
+    windows = PackedWindows(splits["train"].tokens, seq_len).count
+    global_batch = tc.batch_size * tc.grad_accum * rt.world_size
+    if windows < global_batch:
+        raise H64LMError(f"The training split has {windows} windows of {seq_len} tokens, fewer than one batch "
+                         f"({global_batch}); lower --batch-size or --seq-len.")
+    if PackedWindows(splits["valid"].tokens, seq_len).count < 1:
+        raise H64LMError(f"The validation split has fewer than {seq_len + 1} tokens; give it more text or lower "
+                         "--seq-len.")
+    log(f"data: {source.name}: {len(splits['train'].tokens):,} training tokens, "
+        f"{len(splits['valid'].tokens):,} validation tokens"
+        + ("" if tc.data == "wikitext-103" else "; --data wikitext-103 insists on WikiText-103"))
+    return tokenizer, source, splits
 
 
-class ExpertMuon(torch.optim.Muon):
-    """torch.optim.Muon, which orthogonalises 2-D matrices only, taught the stacked expert tensors.
-
-    An (E, in, out) tensor holds E matrices, and a mixed update would be wrong: Newton-Schulz on the stack as one
-    matrix would tie the experts together. So each expert's slice is handed to torch's own update as the (out, in)
-    matrix an nn.Linear would hold (a transposed view, updated in place), with the matching slice of one (E, in,
-    out) momentum buffer: each expert's step is exactly torch's Muon step on that expert's matrix alone (a test
-    compares them)."""
-
-    def __init__(self, params, **options):
-        # torch's constructor refuses anything but 2-D parameters; its checked defaults come from a stand-in.
-        defaults = torch.optim.Muon([torch.zeros(1, 1, requires_grad=True)], **options).defaults
-        torch.optim.Optimizer.__init__(self, params, defaults)
-
-    def _init_group(self, group, params_with_grad, grads, muon_momentum_bufs) -> bool:
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            state = self.state[p]
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
-            buf = state["momentum_buffer"]
-            if p.dim() == 2:
-                params_with_grad.append(p)
-                grads.append(p.grad)
-                muon_momentum_bufs.append(buf)
-            else:  # (E, in, out): E matrices (out, in), views of the stack
-                params_with_grad.extend(p[e].mT for e in range(p.shape[0]))
-                grads.extend(p.grad[e].mT for e in range(p.shape[0]))
-                muon_momentum_bufs.extend(buf[e].mT for e in range(p.shape[0]))
-        return False  # no complex parameters
+# How long the other processes wait for rank 0 to tokenize a text (rank0_first). The first run on WikiText-103
+# tokenizes 540 MB of text for minutes; NCCL's watchdog aborts a collective after 10 minutes, and gloo's default
+# is 30. If rank 0 fails instead, torchrun stops the others at once, so a long wait costs nothing then.
+TOKENIZE_WAIT = datetime.timedelta(hours=4)
 
 
-class Optimizers:
-    """Several optimizers used as one (Muon's and AdamW's; PyTorch has no such wrapper): their parameter groups in
-    one list, so that the learning-rate schedule reaches all of them; one step, one zero_grad, one state_dict.
-    param_groups and state are gathered anew at each use, as load_state_dict replaces an optimizer's lists."""
-
-    def __init__(self, **named: torch.optim.Optimizer):
-        self.named = named
-
-    @property
-    def param_groups(self) -> list[dict]:
-        return [group for opt in self.named.values() for group in opt.param_groups]
-
-    @property
-    def state(self) -> dict:
-        return {p: s for opt in self.named.values() for p, s in opt.state.items()}
-
-    def step(self) -> None:
-        for opt in self.named.values():
-            opt.step()
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for opt in self.named.values():
-            opt.zero_grad(set_to_none=set_to_none)
-
-    def state_dict(self) -> dict:
-        return {name: opt.state_dict() for name, opt in self.named.items()}
-
-    def load_state_dict(self, state: dict) -> None:
-        for name, opt in self.named.items():
-            opt.load_state_dict(state[name])
+def rank0_first(rt: Runtime, fn: Callable[[], object]):
+    """fn() on rank 0, then on the others: rank 0 tokenizes and fills the cache, and the others read it, so the
+    work is done once. They wait in a barrier of their own, on gloo with a TOKENIZE_WAIT timeout, not on NCCL."""
+    if rt.world_size == 1:
+        return fn()
+    group = torch.distributed.new_group(backend="gloo", timeout=TOKENIZE_WAIT)
+    if not rt.master:
+        torch.distributed.barrier(group=group)
+    result = fn()
+    if rt.master:
+        torch.distributed.barrier(group=group)
+    torch.distributed.destroy_process_group(group)
+    return result
 
 
-def learning_rate(step: int, tc: TrainConfig) -> float:
-    """Linear warm-up to lr over warmup_steps, then cosine decay to min_lr at max_steps (Loshchilov & Hutter 2017)."""
-    if step < tc.warmup_steps:
-        return tc.lr * (step + 1) / tc.warmup_steps
-    progress = min(1.0, (step - tc.warmup_steps) / max(1, tc.max_steps - tc.warmup_steps))
-    return tc.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (tc.lr - tc.min_lr)
+def start_run(config: H64LMConfig, tc: TrainConfig, rt: Runtime, run_dir: Path, resume: Path | None = None,
+              ckpt: dict | None = None, allow_mismatch: bool = False, log=print) -> Run:
+    """Everything a run needs before its first step: data, model, optimizer, and, when resuming, the state of the
+    checkpoint ckpt read from resume (read once, by the caller). Seeds so that a run is a function of its settings."""
+    seq_len = tc.seq_len or config.max_position_embeddings
+    check_seq_len(seq_len, config, remedy="lower it or raise --max-position-embeddings")
+    if ckpt is not None and _config_of(ckpt, resume).to_dict() != config.to_dict():
+        changed = [k for k, v in config.to_dict().items() if ckpt["config"].get(k) != v]
+        raise H64LMError(f"The run in {resume} is a different model ({', '.join(changed)} differ); resume it with "
+                         "its own settings, or start a new --run-name.")
+    weights = checked_weights(ckpt, config, resume) if ckpt is not None else None
+    check_fits(config, rt.device)
+    random.seed(tc.seed)
+    np.random.seed(tc.seed)
+    torch.manual_seed(tc.seed + rt.rank)  # each rank its own stream: router jitter differs per rank
+    tokenizer, source, splits = load_run_data(config, tc, rt, seq_len, log)
+    if ckpt is not None and not allow_mismatch:
+        check_trained_with(ckpt, resume, tokenizer, source)
+
+    with torch.random.fork_rng(devices=[rt.device] if rt.device.type == "cuda" else []):
+        torch.manual_seed(tc.seed)  # the same initial weights on every rank, drawn aside from the rank's stream
+        model = H64LM(config).to(rt.device)
+    model.gradient_checkpointing = tc.gradient_checkpointing
+    run = Run(config=config, tc=tc, rt=rt, run_dir=run_dir, model=model, step_model=step_model_of(model, tc, rt),
+              optimizer=make_optimizer(model, tc, rt.device, log), scaler=grad_scaler(rt),
+              windows=PackedWindows(splits["train"].tokens, seq_len), valid_tokens=splits["valid"].tokens,
+              seq_len=seq_len, provenance=provenance(tokenizer, source),
+              history={"config": config.to_dict(), "train_config": asdict(tc), "train": [], "val": []})
+    if ckpt is not None:
+        model.load_state_dict(weights)
+        restore_run(run, ckpt, resume, log)  # last, so that nothing above draws from the restored generators
+    else:
+        log(model.parameter_table(seq_len))
+    if run.step >= tc.max_steps:
+        raise H64LMError(f"The run in {run_dir} already finished its {tc.max_steps} steps; raise --max-steps to "
+                         "train it further.")
+    return run
+
+
+def step_model_of(model: H64LM, tc: TrainConfig, rt: Runtime) -> nn.Module:
+    """What a training step calls: the model, its blocks compiled if asked, in DDP under torchrun."""
+    step_model = compile_blocks(model) if tc.compile else model
+    if rt.world_size > 1:
+        step_model = nn.parallel.DistributedDataParallel(step_model, device_ids=None if rt.device.type == "cpu"
+                                                         else [rt.device.index])
+    return step_model
+
+
+def grad_scaler(rt: Runtime) -> torch.amp.GradScaler:
+    """fp16's gradient scaler (Micikevicius et al. 2018): off in bf16 and float32, whose range needs none."""
+    return torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)
+
+
+def restore_run(run: Run, ckpt: dict, resume: Path, log) -> None:
+    """Put a checkpoint's training state into a fresh run: the optimizer, the gradient scaler, step, best validation
+    loss, history, and every process's random generators, so that the run goes on exactly as if it had not stopped."""
+    try:
+        was = TrainConfig(**ckpt["train_config"])
+        if was.optimizer != run.tc.optimizer:
+            raise H64LMError(f"The run in {resume} was trained with --optimizer {was.optimizer}, whose state does "
+                             f"not fit {run.tc.optimizer}; resume it with --optimizer {was.optimizer}, or start a "
+                             "new --run-name.")
+        run.optimizer.load_state_dict(ckpt["optimizer"])
+        run.scaler.load_state_dict(ckpt["scaler"])
+        run.step, run.best_val, run.seconds = ckpt["step"], ckpt["best_val_loss"], ckpt.get("seconds", 0.0)
+        run.history["train"] = [r for r in ckpt["history"]["train"] if r["step"] < run.step]
+        run.history["val"] = [r for r in ckpt["history"]["val"] if r["step"] <= run.step]
+        states = ckpt["rng"]
+    except (KeyError, TypeError, ValueError):
+        raise H64LMError(f"{resume} holds the weights but not a whole training state (its optimizer state or "
+                         "history is missing or damaged); start a new run from scratch.") from None
+    run.saved = (Path(resume), run.step)
+    log(f"resuming {run.run_dir} from step {run.step} of {run.tc.max_steps}")
+    if was.max_steps != run.tc.max_steps:
+        log(f"--max-steps {run.tc.max_steps} (was {was.max_steps}): the cosine schedule now ends at step "
+            f"{run.tc.max_steps}, so the learning rate goes from {learning_rate(run.step - 1, was):.2e} to "
+            f"{learning_rate(run.step, run.tc):.2e} at step {run.step}")
+    if len(states) != run.rt.world_size:
+        warnings.warn(f"The run was saved by {len(states)} processes and goes on with {run.rt.world_size}; the "
+                      "random state (router jitter only) is not continued exactly.")
+    set_rng_state(states[run.rt.rank % len(states)])
+
+
+def save_run(run: Run, val_loss: float | None = None) -> None:
+    """latest.pt (and best.pt when val_loss is the best so far), the history and the plots, for the steps done.
+    Nothing non-finite reaches the disk: a finite loss can be followed by a step that broke the weights."""
+    if (broken := nonfinite_state(run.model, run.optimizer)) is not None:
+        raise diverged(broken, run.step - 1, run)
+    # Every process's random state travels with the checkpoint, gathered on rank 0.
+    states = [None] * run.rt.world_size
+    if run.rt.world_size > 1:
+        torch.distributed.all_gather_object(states, rng_state())
+    else:
+        states = [rng_state()]
+    payload = {"model": run.model.state_dict(), "config": run.config.to_dict(), "train_config": asdict(run.tc),
+               "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(), "step": run.step,
+               "tokens_seen": run.step * run.tokens_per_step, "best_val_loss": run.best_val, "val_loss": val_loss,
+               "history": run.history, "rng": states, "world_size": run.rt.world_size, "seconds": run.seconds,
+               **run.provenance}
+    best = val_loss is not None and val_loss <= run.best_val
+    on_rank0(run.rt, lambda: write_run_files(run.run_dir, payload, run.history, best))
+    run.saved = (run.run_dir / "latest.pt", run.step)
+
+
+def write_run_files(run_dir: Path, payload: dict, history: dict, best: bool) -> None:
+    """latest.pt, best.pt when the validation loss is the best so far, the history and the plots (rank 0)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(run_dir / "latest.pt", payload)
+    if best:
+        save_checkpoint(run_dir / "best.pt", payload)
+    write_atomically(run_dir / "training_history.json", lambda tmp: tmp.write_text(json.dumps(history, indent=1)))
+    save_plots(history, run_dir)
 
 
 # --- Checkpoints --------------------------------------------------------------
@@ -2154,7 +2597,6 @@ def learning_rate(step: int, tc: TrainConfig) -> float:
 #
 # For sharing, `h64lm.py export` writes just the weights as safetensors plus the
 # config as JSON; load_checkpoint reads that form too.
-
 CHECKPOINT_FORMAT = "h64lm-checkpoint"
 CHECKPOINT_VERSION = 1
 
@@ -2425,7 +2867,6 @@ def save_plots(history: dict, folder: Path) -> None:
 # folder, a signal answered at once and saved on, errors agreed on by every
 # process, a model refused when it cannot fit, and a run that stops, naming
 # its last good checkpoint, before a non-finite number reaches the disk.
-
 RUN_FILES = ("latest.pt", "best.pt", "training_history.json", "loss.png", "lr.png", "expert_load.png")
 
 
@@ -2595,421 +3036,8 @@ def diverged(what: str, step: int, run: Run) -> H64LMError:
     return H64LMError(f"{what} became NaN or infinite at step {step}, so nothing from that step on was saved; "
                       f"{last_good(run.saved)}; {then}.")
 
-
-# --- The loop -----------------------------------------------------------------
-
-@dataclass
-class Run:
-    """What a training run holds from one step to the next (start_run makes it; train_step and save_run use it)."""
-    config: H64LMConfig
-    tc: TrainConfig
-    rt: Runtime
-    run_dir: Path
-    model: H64LM  # the plain model, whose weights are saved
-    step_model: nn.Module  # what a step calls: the model, compiled and/or wrapped in DDP as asked
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
-    windows: PackedWindows  # the training split's windows
-    valid_tokens: np.ndarray
-    seq_len: int
-    provenance: dict  # the tokenizer and text it trains on (see check_trained_with)
-    history: dict
-    step: int = 0  # optimizer steps done
-    best_val: float = float("inf")
-    saved: tuple[Path, int] | None = None  # (path, step) of the last checkpoint written or resumed from
-    seconds: float = 0.0  # wall-clock of the training loop (steps, validations, saves), resumed runs included
-
-    @property
-    def global_batch(self) -> int:  # sequences per optimizer step, over every process
-        return self.tc.batch_size * self.tc.grad_accum * self.rt.world_size
-
-    @property
-    def tokens_per_step(self) -> int:
-        return self.global_batch * self.seq_len
-
-
-def load_run_data(config: H64LMConfig, tc: TrainConfig, rt: Runtime, seq_len: int, log):
-    """The tokenizer, the text source and its splits as tokens, checked to be big enough for one batch."""
-    tokenizer = load_tokenizer(tc.tokenizer)
-    check_vocab(tokenizer, config)
-    source, splits = rank0_first(rt, lambda: load_token_splits(tc.data, tokenizer, tc.cache_dir, log=log))
-    windows = PackedWindows(splits["train"].tokens, seq_len).count
-    global_batch = tc.batch_size * tc.grad_accum * rt.world_size
-    if windows < global_batch:
-        raise H64LMError(f"The training split has {windows} windows of {seq_len} tokens, fewer than one batch "
-                         f"({global_batch}); lower --batch-size or --seq-len.")
-    if PackedWindows(splits["valid"].tokens, seq_len).count < 1:
-        raise H64LMError(f"The validation split has fewer than {seq_len + 1} tokens; give it more text or lower "
-                         "--seq-len.")
-    log(f"data: {source.name}: {len(splits['train'].tokens):,} training tokens, "
-        f"{len(splits['valid'].tokens):,} validation tokens"
-        + ("" if tc.data == "wikitext-103" else "; --data wikitext-103 insists on WikiText-103"))
-    return tokenizer, source, splits
-
-
-# How long the other processes wait for rank 0 to tokenize a text (rank0_first). The first run on WikiText-103
-# tokenizes 540 MB of text for minutes; NCCL's watchdog aborts a collective after 10 minutes, and gloo's default
-# is 30. If rank 0 fails instead, torchrun stops the others at once, so a long wait costs nothing then.
-TOKENIZE_WAIT = datetime.timedelta(hours=4)
-
-
-def rank0_first(rt: Runtime, fn: Callable[[], object]):
-    """fn() on rank 0, then on the others: rank 0 tokenizes and fills the cache, and the others read it, so the
-    work is done once. They wait in a barrier of their own, on gloo with a TOKENIZE_WAIT timeout, not on NCCL."""
-    if rt.world_size == 1:
-        return fn()
-    group = torch.distributed.new_group(backend="gloo", timeout=TOKENIZE_WAIT)
-    if not rt.master:
-        torch.distributed.barrier(group=group)
-    result = fn()
-    if rt.master:
-        torch.distributed.barrier(group=group)
-    torch.distributed.destroy_process_group(group)
-    return result
-
-
-def start_run(config: H64LMConfig, tc: TrainConfig, rt: Runtime, run_dir: Path, resume: Path | None = None,
-              ckpt: dict | None = None, allow_mismatch: bool = False, log=print) -> Run:
-    """Everything a run needs before its first step: data, model, optimizer, and, when resuming, the state of the
-    checkpoint ckpt read from resume (read once, by the caller). Seeds so that a run is a function of its settings."""
-    seq_len = tc.seq_len or config.max_position_embeddings
-    check_seq_len(seq_len, config, remedy="lower it or raise --max-position-embeddings")
-    if ckpt is not None and _config_of(ckpt, resume).to_dict() != config.to_dict():
-        changed = [k for k, v in config.to_dict().items() if ckpt["config"].get(k) != v]
-        raise H64LMError(f"The run in {resume} is a different model ({', '.join(changed)} differ); resume it with "
-                         "its own settings, or start a new --run-name.")
-    weights = checked_weights(ckpt, config, resume) if ckpt is not None else None
-    check_fits(config, rt.device)
-    random.seed(tc.seed)
-    np.random.seed(tc.seed)
-    torch.manual_seed(tc.seed + rt.rank)  # each rank its own stream: router jitter differs per rank
-    tokenizer, source, splits = load_run_data(config, tc, rt, seq_len, log)
-    if ckpt is not None and not allow_mismatch:
-        check_trained_with(ckpt, resume, tokenizer, source)
-
-    with torch.random.fork_rng(devices=[rt.device] if rt.device.type == "cuda" else []):
-        torch.manual_seed(tc.seed)  # the same initial weights on every rank, drawn aside from the rank's stream
-        model = H64LM(config).to(rt.device)
-    model.gradient_checkpointing = tc.gradient_checkpointing
-    run = Run(config=config, tc=tc, rt=rt, run_dir=run_dir, model=model, step_model=step_model_of(model, tc, rt),
-              optimizer=make_optimizer(model, tc, rt.device, log), scaler=grad_scaler(rt),
-              windows=PackedWindows(splits["train"].tokens, seq_len), valid_tokens=splits["valid"].tokens,
-              seq_len=seq_len, provenance=provenance(tokenizer, source),
-              history={"config": config.to_dict(), "train_config": asdict(tc), "train": [], "val": []})
-    if ckpt is not None:
-        model.load_state_dict(weights)
-        restore_run(run, ckpt, resume, log)  # last, so that nothing above draws from the restored generators
-    else:
-        log(model.parameter_table(seq_len))
-    if run.step >= tc.max_steps:
-        raise H64LMError(f"The run in {run_dir} already finished its {tc.max_steps} steps; raise --max-steps to "
-                         "train it further.")
-    return run
-
-
-def step_model_of(model: H64LM, tc: TrainConfig, rt: Runtime) -> nn.Module:
-    """What a training step calls: the model, its blocks compiled if asked, in DDP under torchrun."""
-    step_model = compile_blocks(model) if tc.compile else model
-    if rt.world_size > 1:
-        step_model = nn.parallel.DistributedDataParallel(step_model, device_ids=None if rt.device.type == "cpu"
-                                                         else [rt.device.index])
-    return step_model
-
-
-def grad_scaler(rt: Runtime) -> torch.amp.GradScaler:
-    """fp16's gradient scaler (Micikevicius et al. 2018): off in bf16 and float32, whose range needs none."""
-    return torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)
-
-
-def restore_run(run: Run, ckpt: dict, resume: Path, log) -> None:
-    """Put a checkpoint's training state into a fresh run: the optimizer, the gradient scaler, step, best validation
-    loss, history, and every process's random generators, so that the run goes on exactly as if it had not stopped."""
-    try:
-        was = TrainConfig(**ckpt["train_config"])
-        if was.optimizer != run.tc.optimizer:
-            raise H64LMError(f"The run in {resume} was trained with --optimizer {was.optimizer}, whose state does "
-                             f"not fit {run.tc.optimizer}; resume it with --optimizer {was.optimizer}, or start a "
-                             "new --run-name.")
-        run.optimizer.load_state_dict(ckpt["optimizer"])
-        run.scaler.load_state_dict(ckpt["scaler"])
-        run.step, run.best_val, run.seconds = ckpt["step"], ckpt["best_val_loss"], ckpt.get("seconds", 0.0)
-        run.history["train"] = [r for r in ckpt["history"]["train"] if r["step"] < run.step]
-        run.history["val"] = [r for r in ckpt["history"]["val"] if r["step"] <= run.step]
-        states = ckpt["rng"]
-    except (KeyError, TypeError, ValueError):
-        raise H64LMError(f"{resume} holds the weights but not a whole training state (its optimizer state or "
-                         "history is missing or damaged); start a new run from scratch.") from None
-    run.saved = (Path(resume), run.step)
-    log(f"resuming {run.run_dir} from step {run.step} of {run.tc.max_steps}")
-    if was.max_steps != run.tc.max_steps:
-        log(f"--max-steps {run.tc.max_steps} (was {was.max_steps}): the cosine schedule now ends at step "
-            f"{run.tc.max_steps}, so the learning rate goes from {learning_rate(run.step - 1, was):.2e} to "
-            f"{learning_rate(run.step, run.tc):.2e} at step {run.step}")
-    if len(states) != run.rt.world_size:
-        warnings.warn(f"The run was saved by {len(states)} processes and goes on with {run.rt.world_size}; the "
-                      "random state (router jitter only) is not continued exactly.")
-    set_rng_state(states[run.rt.rank % len(states)])
-
-
-def train_step(run: Run, step: int) -> dict:
-    """Optimizer step `step`: set its learning rate, forward and backward over grad_accum micro-batches (the loss
-    divided by grad_accum, so that the gradient is the mean over the whole batch; DDP averages it over the
-    processes on the last micro-batch), check that the loss and the gradient are finite before they touch the
-    weights, clip the gradient norm, step the optimizer. Returns what it measured, averaged over all processes."""
-    tc, rt, model = run.tc, run.rt, run.step_model
-    lr = learning_rate(step, tc)
-    for group in run.optimizer.param_groups:
-        group["lr"] = lr
-    indices = train_window_indices(step, run.global_batch, run.windows.count, tc.seed)
-    moe = list(run.model.moe_layers().values())
-    if run.config.balance == "global" and tc.grad_accum * rt.world_size > 1:
-        for layer, f in zip(moe, step_fractions(run, indices)):
-            layer.step_f = f  # (E,) used by every micro-batch's loss below
-    sums = torch.zeros(3, device=rt.device)  # lm loss, balance loss, z-loss
-    load = torch.zeros(len(moe), run.config.num_experts, device=rt.device)  # (L, E) tokens choosing each expert
-    for micro in range(tc.grad_accum):
-        x, y = micro_batch(run, indices, micro)  # (B, T) each
-        last = micro == tc.grad_accum - 1
-        with (model.no_sync() if rt.world_size > 1 and not last else contextlib.nullcontext()), rt.autocast():
-            out = model(x, y)
-        run.scaler.scale(out.loss / tc.grad_accum).backward()
-        sums += torch.stack([out.lm_loss, out.aux_loss, out.z_loss]).detach() / tc.grad_accum
-        load += torch.stack([layer.stats.load for layer in moe]) if moe else 0
-    if rt.world_size > 1:
-        torch.distributed.all_reduce(sums)
-        sums /= rt.world_size
-        torch.distributed.all_reduce(load)  # the whole step's load, the same on every process
-    run.scaler.unscale_(run.optimizer)
-    grad_norm = nn.utils.clip_grad_norm_(run.model.parameters(), tc.grad_clip or float("inf")).item()
-    lm_loss, aux_loss, z_loss = sums.tolist()
-    if not all(map(math.isfinite, (lm_loss, aux_loss, z_loss))):
-        raise diverged("The loss", step, run)
-    if not math.isfinite(grad_norm) and not run.scaler.is_enabled():  # with fp16 the scaler skips such a step
-        raise diverged("The gradient norm", step, run)
-    run.scaler.step(run.optimizer)
-    run.scaler.update()
-    run.optimizer.zero_grad(set_to_none=True)
-    for layer, layer_load in zip(moe, load):
-        layer.step_f = None
-        if layer.balance_bias is not None:  # aux_free: the bias moves after the step, from the step's load
-            layer.balance_bias.copy_(updated_bias(layer.balance_bias, layer_load, run.config.bias_update_rate))
-    run.step = step + 1
-    return {"step": step, "lm_loss": lm_loss, "aux_loss": aux_loss, "z_loss": z_loss, "lr": lr,
-            "grad_norm": grad_norm, "load": load}
-
-
-def micro_batch(run: Run, indices: list[int], micro: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """This process's share of micro-batch `micro` of a step whose windows are `indices`: inputs and targets
-    (B, T), on the device."""
-    tc, rt = run.tc, run.rt
-    first = (micro * rt.world_size + rt.rank) * tc.batch_size
-    x, y = run.windows.batch(indices[first:first + tc.batch_size])
-    return x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
-
-
-@torch.no_grad()
-def step_fractions(run: Run, indices: list[int]) -> torch.Tensor:
-    """balance='global': f for each MoE layer, counted over the whole step (every micro-batch of every process)
-    before any loss is formed, (L, E). It costs one forward pass per micro-batch without backward, about a third
-    of a step, and is needed only when the step has more than one micro-batch or process. The random state is
-    put back, so that router jitter draws the same noise in the step itself."""
-    model = run.step_model.module if isinstance(run.step_model, nn.parallel.DistributedDataParallel) \
-        else run.step_model
-    moe = list(run.model.moe_layers().values())
-    load = torch.zeros(len(moe), run.config.num_experts, device=run.rt.device)
-    with torch.random.fork_rng(devices=[run.rt.device] if run.rt.device.type == "cuda" else []):
-        for micro in range(run.tc.grad_accum):
-            x, y = micro_batch(run, indices, micro)
-            with run.rt.autocast():
-                model(x, y)
-            load += torch.stack([layer.stats.load for layer in moe])
-    if run.rt.world_size > 1:
-        torch.distributed.all_reduce(load)
-    return load / run.tokens_per_step
-
-
-@torch.no_grad()
-def evaluate(model: H64LM, tokens: np.ndarray, seq_len: int, batch_size: int, rt: Runtime,
-             max_batches: int | None = None, progress: bool = False) -> tuple[float, int]:
-    """Summed next-token NLL (nats) and the number of predicted tokens over non-overlapping windows of the
-    token array, in order; each process takes every world_size-th batch and the sums are all-reduced.
-    With max_batches=None every token after the first is predicted exactly once. progress: a bar on stderr."""
-    from tqdm.auto import tqdm
-
-    was_training = model.training
-    model.eval()
-    windows = PackedWindows(tokens, seq_len)
-    starts = list(range(0, windows.count, batch_size))[: max_batches]
-    total = torch.zeros(2, dtype=torch.float64, device=rt.device)  # (NLL, tokens)
-    mine = starts[rt.rank::rt.world_size]
-    for start in tqdm(mine, desc="evaluating", unit="batch", leave=False, disable=not (progress and rt.master)):
-        x, y = windows.batch(range(start, min(start + batch_size, windows.count)))
-        x, y = x.to(rt.device), y.to(rt.device)
-        with rt.autocast():
-            logits = model(x).logits
-        total[0] += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").double()
-        total[1] += y.numel()
-    # The tokens after the last full window: one more window that ends at the last token, scoring only them.
-    tail = len(tokens) - 1 - windows.count * seq_len
-    if tail > 0 and max_batches is None and rt.master:
-        span = min(seq_len, len(tokens) - 1)
-        x = torch.from_numpy(tokens[-span - 1:-1].astype(np.int64))[None].to(rt.device)  # (1, span)
-        y = torch.from_numpy(tokens[-span:].astype(np.int64))[None].to(rt.device)
-        with rt.autocast():
-            logits = model(x).logits[:, -tail:]
-        total[0] += F.cross_entropy(logits.float().flatten(0, 1), y[:, -tail:].flatten(), reduction="sum").double()
-        total[1] += tail
-    if rt.world_size > 1:
-        torch.distributed.all_reduce(total)
-    model.train(was_training)
-    return total[0].item(), int(total[1].item())
-
-
-def validate(run: Run) -> float:
-    """The validation loss on eval_batches batches, recorded in the history (and the best so far kept)."""
-    nll, count = evaluate(run.model, run.valid_tokens, run.seq_len, run.tc.batch_size, run.rt, run.tc.eval_batches)
-    val_loss = nll / count
-    if not math.isfinite(val_loss):
-        raise diverged("The validation loss", run.step - 1, run)
-    run.best_val = min(run.best_val, val_loss)
-    run.history["val"].append({"step": run.step, "loss": val_loss, "ppl": math.exp(min(val_loss, 50)),
-                               "tokens": run.step * run.tokens_per_step, "seconds": run.seconds})
-    return val_loss
-
-
-def save_run(run: Run, val_loss: float | None = None) -> None:
-    """latest.pt (and best.pt when val_loss is the best so far), the history and the plots, for the steps done.
-    Nothing non-finite reaches the disk: a finite loss can be followed by a step that broke the weights."""
-    if (broken := nonfinite_state(run.model, run.optimizer)) is not None:
-        raise diverged(broken, run.step - 1, run)
-    # Every process's random state travels with the checkpoint, gathered on rank 0.
-    states = [None] * run.rt.world_size
-    if run.rt.world_size > 1:
-        torch.distributed.all_gather_object(states, rng_state())
-    else:
-        states = [rng_state()]
-    payload = {"model": run.model.state_dict(), "config": run.config.to_dict(), "train_config": asdict(run.tc),
-               "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(), "step": run.step,
-               "tokens_seen": run.step * run.tokens_per_step, "best_val_loss": run.best_val, "val_loss": val_loss,
-               "history": run.history, "rng": states, "world_size": run.rt.world_size, "seconds": run.seconds,
-               **run.provenance}
-    best = val_loss is not None and val_loss <= run.best_val
-    on_rank0(run.rt, lambda: write_run_files(run.run_dir, payload, run.history, best))
-    run.saved = (run.run_dir / "latest.pt", run.step)
-
-
-def write_run_files(run_dir: Path, payload: dict, history: dict, best: bool) -> None:
-    """latest.pt, best.pt when the validation loss is the best so far, the history and the plots (rank 0)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(run_dir / "latest.pt", payload)
-    if best:
-        save_checkpoint(run_dir / "best.pt", payload)
-    write_atomically(run_dir / "training_history.json", lambda tmp: tmp.write_text(json.dumps(history, indent=1)))
-    save_plots(history, run_dir)
-
-
-def train(config: H64LMConfig, tc: TrainConfig, preset: str = "custom", resume: str | Path | None = None,
-          allow_mismatch: bool = False, ckpt: dict | None = None,
-          on_step: Callable[[dict], None] | None = None) -> dict:
-    """Pretrain a model, or continue the run saved at `resume` (ckpt: that checkpoint, if the caller has read it
-    already; train empties it once the run holds its state); return the run's history. Writes <out_dir>/<run>/
-    (rank 0 only), the folder at the first save. allow_mismatch: resume although the tokenizer or the text differ
-    from the checkpoint's. on_step(history) is called after every step, e.g. to draw the loss as it falls."""
-    rt = setup_runtime(tc.device, tc.precision)
-    log = print if rt.master else (lambda *a, **k: None)
-    run_dir = Path(tc.out_dir) / (tc.run_name or preset)
-    with contextlib.ExitStack() as cleanup:  # the run folder's lock, released however train() ends
-        held = on_rank0(rt, lambda: claim_run_dir(run_dir, resume, tc.overwrite, cleanup))
-        if resume is not None and ckpt is None:
-            ckpt = read_checkpoint(resume, rt.device)
-        run = start_run(config, tc, rt, run_dir, resume, ckpt, allow_mismatch, log)
-        if ckpt is not None:  # consumed: its tensors are copied into the run; at h64lm size they are 3 GB
-            ckpt.clear()
-        if rt.master and resume is None:
-            for name in held:  # --overwrite: the old run's files go, so none is mistaken for this run's
-                (run_dir / name).unlink()
-        train_loop(run, log, on_step)
-    if rt.world_size > 1:
-        torch.distributed.barrier()  # no process tears down gloo while another still uses it
-        torch.distributed.destroy_process_group()
-    return run.history
-
-
-def history_record(run: Run, stats: dict, load: torch.Tensor, **speed) -> dict:
-    """One entry of training_history.json: what train_step measured, the tokens and time so far, and per MoE layer
-    the step's load (each expert's share of the tokens), its MaxVio and the router's entropy (nats, on the step's
-    last micro-batch). load (L, E)."""
-    layers = [str(i) for i in run.config.moe_layer_ids]
-    return {**stats, "tokens": run.step * run.tokens_per_step, "seconds": run.seconds, **speed,
-            "expert_load": dict(zip(layers, (load / load.sum(-1, keepdim=True).clamp_min(1)).tolist())),
-            "max_vio": dict(zip(layers, max_violation(load).tolist())),
-            "router_entropy": {str(i): s.router_entropy.item() for i, s in run.model.routing_stats().items()}}
-
-
-def train_loop(run: Run, log, on_step: Callable[[dict], None] | None = None) -> None:
-    """Steps until max_steps or a stop, each one logged, and validated and saved as often as the TrainConfig
-    says; a SIGINT or SIGTERM, agreed on by all processes, saves and stops at the end of the step in flight."""
-    from tqdm.auto import tqdm
-
-    tc, rt = run.tc, run.rt
-    flops_per_token = run.model.flops_per_token(run.seq_len)
-    peak = peak_flops(rt.device) * rt.world_size  # every process's device, alike under torchrun
-    run.history["peak_flops"] = peak
-    warn_if_slow(flops_per_token * run.tokens_per_step / peak, tc.max_steps - run.step, rt.device, log)
-    quiet = {} if rt.master else {"disable": True}  # on rank 0 the bar obeys tqdm's own TQDM_DISABLE
-    bar = tqdm(range(run.step, tc.max_steps), desc="training", unit="step", dynamic_ncols=True, initial=run.step,
-               total=tc.max_steps, **quiet)
-    run.step_model.train()
-    t_last, window_load = time.perf_counter(), None  # window_load: (L, E) summed since the last validation
-    with stop_request(speak=rt.master) as stop:
-        stop.kept = last_good(run.saved)
-        for step in bar:
-            started = time.perf_counter()
-            stats = train_step(run, step)
-            now = time.perf_counter()
-            run.seconds, t_last = run.seconds + now - t_last, now  # validations and saves included
-            tokens_per_s = run.tokens_per_step / (now - started)  # the step alone: every process's tokens
-            mfu = tokens_per_s * flops_per_token / peak
-            load = stats.pop("load")  # (L, E)
-            balance = ({} if not len(load) else {"aux": f"{stats['aux_loss']:.3f}"} if stats["aux_loss"]
-                       else {"maxvio": f"{max_violation(load).mean():.2f}"})  # without a loss: how even the load is
-            bar.set_postfix(loss=f"{stats['lm_loss']:.3f}", **balance, lr=f"{stats['lr']:.2e}",
-                            tok_s=f"{tokens_per_s:,.0f}", mfu=f"{mfu:.1%}")
-            window_load = load if window_load is None else window_load + load
-            if step % tc.log_every == 0 or step == tc.max_steps - 1:
-                run.history["train"].append(history_record(run, stats, load, tokens_per_s=tokens_per_s, mfu=mfu))
-            signalled = torch.tensor(float(stop.signum is not None), device=rt.device)
-            if rt.world_size > 1:
-                torch.distributed.all_reduce(signalled)
-            stopping = bool(signalled) or run.step == tc.stop_at
-            val_loss = None
-            if run.step % tc.eval_every == 0 or run.step == tc.max_steps:
-                val_loss = validate(run)
-                flags = unbalanced_experts(window_load, run.config.moe_layer_ids)  # since the last validation
-                run.history["val"][-1]["routing_flags"], window_load = flags, None
-                if rt.master:
-                    tqdm.write(f"step {run.step}: validation loss {val_loss:.4f}, perplexity "
-                               f"{math.exp(min(val_loss, 50)):.2f}")
-                    for flag in flags:
-                        tqdm.write(f"  warning: {flag}")
-            if val_loss is not None or stopping or run.step % tc.save_every == 0:
-                save_run(run, val_loss)
-                stop.kept = last_good(run.saved)
-            if on_step is not None:
-                on_step(run.history)
-            if stopping:
-                why = (f"after {signal.Signals(stop.signum).name}" if stop.signum is not None
-                       else f"at --stop-at {tc.stop_at}")
-                bar.close()
-                log(f"stopped {why}, step {run.step} of {tc.max_steps}, saved in {run.run_dir / 'latest.pt'}; "
-                    f"continue with: {resume_command(run.run_dir, rt)}")
-                run.history["stopped"] = why
-                break
-    bar.close()
-
-
 # -----------------------------------------------------------------------------
-# 16. Evaluation
+# 17. Evaluation
 # -----------------------------------------------------------------------------
 # Perplexity is exp(mean NLL). Per token it depends on the tokenizer, so papers
 # on WikiText-103 report it per word instead: the split's total NLL divided by
@@ -3058,7 +3086,7 @@ def evaluate_checkpoint(ckpt: str | Path, data: str | None = None, split: str = 
 
 
 # -----------------------------------------------------------------------------
-# 17. Routing analysis
+# 18. Routing analysis
 # -----------------------------------------------------------------------------
 # What did the experts specialise in? Run texts of different kinds through the
 # model and count, per MoE layer, which experts their tokens were sent to. A
@@ -3377,7 +3405,7 @@ def save_study_plot(result: dict, path: Path) -> None:
 
 
 # -----------------------------------------------------------------------------
-# 18. Sharing the model: transformers
+# 19. Sharing the model: transformers
 # -----------------------------------------------------------------------------
 # The tools that evaluate and serve language models (lm-evaluation-harness, a
 # plain transformers script, vLLM) load a folder with
@@ -3577,7 +3605,7 @@ def export_transformers(path: str | Path, out: str | Path, tokenizer_path: str |
 
 
 # -----------------------------------------------------------------------------
-# 19. Benchmark
+# 20. Benchmark
 # -----------------------------------------------------------------------------
 # `h64lm.py bench` times what matters for pretraining and serving:
 #   - a training step (forward, backward, AdamW): tokens/s, model FLOPs per
@@ -3653,7 +3681,7 @@ def _peak_memory(device: torch.device) -> int:
 def bench(preset: str = "tiny", device: str = "auto", precision: str = "auto", seq_len: int | None = None,
           batch_size: int = 8, repeats: int = 10, decode_tokens: int = 32, compile: bool = False,
           **overrides) -> dict:
-    """Measure a training step, the MoE overhead and decoding, as section 19's header says."""
+    """Measure a training step, the MoE overhead and decoding, as section 20's header says."""
     rt = setup_runtime(device, precision)
     try:
         config = H64LMConfig.from_preset(preset, **overrides)
@@ -4095,7 +4123,7 @@ def doctor_verdict(report: dict) -> str:
     return f"doctor: {len(failed)} check{'s' if len(failed) > 1 else ''} failed: {'; '.join(failed)}"
 
 # -----------------------------------------------------------------------------
-# 20. Command line
+# 21. Command line
 # -----------------------------------------------------------------------------
 #   python h64lm.py train    [--preset tiny] [--data sample] [--max-steps 200] [--resume] ...
 #   python h64lm.py eval     --ckpt checkpoints/tiny [--split test] [--json]

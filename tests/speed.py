@@ -11,7 +11,7 @@ decoding (H64LM eager and compiled, section 13) against transformers' generate()
 SPEED_TARGETS on its shape in one process: graph breaks in the tiny training step, the MoE layer at the h64lm
 shape, the training step and decoding against transformers at the small shape, decoding at the tiny shape, and
 what compile_blocks gains. A ratio is the median of the repeats' ratios with the lowest and highest beside it, as
-h64lm's own bench (section 19) takes them. README, Speed, has the figures and what the --json keys mean.
+h64lm's own bench (section 20) takes them. README, Speed, has the figures and what the --json keys mean.
 """
 
 import argparse
