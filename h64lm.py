@@ -710,8 +710,9 @@ def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
 
 
 def max_violation(load: torch.Tensor) -> torch.Tensor:
-    """MaxVio (Wang et al. 2024, eq. 4): max_i load_i / mean load - 1; 0 when perfectly even. load (..., E)."""
-    load = load.float()
+    """MaxVio (Wang et al. 2024, eq. 4): max_i load_i / mean load - 1; 0 when perfectly even. load (..., E), counted
+    in float32 at least (float64 stays float64)."""
+    load = load.to(torch.promote_types(load.dtype, torch.float32))
     return load.amax(dim=-1) / load.mean(dim=-1).clamp_min(1e-9) - 1
 
 
@@ -926,7 +927,7 @@ class MoE(nn.Module):
         N, k = expert_ids.shape
         capacity = math.ceil(self.capacity_factor * N * k / self.num_experts)
         onehot = F.one_hot(expert_ids.reshape(-1), self.num_experts)  # (A, E), assignments in token order
-        rank = (onehot.cumsum(dim=0) * onehot).sum(dim=-1) - 1  # (A,) how many earlier assignments chose the same expert
+        rank = (onehot.cumsum(dim=0) * onehot).sum(dim=-1) - 1  # (A,) how many earlier assignments chose its expert
         return (rank < capacity).view(N, k)
 
     def forward(self, x: torch.Tensor, with_losses: bool = True) -> tuple[torch.Tensor, torch.Tensor | None,
@@ -1221,6 +1222,14 @@ class H64LM(nn.Module):
 
         if targets is None:
             return H64LMOutput(logits=self.lm_head(x))  # (B, T, V)
+        return self.loss_output(x, targets, router_losses)
+
+    def loss_output(self, x: torch.Tensor, targets: torch.Tensor,
+                    router_losses: list[tuple[torch.Tensor, torch.Tensor]]) -> H64LMOutput:
+        """The output of the final hidden states x (B, T, D) given targets (B, T): the LM loss (chunked, without
+        the logits, or plain) plus the router losses, each layer's (balance, z) pair, averaged over the MoE layers
+        and weighted by their coefficients."""
+        B, T, _ = x.shape
         if self.config.loss_impl == "chunked":
             logits = None
             lm_loss = linear_cross_entropy(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(-1))
@@ -1232,7 +1241,7 @@ class H64LM(nn.Module):
             aux_loss = torch.stack([b for b, _ in router_losses]).mean()
             z_loss = torch.stack([z for _, z in router_losses]).mean()
         else:
-            aux_loss = z_loss = torch.zeros((), device=idx.device)
+            aux_loss = z_loss = torch.zeros((), device=x.device)
         loss = lm_loss + self.config.router_aux_loss_coef * aux_loss + self.config.router_z_loss_coef * z_loss
         return H64LMOutput(logits=logits, loss=loss, lm_loss=lm_loss, aux_loss=aux_loss, z_loss=z_loss)
 
@@ -1994,20 +2003,15 @@ class ExpertMuon(torch.optim.Muon):
 
 
 class Optimizers:
-    """Several optimizers used as one (Muon's and AdamW's; PyTorch has no such wrapper): their parameter groups in
-    one list, so that the learning-rate schedule reaches all of them; one step, one zero_grad, one state_dict.
-    param_groups and state are gathered anew at each use, as load_state_dict replaces an optimizer's lists."""
+    """Several optimizers used as one (Muon's and AdamW's; PyTorch has no such wrapper): what train_step, the
+    gradient scaler and the checkpoints use of an optimizer. param_groups (which the learning-rate schedule sets)
+    and state are gathered anew at each use, as load_state_dict replaces an optimizer's lists."""
 
     def __init__(self, **named: torch.optim.Optimizer):
         self.named = named
 
-    @property
-    def param_groups(self) -> list[dict]:
-        return [group for opt in self.named.values() for group in opt.param_groups]
-
-    @property
-    def state(self) -> dict:
-        return {p: s for opt in self.named.values() for p, s in opt.state.items()}
+    param_groups = property(lambda self: [group for opt in self.named.values() for group in opt.param_groups])
+    state = property(lambda self: {p: s for opt in self.named.values() for p, s in opt.state.items()})
 
     def step(self) -> None:
         for opt in self.named.values():
@@ -2169,34 +2173,52 @@ def train_loop(run: Run, log, on_step: Callable[[dict], None] | None = None) -> 
             window_load = load if window_load is None else window_load + load
             if step % tc.log_every == 0 or step == tc.max_steps - 1:
                 run.history["train"].append(history_record(run, stats, load, tokens_per_s=tokens_per_s, mfu=mfu))
-            signalled = torch.tensor(float(stop.signum is not None), device=rt.device)
-            if rt.world_size > 1:
-                torch.distributed.all_reduce(signalled)
-            stopping = bool(signalled) or run.step == tc.stop_at
+            stopping = signal_agreed(stop, rt) or run.step == tc.stop_at
             val_loss = None
             if run.step % tc.eval_every == 0 or run.step == tc.max_steps:
-                val_loss = validate(run)
-                flags = unbalanced_experts(window_load, run.config.moe_layer_ids)  # since the last validation
-                run.history["val"][-1]["routing_flags"], window_load = flags, None
-                if rt.master:
-                    tqdm.write(f"step {run.step}: validation loss {val_loss:.4f}, perplexity "
-                               f"{math.exp(min(val_loss, 50)):.2f}")
-                    for flag in flags:
-                        tqdm.write(f"  warning: {flag}")
+                val_loss, window_load = validate_and_flag(run, window_load), None
             if val_loss is not None or stopping or run.step % tc.save_every == 0:
                 save_run(run, val_loss)
                 stop.kept = last_good(run.saved)
             if on_step is not None:
                 on_step(run.history)
             if stopping:
-                why = (f"after {signal.Signals(stop.signum).name}" if stop.signum is not None
-                       else f"at --stop-at {tc.stop_at}")
                 bar.close()
-                log(f"stopped {why}, step {run.step} of {tc.max_steps}, saved in {run.run_dir / 'latest.pt'}; "
-                    f"continue with: {resume_command(run.run_dir, rt)}")
-                run.history["stopped"] = why
+                report_stop(run, stop.signum, log)
                 break
     bar.close()
+
+
+def signal_agreed(stop: StopRequest, rt: Runtime) -> bool:
+    """Whether any process was sent a SIGINT or SIGTERM: all of them then stop after the same step."""
+    signalled = torch.tensor(float(stop.signum is not None), device=rt.device)
+    if rt.world_size > 1:
+        torch.distributed.all_reduce(signalled)
+    return bool(signalled)
+
+
+def validate_and_flag(run: Run, window_load: torch.Tensor | None) -> float:
+    """validate, and flag the experts nearly dead or overloaded since the last validation (window_load (L, E): the
+    load summed over those steps) in the validation's history entry; rank 0 writes both under the progress bar."""
+    from tqdm.auto import tqdm
+
+    val_loss = validate(run)
+    flags = unbalanced_experts(window_load, run.config.moe_layer_ids)
+    run.history["val"][-1]["routing_flags"] = flags
+    if run.rt.master:
+        tqdm.write(f"step {run.step}: validation loss {val_loss:.4f}, perplexity {math.exp(min(val_loss, 50)):.2f}")
+        for flag in flags:
+            tqdm.write(f"  warning: {flag}")
+    return val_loss
+
+
+def report_stop(run: Run, signum: int | None, log) -> None:
+    """Say why the run stopped before max_steps (a signal, or --stop-at) and how to continue it; the history keeps
+    the why."""
+    why = f"after {signal.Signals(signum).name}" if signum is not None else f"at --stop-at {run.tc.stop_at}"
+    log(f"stopped {why}, step {run.step} of {run.tc.max_steps}, saved in {run.run_dir / 'latest.pt'}; "
+        f"continue with: {resume_command(run.run_dir, run.rt)}")
+    run.history["stopped"] = why
 
 
 def history_record(run: Run, stats: dict, load: torch.Tensor, **speed) -> dict:
@@ -3130,7 +3152,8 @@ def routing_profile(model: H64LM, tokenizer, texts: dict[str, list[str]] | None 
     layers = list(model.config.moe_layer_ids)
     E = model.config.num_experts
     profile = {"layers": layers, "kinds": list(texts), "share": {}, "entropy": {}, "tokens": {}}
-    pairs = np.zeros((len(layers), E, E))  # tokens that chose both expert i and expert j, over all texts
+    # Tokens that chose both expert i and expert j, over all texts; the diagonal is each expert's load.
+    pairs = torch.zeros(len(layers), E, E, dtype=torch.float64)  # (L, E, E)
     for kind, items in texts.items():
         counts, entropy, tokens = np.zeros((len(layers), E)), np.zeros(len(layers)), 0
         for text in items:
@@ -3141,20 +3164,19 @@ def routing_profile(model: H64LM, tokenizer, texts: dict[str, list[str]] | None 
                 counts[row] += stats[layer].tokens_per_expert.cpu().numpy()
                 entropy[row] += stats[layer].router_entropy.item() * len(ids)  # weighted by tokens
                 chose = F.one_hot(stats[layer].expert_ids, E).sum(dim=1).double()  # (N, E) 0/1
-                pairs[row] += (chose.T @ chose).cpu().numpy()
+                pairs[row] += (chose.T @ chose).cpu()
             tokens += len(ids)
         profile["share"][kind] = counts / counts.sum(axis=1, keepdims=True).clip(min=1)
         profile["entropy"][kind] = entropy / max(tokens, 1)
         profile["tokens"][kind] = tokens
     total = sum(profile["tokens"].values())
-    load = np.stack([pairs[row].diagonal() for row in range(len(layers))]) if layers else np.zeros((0, E))
-    profile["max_vio"] = load.max(axis=1) / load.mean(axis=1).clip(min=1e-9) - 1 if layers else np.zeros(0)
-    profile["coactivation"] = pairs / max(total, 1)  # (L, E, E): share of tokens choosing i and j; diagonal: i
+    profile["max_vio"] = max_violation(pairs.diagonal(dim1=1, dim2=2)).numpy()  # (L,)
+    profile["coactivation"] = (pairs / max(total, 1)).numpy()  # (L, E, E) share of tokens choosing i and j; diagonal: i
     model.train(was_training)
     return profile
 
 
-def dead_experts(profile: dict, threshold: float = 0.1) -> list[tuple[int, int]]:
+def dead_experts(profile: dict, threshold: float = DEAD_SHARE) -> list[tuple[int, int]]:
     """(layer, expert) pairs that received less than threshold x the uniform share 1/E over all kinds of text."""
     total = sum(profile["share"][k] * profile["tokens"][k] for k in profile["kinds"])  # (L, E) assignments / k
     share = total / total.sum(axis=1, keepdims=True)
@@ -3498,8 +3520,13 @@ def to_transformers(model: H64LM, **extra):
 def transformers_classes():
     """(H64LMHFConfig, H64LMForCausalLM): H64LM as transformers sees a model, for the remote-code export. Defined on
     first call, so that importing h64lm does not import transformers."""
-    from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
-    from transformers.modeling_outputs import CausalLMOutput
+    config_cls = transformers_config_class()
+    return config_cls, transformers_model_class(config_cls)
+
+
+def transformers_config_class():
+    """H64LMHFConfig: an H64LMConfig (as a dict) inside transformers' PretrainedConfig."""
+    from transformers import PretrainedConfig
 
     class H64LMHFConfig(PretrainedConfig):
         model_type = "h64lm"
@@ -3516,14 +3543,22 @@ def transformers_classes():
                                ("max_position_embeddings", "max_position_embeddings")):
                 setattr(self, name, self.h64lm.get(ours))
 
+    return H64LMHFConfig
+
+
+def transformers_model_class(config_cls):
+    """H64LMForCausalLM: H64LM inside transformers' PreTrainedModel, configured by config_cls (H64LMHFConfig)."""
+    from transformers import GenerationMixin, PreTrainedModel
+    from transformers.modeling_outputs import CausalLMOutput
+
     class H64LMForCausalLM(PreTrainedModel, GenerationMixin):
         """H64LM in transformers' clothes. No KV cache is kept between generate()'s steps: each step runs the whole
         sequence again, which is correct and, for the short prompts an evaluation harness sends, fast enough."""
-        config_class = H64LMHFConfig
+        config_class = config_cls
         base_model_prefix = "model"
         _tied_weights_keys = {"model.lm_head.weight": "model.embed.weight"}
 
-        def __init__(self, config: H64LMHFConfig):
+        def __init__(self, config):
             super().__init__(config)
             self.model = H64LM(H64LMConfig(**config.h64lm))
             self.post_init()
@@ -3558,7 +3593,7 @@ def transformers_classes():
         def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
             return {"input_ids": input_ids, "attention_mask": attention_mask}
 
-    return H64LMHFConfig, H64LMForCausalLM
+    return H64LMForCausalLM
 
 
 # What an exported remote-code folder imports: this file, copied beside it.
@@ -4862,7 +4897,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
             print(f"layer {layer}, validation loss without each expert (nats above {delta.shape[1]} experts): " +
                   ", ".join(f"e{e} {delta[row, e]:+.3f}" for e in order))
     for layer, expert in dead:
-        print(f"warning: expert {expert} of layer {layer} received under 10% of a uniform share: it is nearly dead")
+        print(f"warning: expert {expert} of layer {layer} received under {DEAD_SHARE:.0%} of a uniform share: it is "
+              "nearly dead")
     print("\n".join(f"{name}: {path}" for name, path in written.items()))
     return 0
 
