@@ -2509,24 +2509,32 @@ def start_run(config: H64LMConfig, tc: TrainConfig, rt: Runtime, run_dir: Path, 
     if ckpt is not None and not allow_mismatch:
         check_trained_with(ckpt, resume, tokenizer, source)
 
-    with torch.random.fork_rng(devices=[rt.device] if rt.device.type == "cuda" else []):
-        torch.manual_seed(tc.seed)  # the same initial weights on every rank, drawn aside from the rank's stream
-        model = H64LM(config).to(rt.device)
-    model.gradient_checkpointing = tc.gradient_checkpointing
-    run = Run(config=config, tc=tc, rt=rt, run_dir=run_dir, model=model, step_model=step_model_of(model, tc, rt),
-              optimizer=make_optimizer(model, tc, rt.device, log), scaler=grad_scaler(rt),
-              windows=PackedWindows(splits["train"].tokens, seq_len), valid_tokens=splits["valid"].tokens,
-              seq_len=seq_len, provenance=provenance(tokenizer, source),
-              history={"config": config.to_dict(), "train_config": asdict(tc), "train": [], "val": []})
+    run = new_run(config, tc, rt, run_dir, splits["train"].tokens, splits["valid"].tokens, seq_len,
+                  provenance(tokenizer, source), log)
     if ckpt is not None:
-        model.load_state_dict(weights)
+        run.model.load_state_dict(weights)
         restore_run(run, ckpt, resume, log)  # last, so that nothing above draws from the restored generators
     else:
-        log(model.parameter_table(seq_len))
+        log(run.model.parameter_table(seq_len))
     if run.step >= tc.max_steps:
         raise H64LMError(f"The run in {run_dir} already finished its {tc.max_steps} steps; raise --max-steps to "
                          "train it further.")
     return run
+
+
+def new_run(config: H64LMConfig, tc: TrainConfig, rt: Runtime, run_dir: Path, train_tokens: np.ndarray,
+            valid_tokens: np.ndarray, seq_len: int, provenance: dict, log=None) -> Run:
+    """A run at step 0 on these tokens: the model with its initial weights, the same on every rank, then what a
+    step calls (step_model_of), the optimizer (log gets its parameter split) and the gradient scaler."""
+    with torch.random.fork_rng(devices=[rt.device] if rt.device.type == "cuda" else []):
+        torch.manual_seed(tc.seed)  # the same initial weights on every rank, drawn aside from the rank's stream
+        model = H64LM(config).to(rt.device)
+    model.gradient_checkpointing = tc.gradient_checkpointing
+    return Run(config=config, tc=tc, rt=rt, run_dir=run_dir, model=model, step_model=step_model_of(model, tc, rt),
+               optimizer=make_optimizer(model, tc, rt.device, log), scaler=grad_scaler(rt),
+               windows=PackedWindows(train_tokens, seq_len), valid_tokens=valid_tokens, seq_len=seq_len,
+               provenance=provenance,
+               history={"config": config.to_dict(), "train_config": asdict(tc), "train": [], "val": []})
 
 
 def step_model_of(model: H64LM, tc: TrainConfig, rt: Runtime) -> nn.Module:
@@ -3718,6 +3726,18 @@ def bench(preset: str = "tiny", device: str = "auto", precision: str = "auto", s
           **overrides) -> dict:
     """Measure a training step, the MoE overhead and decoding, as section 20's header says."""
     rt = setup_runtime(device, precision)
+    model, x = bench_model(preset, rt, seq_len, batch_size, **overrides)
+    step, peak_memory = bench_step(model, x, rt, compile)
+    seconds = _median(_time_alternating({"h64lm": step}, repeats, rt.device)["h64lm"])
+    result = step_figures(model, preset, rt, x, seconds, peak_memory)
+    result.update(moe_overhead(model.config, x[:, 1:].numel(), rt, repeats))  # the step's B * T tokens
+    result.update(decode_bench(model, rt, decode_tokens, repeats, compile))
+    return result
+
+
+def bench_model(preset: str, rt: Runtime, seq_len: int | None, batch_size: int,
+                **overrides) -> tuple[H64LM, torch.Tensor]:
+    """The preset's model (seed 0) and a batch x (B, T + 1) of random tokens; T = seq_len, by default the recipe's."""
     try:
         config = H64LMConfig.from_preset(preset, **overrides)
     except ValueError as e:
@@ -3726,29 +3746,36 @@ def bench(preset: str = "tiny", device: str = "auto", precision: str = "auto", s
     check_seq_len(seq_len, config)
     torch.manual_seed(0)
     model = H64LM(config).to(rt.device)
+    return model, torch.randint(0, config.vocab_size, (batch_size, seq_len + 1), device=rt.device)
+
+
+def bench_step(model: H64LM, x: torch.Tensor, rt: Runtime, compile: bool) -> tuple[Callable[[], None], int]:
+    """A training step of model (its blocks compiled if asked) on inputs x[:, :-1] and targets x[:, 1:], and its
+    peak memory: the step is run once here, the warm-up, with nothing else in the measurement."""
     step_model = compile_blocks(model) if compile else model
-    x = torch.randint(0, config.vocab_size, (batch_size, seq_len + 1), device=rt.device)
     ids, targets = x[:, :-1], x[:, 1:]
     step = _train_step_fn(step_model, ids, rt, lambda m, _: m(ids, targets).loss)
     if rt.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(rt.device)
     step()  # warm-up, and the memory peak of the training step alone
-    peak_memory = _peak_memory(rt.device)
-    seconds = _median(_time_alternating({"h64lm": step}, repeats, rt.device)["h64lm"])
+    return step, _peak_memory(rt.device)
+
+
+def step_figures(model: H64LM, preset: str, rt: Runtime, x: torch.Tensor, seconds: float, peak_memory: int) -> dict:
+    """The training step's figures in bench's keys, from its median seconds on the batch x (B, T + 1)."""
+    batch_size, seq_len = x.shape[0], x.shape[1] - 1
     tokens = batch_size * seq_len
     flops_per_token = model.flops_per_token(seq_len)
     peak = peak_flops(rt.device)
     result = {
         "device": device_name(rt.device),
-        "preset": preset, "config": config.to_dict(with_impl=True), "batch_size": batch_size, "seq_len": seq_len,
-        "dtype": str(rt.dtype).replace("torch.", ""), "step_seconds": seconds,
+        "preset": preset, "config": model.config.to_dict(with_impl=True), "batch_size": batch_size,
+        "seq_len": seq_len, "dtype": str(rt.dtype).replace("torch.", ""), "step_seconds": seconds,
         "tokens_per_s": tokens / seconds, "flops_per_token": flops_per_token,
         "achieved_flops": tokens * flops_per_token / seconds, "peak_flops": peak,
     }
     result["utilization"] = result["achieved_flops"] / peak
     result["peak_memory_bytes"] = peak_memory
-    result.update(moe_overhead(config, tokens, rt, repeats))
-    result.update(decode_bench(model, rt, decode_tokens, repeats, compile))
     return result
 
 
@@ -4091,18 +4118,13 @@ def training_rows(config: H64LMConfig, preset: str, rt: Runtime) -> list[dict]:
 
 
 def doctor_run(config: H64LMConfig, tc: TrainConfig, rt: Runtime) -> Run:
-    """What train_step needs, made as start_run makes it, for a fresh model on one step's worth of random tokens,
-    with no data to read and no folder to write."""
+    """What train_step needs, made by new_run as start_run makes it, for a fresh model on one step's worth of random
+    tokens, with no data to read and no folder to write."""
     check_fits(config, rt.device)
     seq_len = tc.seq_len or config.max_position_embeddings
-    torch.manual_seed(tc.seed)  # the same initial weights on every process
-    model = H64LM(config).to(rt.device)
     tokens = np.random.default_rng(tc.seed).integers(0, config.vocab_size,
                                                      tc.batch_size * tc.grad_accum * rt.world_size * seq_len + 1)
-    return Run(config=config, tc=tc, rt=rt, run_dir=Path(tc.out_dir) / "doctor", model=model,
-               step_model=step_model_of(model, tc, rt), optimizer=make_optimizer(model, tc, rt.device),
-               scaler=grad_scaler(rt), windows=PackedWindows(tokens, seq_len), valid_tokens=tokens, seq_len=seq_len,
-               provenance={}, history={})
+    return new_run(config, tc, rt, Path(tc.out_dir) / "doctor", tokens, tokens, seq_len, provenance={})
 
 
 def all_reduce_row(rt: Runtime) -> dict:

@@ -26,8 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import h64lm  # noqa: E402
-from h64lm import (COUNT, H64LM, H64LMConfig, H64LMError, Runtime, _decoding, _median, _peak_memory,  # noqa: E402
-                   _ratio, _time_alternating, _train_step_fn)
+from h64lm import (COUNT, H64LM, H64LMConfig, H64LMError, Runtime, _decoding, _median, _ratio,  # noqa: E402
+                   _time_alternating, _train_step_fn)
 
 # The targets of --targets: ratios measured in alternation in one process, on the shapes users train.
 SPEED_TARGETS = {
@@ -75,41 +75,17 @@ def compare_hf(preset: str = "tiny", device: str = "auto", precision: str = "aut
     alternation with H64LM: the training step (hf_tokens_per_s, speedup_vs_hf) and decoding (hf_decode_bench)."""
     rt = h64lm.setup_runtime(device, precision)
     overrides = {**overrides, "moe_layers": "all", "attention_type": "rope"}  # Mixtral's form
-    try:
-        config = H64LMConfig.from_preset(preset, **overrides)
-    except ValueError as e:
-        raise H64LMError(str(e)) from None
-    seq_len = seq_len or h64lm.TRAIN_RECIPES.get(preset, {}).get("seq_len") or config.max_position_embeddings
-    h64lm.check_seq_len(seq_len, config)
-    torch.manual_seed(0)
-    model = H64LM(config).to(rt.device)
-    step_model = h64lm.compile_blocks(model) if compile else model
-    x = torch.randint(0, config.vocab_size, (batch_size, seq_len + 1), device=rt.device)
-    ids, targets = x[:, :-1], x[:, 1:]
-    ours = _train_step_fn(step_model, ids, rt, lambda m, _: m(ids, targets).loss)
-    if rt.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(rt.device)
-    ours()  # warm-up, and the memory peak of H64LM's training step alone
-    peak_memory = _peak_memory(rt.device)
-    hf = mixtral_like(config).to(rt.device).train()
+    model, x = h64lm.bench_model(preset, rt, seq_len, batch_size, **overrides)
+    ours, peak_memory = h64lm.bench_step(model, x, rt, compile)  # its warm-up: H64LM's memory peak alone
+    hf = mixtral_like(model.config).to(rt.device).train()
     fns = {"h64lm": ours,
-           "transformers": _train_step_fn(hf, ids, rt, lambda m, ids: m(input_ids=ids, labels=ids).loss)}
+           "transformers": _train_step_fn(hf, x[:, :-1], rt, lambda m, ids: m(input_ids=ids, labels=ids).loss)}
     hf_impl = _fastest_hf_experts(hf, fns["transformers"], rt, max(2, repeats // 2), "a training step")
     all_times = _time_alternating(fns, repeats, rt.device)
     times = {name: _median(t) for name, t in all_times.items()}
-    tokens = batch_size * seq_len
-    flops_per_token = model.flops_per_token(seq_len)
-    peak = h64lm.peak_flops(rt.device)
-    result = {
-        "device": h64lm.device_name(rt.device),
-        "preset": preset, "config": config.to_dict(with_impl=True), "batch_size": batch_size, "seq_len": seq_len,
-        "dtype": str(rt.dtype).replace("torch.", ""), "step_seconds": times["h64lm"],
-        "tokens_per_s": tokens / times["h64lm"], "flops_per_token": flops_per_token,
-        "achieved_flops": tokens * flops_per_token / times["h64lm"], "peak_flops": peak,
-    }
-    result["utilization"] = result["achieved_flops"] / peak
-    result["peak_memory_bytes"] = peak_memory
-    result.update(h64lm.moe_overhead(config, tokens, rt, repeats))
+    result = h64lm.step_figures(model, preset, rt, x, times["h64lm"], peak_memory)
+    tokens = x[:, 1:].numel()  # the step's B * T
+    result.update(h64lm.moe_overhead(model.config, tokens, rt, repeats))
     result["hf_experts_implementation"] = hf_impl
     result["hf_tokens_per_s"] = tokens / times["transformers"]
     result["speedup_vs_hf"], *result["speedup_vs_hf_spread"] = _ratio(all_times, "transformers", "h64lm")
