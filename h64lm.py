@@ -3091,14 +3091,9 @@ def evaluate_checkpoint(ckpt: str | Path, data: str | None = None, split: str = 
         raise H64LMError("--batch-size and --max-batches must be at least 1.")
     rt = setup_runtime(device, precision)
     trained = open_trained(ckpt, rt.device, tokenizer=tokenizer, allow_mismatch=allow_mismatch)
-    settings = trained.ckpt.get("train_config", {})
-    same_data = data is None  # then the text must be the one it was trained on; another --data is a choice
-    data = data or settings.get("data", "auto")
-    seq_len = seq_len_of(trained.config, seq_len, settings.get("seq_len"))
+    seq_len = seq_len_of(trained.config, seq_len, trained.ckpt.get("train_config", {}).get("seq_len"))
     check_seq_len(seq_len, trained.config)
-    source, splits = load_token_splits(data, trained.tokenizer, cache_dir, log=log)
-    if same_data and not allow_mismatch:
-        check_trained_with(trained.ckpt, trained.path, source=source)
+    source, splits = scored_text(trained, data, cache_dir, allow_mismatch, log)
     part = splits[SPLIT_ALIASES[split]]
     nll, count = evaluate(trained.model, part.tokens, seq_len, batch_size, rt, max_batches, progress=True)
     words = part.words if max_batches is None else None  # a partial pass has no word count to divide by
@@ -3106,6 +3101,16 @@ def evaluate_checkpoint(ckpt: str | Path, data: str | None = None, split: str = 
             "loss": nll / count, "token_ppl": math.exp(nll / count),
             "word_ppl": math.exp(nll / words) if words else None, "nll": nll, "tokens": count, "words": words,
             "seq_len": seq_len}
+
+
+def scored_text(trained: Trained, data: str | None, cache_dir: str | Path, allow_mismatch: bool, log):
+    """The text a trained model is scored on, and its splits: data, else the text it was trained on, which must then
+    be that very text (allow_mismatch: let it have changed); another --data is a choice, not a mismatch."""
+    trained_on = trained.ckpt.get("train_config", {}).get("data", "auto")
+    source, splits = load_token_splits(data or trained_on, trained.tokenizer, cache_dir, log=log)
+    if data is None and not allow_mismatch:
+        check_trained_with(trained.ckpt, trained.path, source=source)
+    return source, splits
 
 
 
@@ -4878,12 +4883,9 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 def analyze_drop_one(trained: Trained, args: argparse.Namespace, rt: Runtime) -> np.ndarray:
     """drop_one_expert on --drop-one batches of the validation split of the checkpoint's data (or --data)."""
-    settings = trained.ckpt.get("train_config", {})
-    source, splits = load_token_splits(args.data or settings.get("data", "auto"), trained.tokenizer, args.cache_dir,
-                                       log=lambda *a, **k: print(*a, **k, file=sys.stderr))
-    if args.data is None and not args.allow_mismatch:
-        check_trained_with(trained.ckpt, trained.path, source=source)
-    seq_len = seq_len_of(trained.config, settings.get("seq_len"))
+    _, splits = scored_text(trained, args.data, args.cache_dir, args.allow_mismatch,
+                            log=lambda *a, **k: print(*a, **k, file=sys.stderr))
+    seq_len = seq_len_of(trained.config, trained.ckpt.get("train_config", {}).get("seq_len"))
     check_seq_len(seq_len, trained.config)
     return drop_one_expert(trained.model, splits["valid"].tokens, seq_len, 8, rt, args.drop_one)
 
