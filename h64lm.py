@@ -1709,6 +1709,12 @@ def check_seq_len(seq_len: int, config: H64LMConfig, remedy: str = "lower it") -
                          f"({config.max_position_embeddings}); {remedy}.")
 
 
+def seq_len_of(config: H64LMConfig, *given: int | None) -> int:
+    """The sequence length to use: the first of given that is set (a flag, then the run's own setting, say), else
+    the model's whole context, max_position_embeddings (TrainConfig.seq_len's default)."""
+    return next((seq_len for seq_len in given if seq_len), config.max_position_embeddings)
+
+
 def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
 
@@ -2115,10 +2121,10 @@ class Run:
 
 
 def train(config: H64LMConfig, tc: TrainConfig, preset: str = "custom", resume: str | Path | None = None,
-          allow_mismatch: bool = False, ckpt: dict | None = None,
+          allow_mismatch: bool = False, trained: Trained | None = None,
           on_step: Callable[[dict], None] | None = None) -> dict:
-    """Pretrain a model, or continue the run saved at `resume` (ckpt: that checkpoint, if the caller has read it
-    already; train empties it once the run holds its state); return the run's history. Writes <out_dir>/<run>/
+    """Pretrain a model, or continue the run saved at `resume` (trained: that checkpoint, if the caller has opened
+    it already; train empties it once the run holds its state); return the run's history. Writes <out_dir>/<run>/
     (rank 0 only), the folder at the first save. allow_mismatch: resume although the tokenizer or the text differ
     from the checkpoint's. on_step(history) is called after every step, e.g. to draw the loss as it falls."""
     rt = setup_runtime(tc.device, tc.precision)
@@ -2126,11 +2132,11 @@ def train(config: H64LMConfig, tc: TrainConfig, preset: str = "custom", resume: 
     run_dir = Path(tc.out_dir) / (tc.run_name or preset)
     with contextlib.ExitStack() as cleanup:  # the run folder's lock, released however train() ends
         held = on_rank0(rt, lambda: claim_run_dir(run_dir, resume, tc.overwrite, cleanup))
-        if resume is not None and ckpt is None:
-            ckpt = read_checkpoint(resume, rt.device)
-        run = start_run(config, tc, rt, run_dir, resume, ckpt, allow_mismatch, log)
-        if ckpt is not None:  # consumed: its tensors are copied into the run; at h64lm size they are 3 GB
-            ckpt.clear()
+        if resume is not None and trained is None:
+            trained = open_trained(resume, rt.device, latest=True, build=False)
+        run = start_run(config, tc, rt, run_dir, trained, allow_mismatch, log)
+        if trained is not None:  # consumed: its tensors are copied into the run; at h64lm size they are 3 GB
+            trained.ckpt.clear()
         if rt.master and resume is None:
             for name in held:  # --overwrite: the old run's files go, so none is mistaken for this run's
                 (run_dir / name).unlink()
@@ -2490,30 +2496,30 @@ def rank0_first(rt: Runtime, fn: Callable[[], object]):
     return result
 
 
-def start_run(config: H64LMConfig, tc: TrainConfig, rt: Runtime, run_dir: Path, resume: Path | None = None,
-              ckpt: dict | None = None, allow_mismatch: bool = False, log=print) -> Run:
+def start_run(config: H64LMConfig, tc: TrainConfig, rt: Runtime, run_dir: Path, trained: Trained | None = None,
+              allow_mismatch: bool = False, log=print) -> Run:
     """Everything a run needs before its first step: data, model, optimizer, and, when resuming, the state of the
-    checkpoint ckpt read from resume (read once, by the caller). Seeds so that a run is a function of its settings."""
-    seq_len = tc.seq_len or config.max_position_embeddings
+    checkpoint trained (opened once, by the caller, without building its model). Seeds so that a run is a function
+    of its settings."""
+    seq_len = seq_len_of(config, tc.seq_len)
     check_seq_len(seq_len, config, remedy="lower it or raise --max-position-embeddings")
-    if ckpt is not None and _config_of(ckpt, resume).to_dict() != config.to_dict():
-        changed = [k for k, v in config.to_dict().items() if ckpt["config"].get(k) != v]
-        raise H64LMError(f"The run in {resume} is a different model ({', '.join(changed)} differ); resume it with "
-                         "its own settings, or start a new --run-name.")
-    weights = checked_weights(ckpt, config, resume) if ckpt is not None else None
+    if trained is not None and trained.config.to_dict() != config.to_dict():
+        changed = [k for k, v in config.to_dict().items() if trained.ckpt["config"].get(k) != v]
+        raise H64LMError(f"The run in {trained.path} is a different model ({', '.join(changed)} differ); resume it "
+                         "with its own settings, or start a new --run-name.")
     check_fits(config, rt.device)
     random.seed(tc.seed)
     np.random.seed(tc.seed)
     torch.manual_seed(tc.seed + rt.rank)  # each rank its own stream: router jitter differs per rank
     tokenizer, source, splits = load_run_data(config, tc, rt, seq_len, log)
-    if ckpt is not None and not allow_mismatch:
-        check_trained_with(ckpt, resume, tokenizer, source)
+    if trained is not None and not allow_mismatch:
+        check_trained_with(trained.ckpt, trained.path, tokenizer, source)
 
     run = new_run(config, tc, rt, run_dir, splits["train"].tokens, splits["valid"].tokens, seq_len,
                   provenance(tokenizer, source), log)
-    if ckpt is not None:
-        run.model.load_state_dict(weights)
-        restore_run(run, ckpt, resume, log)  # last, so that nothing above draws from the restored generators
+    if trained is not None:
+        run.model.load_state_dict(trained.ckpt["model"])  # checked against the config by open_trained
+        restore_run(run, trained.ckpt, trained.path, log)  # last: nothing above draws from the restored generators
     else:
         log(run.model.parameter_table(seq_len))
     if run.step >= tc.max_steps:
@@ -2626,7 +2632,7 @@ def write_run_files(run_dir: Path, payload: dict, history: dict, best: bool) -> 
 # torch.load(weights_only=True), which refuses any pickle that would run code.
 #
 # For sharing, `h64lm.py export` writes just the weights as safetensors plus the
-# config as JSON; load_checkpoint reads that form too.
+# config as JSON; open_trained reads that form too.
 CHECKPOINT_FORMAT = "h64lm-checkpoint"
 CHECKPOINT_VERSION = 1
 
@@ -2671,9 +2677,17 @@ def _tensors(obj) -> Iterator[torch.Tensor]:
             yield from _tensors(v)
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint file, an exported folder (model.safetensors), or a run folder (its best.pt, else latest.pt)."""
+def resolve_checkpoint(path: str | Path, latest: bool = False) -> Path:
+    """The checkpoint file a path means: a file is itself. A run folder means its best.pt, the best model it saved
+    (else latest.pt, else an exported folder's model.safetensors): what evaluating, sampling, analysing and
+    exporting use. With latest=True it means latest.pt, where the run stopped: what resuming continues. This is the
+    one place where either rule is written."""
     path = Path(path).expanduser()
+    if latest:
+        path = path / "latest.pt" if path.is_dir() else path
+        if not path.exists():
+            raise H64LMError(f"Nothing to resume at {path}; give a run folder holding latest.pt or a .pt file.")
+        return path
     if path.is_dir():
         for name in ("best.pt", "latest.pt", "model.safetensors"):
             if (path / name).exists():
@@ -2685,9 +2699,41 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return path
 
 
-def read_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dict:
-    """The checkpoint dict at path, validated: right format and version, a valid config. Nothing in it can run code."""
-    path = resolve_checkpoint(path)
+@dataclass
+class Trained:
+    """A trained model as open_trained gives it."""
+    path: Path  # the file it was read from
+    config: H64LMConfig
+    ckpt: dict  # all the file holds: the weights (checked, prefixes stripped), and step, train_config, provenance
+    model: H64LM | None = None  # None when open_trained was asked not to build it (resuming builds its own)
+    tokenizer: object = None  # the tokenizer asked for, once checked against the model
+
+
+def open_trained(path: str | Path, device: torch.device | str = "cpu", *, latest: bool = False, build: bool = True,
+                 tokenizer: str | Path | None = None, allow_mismatch: bool = False) -> Trained:
+    """The one way a trained model is opened: find the file path means (resolve_checkpoint; latest=True for
+    latest.pt, to resume, else best.pt), read it, check its config and weights once, build the model on device
+    (unless build=False), and with a tokenizer (its folder) load it and refuse one the model cannot read or was
+    not trained with (allow_mismatch: let the second pass)."""
+    path = resolve_checkpoint(path, latest)
+    ckpt = read_checkpoint(path, device)
+    config = _config_of(ckpt, path)
+    ckpt["model"] = checked_weights(ckpt, config, path)
+    trained = Trained(path, config, ckpt)
+    if build:
+        trained.model = H64LM(config).to(device)
+        trained.model.load_state_dict(ckpt["model"])
+    if tokenizer is not None:
+        trained.tokenizer = load_tokenizer(tokenizer)
+        check_vocab(trained.tokenizer, config)
+        if not allow_mismatch:
+            check_trained_with(ckpt, path, trained.tokenizer)
+    return trained
+
+
+def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
+    """The checkpoint dict in the file at path, of the right format and version (open_trained checks its config and
+    weights). Nothing in it can run code."""
     if path.suffix == ".safetensors":
         return _read_safetensors(path, device)
     try:
@@ -2702,7 +2748,6 @@ def read_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dic
     if ckpt.get("version") != CHECKPOINT_VERSION:
         raise H64LMError(f"{path} is an H64LM checkpoint of format version {ckpt.get('version')}, and this "
                          f"h64lm.py reads version {CHECKPOINT_VERSION}; use the h64lm.py that wrote it.")
-    _config_of(ckpt, path)  # validate now, so every later use can trust it
     return ckpt
 
 
@@ -2737,7 +2782,6 @@ def _read_safetensors(path: Path, device) -> dict:
     ckpt.update({k: metadata[k] for k in PROVENANCE_KEYS if k in metadata})
     if "tokenizer_vocab" in ckpt:
         ckpt["tokenizer_vocab"] = int(ckpt["tokenizer_vocab"])
-    _config_of(ckpt, path)
     return ckpt
 
 
@@ -2774,15 +2818,6 @@ def checked_weights(ckpt: dict, config: H64LMConfig, path) -> dict:
     return state
 
 
-def model_from_checkpoint(ckpt: dict, device: torch.device | str = "cpu", path="the checkpoint") -> H64LM:
-    """The model a checkpoint describes, with its weights."""
-    config = _config_of(ckpt, path)
-    state = checked_weights(ckpt, config, path)
-    model = H64LM(config).to(device)
-    model.load_state_dict(state)
-    return model
-
-
 def check_trained_with(ckpt: dict, path, tokenizer=None, source: TextSource | None = None) -> None:
     """Refuse a tokenizer, or a text, other than the ones the checkpoint records (older checkpoints record none):
     token ids from another vocabulary, or from the same one permuted, give nonsense and wrong perplexities without
@@ -2798,18 +2833,13 @@ def check_trained_with(ckpt: dict, path, tokenizer=None, source: TextSource | No
                          "--allow-mismatch to go on with this one.")
 
 
-def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tuple[H64LM, dict]:
-    """The model saved at path (a .pt file, a run folder or an exported folder), and the checkpoint dict."""
-    ckpt = read_checkpoint(path, device)
-    return model_from_checkpoint(ckpt, device, resolve_checkpoint(path)), ckpt
-
-
 def export_checkpoint(path: str | Path, out: str | Path, dtype: torch.dtype = torch.float32) -> Path:
     """Write the weights of a checkpoint as out/model.safetensors (in dtype; bfloat16 halves the size) and its
     config as out/config.json. Loading converts the weights back to the model's float32."""
     from safetensors.torch import save_file
 
-    model, ckpt = load_checkpoint(path)
+    trained = open_trained(path)
+    model, ckpt = trained.model, trained.ckpt
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     metadata = {"format": CHECKPOINT_FORMAT, "step": str(ckpt.get("step", "")),
@@ -3090,27 +3120,27 @@ def evaluate_checkpoint(ckpt: str | Path, data: str | None = None, split: str = 
     if batch_size < 1 or (max_batches is not None and max_batches < 1):
         raise H64LMError("--batch-size and --max-batches must be at least 1.")
     rt = setup_runtime(device, precision)
-    model, saved = load_checkpoint(ckpt, rt.device)
-    trained = saved.get("train_config", {})
-    same_data = data is None  # then the text must be the one it was trained on; another --data is a choice
-    data = data or trained.get("data", "auto")
-    seq_len = seq_len or trained.get("seq_len") or model.config.max_position_embeddings
-    check_seq_len(seq_len, model.config)
-    tok = load_tokenizer(tokenizer)
-    check_vocab(tok, model.config)
-    path = resolve_checkpoint(ckpt)
-    if not allow_mismatch:
-        check_trained_with(saved, path, tok)
-    source, splits = load_token_splits(data, tok, cache_dir, log=log)
-    if same_data and not allow_mismatch:
-        check_trained_with(saved, path, source=source)
+    trained = open_trained(ckpt, rt.device, tokenizer=tokenizer, allow_mismatch=allow_mismatch)
+    seq_len = seq_len_of(trained.config, seq_len, trained.ckpt.get("train_config", {}).get("seq_len"))
+    check_seq_len(seq_len, trained.config)
+    source, splits = scored_text(trained, data, cache_dir, allow_mismatch, log)
     part = splits[SPLIT_ALIASES[split]]
-    nll, count = evaluate(model, part.tokens, seq_len, batch_size, rt, max_batches, progress=True)
+    nll, count = evaluate(trained.model, part.tokens, seq_len, batch_size, rt, max_batches, progress=True)
     words = part.words if max_batches is None else None  # a partial pass has no word count to divide by
-    return {"checkpoint": str(path), "data": source.name, "split": SPLIT_ALIASES[split],
+    return {"checkpoint": str(trained.path), "data": source.name, "split": SPLIT_ALIASES[split],
             "loss": nll / count, "token_ppl": math.exp(nll / count),
             "word_ppl": math.exp(nll / words) if words else None, "nll": nll, "tokens": count, "words": words,
             "seq_len": seq_len}
+
+
+def scored_text(trained: Trained, data: str | None, cache_dir: str | Path, allow_mismatch: bool, log):
+    """The text a trained model is scored on, and its splits: data, else the text it was trained on, which must then
+    be that very text (allow_mismatch: let it have changed); another --data is a choice, not a mismatch."""
+    trained_on = trained.ckpt.get("train_config", {}).get("data", "auto")
+    source, splits = load_token_splits(data or trained_on, trained.tokenizer, cache_dir, log=log)
+    if data is None and not allow_mismatch:
+        check_trained_with(trained.ckpt, trained.path, source=source)
+    return source, splits
 
 
 
@@ -3300,11 +3330,13 @@ def variant_config(base: H64LMConfig, spec: dict) -> H64LMConfig:
     return fine_grained(config, g, shared) if g > 1 or shared else config
 
 
-def study_run(config: H64LMConfig, tc: TrainConfig, log=print) -> tuple[H64LM, dict] | str:
-    """Train one run of a study, or go on with it, or take it as it is when it is finished: the trained model and
-    its checkpoint, or why it stopped before the end (a signal: the next call goes on from its checkpoint)."""
-    path = Path(tc.out_dir) / tc.run_name / "latest.pt"
-    ckpt = read_checkpoint(path) if path.exists() else None
+def study_run(config: H64LMConfig, tc: TrainConfig, log=print) -> Trained | str:
+    """Train one run of a study, or go on with it, or take it as it is when it is finished: the trained model (with
+    its checkpoint), or why it stopped before the end (a signal: the next call goes on from its checkpoint)."""
+    path = Path(tc.out_dir) / tc.run_name / "latest.pt"  # where the run stopped: when finished, its final model
+    trained = open_trained(path, build=False) if path.exists() else None
+    ckpt = trained.ckpt if trained else None
+
     def settings(train_config: dict) -> dict:  # what decides the result: all but overwrite and stop_at
         return {k: v for k, v in with_defaults(train_config).items() if k not in ("overwrite", "stop_at")}
 
@@ -3315,8 +3347,8 @@ def study_run(config: H64LMConfig, tc: TrainConfig, log=print) -> tuple[H64LM, d
         history = train(config, dataclasses.replace(tc, overwrite=True))
     elif ckpt["step"] < tc.max_steps:
         log(f"{tc.run_name}: going on from step {ckpt['step']}")
-        history = train(config, dataclasses.replace(tc, overwrite=False), resume=path, ckpt=ckpt)
-    return history["stopped"] if "stopped" in history else load_checkpoint(path)
+        history = train(config, dataclasses.replace(tc, overwrite=False), resume=path, trained=trained)
+    return history["stopped"] if "stopped" in history else open_trained(path)
 
 
 def compare(base: H64LMConfig, tc: TrainConfig, variants: dict[str, dict], seeds: Sequence[int], log=print) -> dict:
@@ -3343,7 +3375,7 @@ def compare(base: H64LMConfig, tc: TrainConfig, variants: dict[str, dict], seeds
             if isinstance(trained, str):
                 log(f"the study stopped {trained}; the same command goes on where it stopped")
                 return {"stopped": trained}
-            runs.append(score_study_run(name, seed, *trained, run_tc, rt, valid))
+            runs.append(score_study_run(name, seed, trained, run_tc, rt, valid))
     result = {"base": base.to_dict(), "train_config": asdict(tc), "seeds": list(seeds), "runs": runs,
               "variants": {name: {"spec": variants[name], "config": config.to_dict()}
                            for name, config in configs.items()}}
@@ -3354,11 +3386,11 @@ def compare(base: H64LMConfig, tc: TrainConfig, variants: dict[str, dict], seeds
     return result
 
 
-def score_study_run(name: str, seed: int, model: H64LM, saved: dict, tc: TrainConfig, rt: Runtime,
-                    valid: np.ndarray) -> dict:
+def score_study_run(name: str, seed: int, trained: Trained, tc: TrainConfig, rt: Runtime, valid: np.ndarray) -> dict:
     """One finished run's numbers: loss on the whole validation split (its tokens: valid), its curve, time, and
     balance."""
-    seq_len = tc.seq_len or model.config.max_position_embeddings
+    model, saved = trained.model, trained.ckpt
+    seq_len = seq_len_of(model.config, tc.seq_len)
     model.to(rt.device)
     moe = list(model.moe_layers().values())
     load = torch.zeros(len(moe), model.config.num_experts, device=rt.device)
@@ -3618,11 +3650,8 @@ def export_transformers(path: str | Path, out: str | Path, tokenizer_path: str |
     """Write a checkpoint as a folder that AutoModelForCausalLM and AutoTokenizer load (see above), refusing a
     tokenizer other than the one it was trained with. Returns the architecture written: "mixtral", "mistral" or
     "h64lm" (remote code)."""
-    model, ckpt = load_checkpoint(path)
-    tokenizer = load_tokenizer(tokenizer_path)
-    check_vocab(tokenizer, model.config)
-    if not allow_mismatch:
-        check_trained_with(ckpt, resolve_checkpoint(path), tokenizer)
+    trained = open_trained(path, tokenizer=tokenizer_path, allow_mismatch=allow_mismatch)
+    model, tokenizer = trained.model, trained.tokenizer
     out = Path(out)
     ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                pad_token_id=tokenizer.pad_token_id)
@@ -3742,7 +3771,7 @@ def bench_model(preset: str, rt: Runtime, seq_len: int | None, batch_size: int,
         config = H64LMConfig.from_preset(preset, **overrides)
     except ValueError as e:
         raise H64LMError(str(e)) from None
-    seq_len = seq_len or TRAIN_RECIPES.get(preset, {}).get("seq_len") or config.max_position_embeddings
+    seq_len = seq_len_of(config, seq_len, TRAIN_RECIPES.get(preset, {}).get("seq_len"))
     check_seq_len(seq_len, config)
     torch.manual_seed(0)
     model = H64LM(config).to(rt.device)
@@ -4121,7 +4150,7 @@ def doctor_run(config: H64LMConfig, tc: TrainConfig, rt: Runtime) -> Run:
     """What train_step needs, made by new_run as start_run makes it, for a fresh model on one step's worth of random
     tokens, with no data to read and no folder to write."""
     check_fits(config, rt.device)
-    seq_len = tc.seq_len or config.max_position_embeddings
+    seq_len = seq_len_of(config, tc.seq_len)
     tokens = np.random.default_rng(tc.seed).integers(0, config.vocab_size,
                                                      tc.batch_size * tc.grad_accum * rt.world_size * seq_len + 1)
     return new_run(config, tc, rt, Path(tc.out_dir) / "doctor", tokens, tokens, seq_len, provenance={})
@@ -4588,10 +4617,10 @@ RESUMABLE_FLAGS = {"max_steps", "stop_at", "eval_every", "save_every", "eval_bat
                    "weight_decay", "beta1", "beta2", "cache_dir", "tokenizer"}
 
 
-def train_settings(args: argparse.Namespace) -> tuple[H64LMConfig, TrainConfig, str, Path | None, dict | None]:
+def train_settings(args: argparse.Namespace) -> tuple[H64LMConfig, TrainConfig, str, Path | None, Trained | None]:
     """The model config, training config, run name, and the path and contents of the checkpoint to resume, that
     `train`'s flags ask for: defaults, then the preset and its recipe, then the flags given; with --resume, the
-    checkpoint's settings (the checkpoint is read here, once, and handed on to train). Only the flags given count:
+    checkpoint's settings (the checkpoint is opened here, once, and handed on to train). Only the flags given count:
     the parser leaves the others out of args (argparse.SUPPRESS)."""
     given = vars(args)
     model_flags = {f.name: given[f.name] for f in fields(H64LMConfig)
@@ -4607,11 +4636,10 @@ def train_settings(args: argparse.Namespace) -> tuple[H64LMConfig, TrainConfig, 
         except ValueError as e:
             raise H64LMError(str(e)) from None
         return config, tc, preset, None, None
-    ckpt = read_checkpoint(resume)
-    saved_tc = ckpt.get("train_config")
-    if not isinstance(saved_tc, dict) or "step" not in ckpt:
+    trained = open_trained(resume, latest=True, build=False)
+    saved, saved_tc = trained.config, trained.ckpt.get("train_config")
+    if not isinstance(saved_tc, dict) or "step" not in trained.ckpt:
         raise H64LMError(f"{resume} holds weights but no training state; start a new run instead.")
-    saved = _config_of(ckpt, resume)
     check_same_model(saved, given.get("preset"), model_flags, resume)
     fixed = {k: v for k, v in train_flags.items() if k not in RESUMABLE_FLAGS | {"run_name", "out_dir"}
              and with_defaults(saved_tc)[k] != v}
@@ -4626,7 +4654,7 @@ def train_settings(args: argparse.Namespace) -> tuple[H64LMConfig, TrainConfig, 
                          "differ); resume it with that version.") from None
     except ValueError as e:
         raise H64LMError(f"With these flags the resumed run's settings are not valid: {e}") from None
-    return dataclasses.replace(saved, **impl_flags), tc, resume.parent.name, resume, ckpt
+    return dataclasses.replace(saved, **impl_flags), tc, resume.parent.name, resume, trained
 
 
 def resume_path(flag: str | None, preset: str | None, train_flags: dict) -> Path | None:
@@ -4657,11 +4685,7 @@ def resume_path(flag: str | None, preset: str | None, train_flags: dict) -> Path
             raise H64LMError(f"Nothing to resume: {path} does not exist; start the run without --resume (or with "
                              "--resume auto), or name it with --run-name NAME or --resume PATH.")
         return path
-    path = Path(flag).expanduser()
-    path = path / "latest.pt" if path.is_dir() else path
-    if not path.exists():
-        raise H64LMError(f"Nothing to resume at {path}; give a run folder holding latest.pt or a .pt file.")
-    return path
+    return resolve_checkpoint(flag, latest=True)
 
 
 def check_same_model(saved: H64LMConfig, preset: str | None, model_flags: dict, path: Path) -> None:
@@ -4689,8 +4713,8 @@ def flag_text(name: str, value) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    config, tc, preset, resume, ckpt = train_settings(args)
-    history = train(config, tc, preset=preset, resume=resume, allow_mismatch=args.allow_mismatch, ckpt=ckpt)
+    config, tc, preset, resume, trained = train_settings(args)
+    history = train(config, tc, preset=preset, resume=resume, allow_mismatch=args.allow_mismatch, trained=trained)
     stopped = history.get("stopped", "")
     return 128 + signal.SIGTERM if "SIGTERM" in stopped else 130 if "SIGINT" in stopped else 0
 
@@ -4745,27 +4769,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise H64LMError("--interactive reads its prompts from the prompt line; drop --prompt.")
     if any(not p.strip() for p in args.prompt or []):
         raise H64LMError("--prompt is empty; give some text for the model to continue.")
-    model, saved = load_checkpoint(args.ckpt, rt.device)
-    tokenizer = load_tokenizer(args.tokenizer)
-    check_vocab(tokenizer, model.config)
-    if not args.allow_mismatch:
-        check_trained_with(saved, resolve_checkpoint(args.ckpt), tokenizer)
+    trained = open_trained(args.ckpt, rt.device, tokenizer=args.tokenizer, allow_mismatch=args.allow_mismatch)
     settings = {name: getattr(args, name) for name in SAMPLING_FLAGS}
     if args.greedy:
         settings["temperature"] = 0.0
-    check_new_tokens(settings["max_new_tokens"], model.config)
+    check_new_tokens(settings["max_new_tokens"], trained.config)
+    fixed = {"eos_id": None if args.no_eos else trained.tokenizer.eos_token_id, "compile": args.compile}
     with rt.autocast():  # --precision, as in training: bf16 on CUDA unless asked otherwise
         if args.interactive:
-            return prompt_line(model, tokenizer, settings, args)
-        prompts = fitted_prompts(args.prompt, tokenizer, settings["max_new_tokens"], model.config)
-        sampling = sampling_options(settings, None if args.no_eos else tokenizer.eos_token_id, args.compile)
-        if len(prompts) == 1:
-            print_continuation(model, tokenizer, args.prompt[0], prompts[0], settings["max_new_tokens"], sampling)
+            return prompt_line(trained, settings, fixed)
+        if len(args.prompt) == 1:
+            print_continuation(trained, args.prompt[0], settings, fixed)
             return 0
-        new_tokens = generate(model, prompts, settings["max_new_tokens"], **sampling)
-    for ids, new in zip(prompts, new_tokens):
-        new = [t for t in new if t != sampling["eos_id"]]
-        print(tokenizer.decode(ids + new, skip_special_tokens=True), end="\n\n", flush=True)
+        prompts = fitted_prompts(trained, args.prompt, settings)
+        new_tokens = generate(trained.model, prompts, settings["max_new_tokens"], **sampling_options(settings, fixed))
+    for ids, new in zip(prompts, new_tokens):  # several prompts: generated together, printed when all are done
+        new = [t for t in new if t != fixed["eos_id"]]
+        print(trained.tokenizer.decode(ids + new, skip_special_tokens=True), end="\n\n", flush=True)
     return 0
 
 
@@ -4775,36 +4795,38 @@ def check_new_tokens(max_new_tokens: int, config: H64LMConfig) -> None:
                          "model's context minus one.")
 
 
-def fitted_prompts(texts: list[str], tokenizer, max_new_tokens: int, config: H64LMConfig) -> list[list[int]]:
+def fitted_prompts(trained: Trained, texts: list[str], settings: dict) -> list[list[int]]:
     """The prompts as token ids, cut to fit the context; fit_prompts's warning about a cut is said in one line."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        prompts = fit_prompts([tokenizer(t)["input_ids"] for t in texts], max_new_tokens, config)
+        prompts = fit_prompts([trained.tokenizer(t)["input_ids"] for t in texts], settings["max_new_tokens"],
+                              trained.config)
     for warning in caught:
         print(f"warning: {warning.message}", file=sys.stderr)
     return prompts
 
 
-def sampling_options(settings: dict, eos_id: int | None, compile: bool = False) -> dict:
-    """generate's settings (flag names) as stream_generate's options."""
+def sampling_options(settings: dict, fixed: dict) -> dict:
+    """generate's settings (flag names, which the prompt line may change) and its fixed options (eos_id and
+    compile) as stream_generate's options."""
     return dict(temperature=settings["temperature"], top_k=settings["top_k"] or None,
                 top_p=settings["top_p"] if settings["top_p"] < 1 else None,
-                repetition_penalty=settings["repetition_penalty"], eos_id=eos_id, seed=settings["seed"],
-                compile=compile)
+                repetition_penalty=settings["repetition_penalty"], seed=settings["seed"], **fixed)
 
 
-def print_continuation(model: H64LM, tokenizer, text: str, ids: list[int], max_new_tokens: int,
-                       sampling: dict) -> None:
+def print_continuation(trained: Trained, text: str, settings: dict, fixed: dict) -> None:
     """Print text, then its continuation as it is generated: decode everything generated so far and print what is
     new (a word can span several tokens, so tokens are not printed one by one)."""
+    ids = fitted_prompts(trained, [text], settings)[0]
     out, shown = [], ""
-    prefix = tokenizer.decode(ids, skip_special_tokens=True)
+    prefix = trained.tokenizer.decode(ids, skip_special_tokens=True)
     print(text, end="", flush=True)
-    for token in stream_generate(model, [ids], max_new_tokens, **sampling):
-        if token.item() == sampling["eos_id"]:
+    for token in stream_generate(trained.model, [ids], settings["max_new_tokens"],
+                                 **sampling_options(settings, fixed)):
+        if token.item() == fixed["eos_id"]:
             break
         out.append(token.item())
-        new = tokenizer.decode(ids + out, skip_special_tokens=True)[len(prefix):]
+        new = trained.tokenizer.decode(ids + out, skip_special_tokens=True)[len(prefix):]
         print(new[len(shown):], end="", flush=True)
         shown = new
     print()
@@ -4823,12 +4845,11 @@ Settings, for the turns that follow: /temperature X  /top-k N  /top-p X  /repeti
 Ctrl-C stops a continuation; Ctrl-D or /quit leaves."""
 
 
-def prompt_line(model: H64LM, tokenizer, settings: dict, args: argparse.Namespace) -> int:
+def prompt_line(trained: Trained, settings: dict, fixed: dict) -> int:
     """generate --interactive: read a line, stream its continuation, repeat. Lines starting with / change the
     sampling settings (checked as the flags are). Ctrl-C stops one continuation, Ctrl-D leaves."""
     if sys.stdin.isatty():
         importlib.import_module("readline")  # line editing and history for input(), when a person types
-    eos_id = None if args.no_eos else tokenizer.eos_token_id
     print(PROMPT_LINE_HELP, file=sys.stderr)
     while True:
         try:
@@ -4842,28 +4863,24 @@ def prompt_line(model: H64LM, tokenizer, settings: dict, args: argparse.Namespac
         if line.startswith("/"):
             if line.strip() in ("/quit", "/exit"):
                 return 0
-            print(change_setting(line, settings, model.config), file=sys.stderr)
-            continue
-        if not line.strip():
-            continue
-        ids = fitted_prompts([line], tokenizer, settings["max_new_tokens"], model.config)[0]
-        try:
-            print_continuation(model, tokenizer, line, ids, settings["max_new_tokens"],
-                               sampling_options(settings, eos_id, args.compile))
-        except KeyboardInterrupt:
-            print(" [stopped]", flush=True)
+            print(change_setting(line, settings, trained.config), file=sys.stderr)
+        elif line.strip():
+            try:
+                print_continuation(trained, line, settings, fixed)
+            except KeyboardInterrupt:
+                print(" [stopped]", flush=True)
 
 
 def change_setting(line: str, settings: dict, config: H64LMConfig) -> str:
     """Apply a /command of the prompt line to settings; returns what to tell the user."""
     command, _, value = line[1:].strip().partition(" ")
-    name = command.replace("-", "_")
     if command == "help":
         return PROMPT_LINE_HELP
     if command == "settings":
         return "  ".join(f"{n.replace('_', '-')}={v}" for n, v in settings.items())
     if command == "greedy":
-        command, name, value = "temperature", "temperature", "0"
+        command, value = "temperature", "0"
+    name = command.replace("-", "_")
     if name not in SAMPLING_FLAGS:
         return f"error: unknown command {line.split()[0]!r}; /help lists them."
     try:
@@ -4878,11 +4895,8 @@ def change_setting(line: str, settings: dict, config: H64LMConfig) -> str:
 
 def cmd_analyze(args: argparse.Namespace) -> int:
     rt = setup_runtime(args.device, args.precision)
-    model, saved = load_checkpoint(args.ckpt, rt.device)
-    tokenizer = load_tokenizer(args.tokenizer)
-    check_vocab(tokenizer, model.config)
-    if not args.allow_mismatch:
-        check_trained_with(saved, resolve_checkpoint(args.ckpt), tokenizer)
+    trained = open_trained(args.ckpt, rt.device, tokenizer=args.tokenizer, allow_mismatch=args.allow_mismatch)
+    model, tokenizer = trained.model, trained.tokenizer
     if not model.config.moe_layer_ids:
         raise H64LMError("This model has no MoE layers (moe_layers='none'); there is no routing to analyse.")
     texts = None
@@ -4891,13 +4905,13 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         for kind, path in args.text:  # (KIND, FILE) pairs, see kind_file_flag
             texts.setdefault(kind, []).extend(_read_lines_as_text(path))
     profile = routing_profile(model, tokenizer, texts)
-    out = Path(args.out) if args.out else resolve_checkpoint(args.ckpt).parent / "routing.png"
+    out = Path(args.out) if args.out else trained.path.parent / "routing.png"
     written = {"heatmap": out, "coactivation_heatmap": out.with_name(f"{out.stem}-coactivation{out.suffix}")}
     save_routing_heatmap(profile, written["heatmap"])
     save_coactivation_heatmap(profile, written["coactivation_heatmap"])
     delta = None
     if args.drop_one:
-        delta = analyze_drop_one(model, saved, args, tokenizer, rt)
+        delta = analyze_drop_one(trained, args, rt)
         written["drop_one_heatmap"] = out.with_name(f"{out.stem}-drop-one{out.suffix}")
         save_heatmaps({"validation loss with the expert masked out - with all": delta},
                       written["drop_one_heatmap"], "nats", [f"layer {i}" for i in profile["layers"]],
@@ -4925,16 +4939,13 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
-def analyze_drop_one(model: H64LM, saved: dict, args: argparse.Namespace, tokenizer, rt: Runtime) -> np.ndarray:
+def analyze_drop_one(trained: Trained, args: argparse.Namespace, rt: Runtime) -> np.ndarray:
     """drop_one_expert on --drop-one batches of the validation split of the checkpoint's data (or --data)."""
-    trained = saved.get("train_config", {})
-    source, splits = load_token_splits(args.data or trained.get("data", "auto"), tokenizer, args.cache_dir,
-                                       log=lambda *a, **k: print(*a, **k, file=sys.stderr))
-    if args.data is None and not args.allow_mismatch:
-        check_trained_with(saved, resolve_checkpoint(args.ckpt), source=source)
-    seq_len = trained.get("seq_len") or model.config.max_position_embeddings
-    check_seq_len(seq_len, model.config)
-    return drop_one_expert(model, splits["valid"].tokens, seq_len, 8, rt, args.drop_one)
+    _, splits = scored_text(trained, args.data, args.cache_dir, args.allow_mismatch,
+                            log=lambda *a, **k: print(*a, **k, file=sys.stderr))
+    seq_len = seq_len_of(trained.config, trained.ckpt.get("train_config", {}).get("seq_len"))
+    check_seq_len(seq_len, trained.config)
+    return drop_one_expert(trained.model, splits["valid"].tokens, seq_len, 8, rt, args.drop_one)
 
 
 def _read_lines_as_text(path: Path) -> list[str]:

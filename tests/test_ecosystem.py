@@ -118,7 +118,7 @@ def assert_transformers_matches(out, ckpt, expected_class: str, trust_remote_cod
     hf = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(out, trust_remote_code=trust_remote_code)
     assert type(hf).__name__ == expected_class and hf.dtype == torch.float32
-    model, _ = h64lm.load_checkpoint(ckpt)
+    model = h64lm.open_trained(ckpt).model
     model.eval()
     ids = tokenizer([PROMPT], return_tensors="pt").input_ids
     assert ids[0].tolist() == h64lm.load_tokenizer()(PROMPT)["input_ids"]  # the same tokenizer, BOS included

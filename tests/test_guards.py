@@ -223,8 +223,7 @@ def test_bad_input_found_after_parsing_is_one_sentence(saved_run, corpus, hostil
 # --- No NaN on disk ---------------------------------------------------------------------------------------------------
 
 def finite_and_loadable(path: Path) -> int:
-    ckpt = h64lm.read_checkpoint(path)
-    h64lm.model_from_checkpoint(ckpt)
+    ckpt = h64lm.open_trained(path).ckpt  # read, checked and built
     assert all(torch.isfinite(t).all() for t in ckpt["model"].values()), path
     assert all(torch.isfinite(v).all() for v in h64lm._tensors(ckpt["optimizer"]) if v.is_floating_point()), path
     return ckpt["step"]
@@ -524,7 +523,7 @@ def test_ctrl_c_is_answered_at_once_and_a_second_one_stops_without_saving(corpus
     assert process.returncode == 130
     if "Ctrl-C again: stopped at once" not in log.read_text():  # the step had ended, saved and stopped first
         assert "stopped after SIGINT" in out
-    h64lm.model_from_checkpoint(h64lm.read_checkpoint(latest))
+    h64lm.open_trained(latest)
 
 
 # --- What a newcomer is told -------------------------------------------------------------------------------------------

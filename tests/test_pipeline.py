@@ -212,8 +212,8 @@ def test_train_writes_checkpoints_history_and_plots(trained_run):
     assert all(isinstance(r["routing_flags"], list) for r in history["val"])
     assert history["val"][-1]["tokens"] == 6 * 4 * 32 and history["val"][-1]["seconds"] > 0
     assert "validation loss" in result.stdout + result.stderr
-    model, ckpt = h64lm.load_checkpoint(run_dir)
-    assert ckpt["step"] == 6 and model.config.hidden_size == 32
+    trained = h64lm.open_trained(run_dir)
+    assert trained.ckpt["step"] == 6 and trained.model.config.hidden_size == 32
 
 
 def test_eval_json_word_perplexity_is_exp_nll_over_words(trained_run, corpus, tokenizer):
@@ -235,7 +235,7 @@ def test_eval_json_word_perplexity_is_exp_nll_over_words(trained_run, corpus, to
     ids += [tokenizer.bos_token_id] + tokenizer.encode(" = Bob = \n Bob built a very small boat . \n \n",
                                                        add_special_tokens=False)
     assert report["tokens"] == len(ids) - 1
-    model, _ = h64lm.load_checkpoint(run_dir / "best.pt")
+    model = h64lm.open_trained(run_dir / "best.pt").model
     model.eval()
     t = torch.tensor(ids)
     with torch.no_grad():
@@ -265,8 +265,8 @@ def test_export_writes_safetensors_that_eval_reads(trained_run, tmp_path):
     run_dir, _ = trained_run
     result = run_cli("export", "--ckpt", run_dir, "--out", tmp_path / "export")
     assert result.returncode == 0, result.stderr
-    exported, _ = h64lm.load_checkpoint(tmp_path / "export")
-    original, _ = h64lm.load_checkpoint(run_dir)
+    exported = h64lm.open_trained(tmp_path / "export").model
+    original = h64lm.open_trained(run_dir).model
     for (name, a), (_, b) in zip(original.state_dict().items(), exported.state_dict().items()):
         assert torch.equal(a, b), name
 
@@ -303,12 +303,12 @@ def test_train_help_lists_every_field_with_its_comment_and_true_default():
 def test_flags_reach_the_configs_over_preset_and_recipe():
     args = h64lm.build_parser().parse_args(["train", "--preset", "tiny", "--num-experts", "4", "--lr", "0.01",
                                             "--sliding-window", "16", "--tie-word-embeddings"])
-    config, tc, preset, resume, ckpt = h64lm.train_settings(args)
+    config, tc, preset, resume, trained = h64lm.train_settings(args)
     tiny, recipe = h64lm.PRESETS["tiny"], h64lm.TRAIN_RECIPES["tiny"]
     assert (config.num_experts, config.sliding_window, config.tie_word_embeddings) == (4, 16, True)
     assert config.hidden_size == tiny["hidden_size"]
     assert (tc.lr, tc.batch_size, tc.max_steps) == (0.01, recipe["batch_size"], recipe["max_steps"])
-    assert preset == "tiny" and resume is None and ckpt is None
+    assert preset == "tiny" and resume is None and trained is None
     defaults = h64lm.train_settings(h64lm.build_parser().parse_args(["train"]))
     assert defaults[0] == h64lm.H64LMConfig() and defaults[1] == h64lm.TrainConfig()
 

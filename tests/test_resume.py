@@ -100,20 +100,20 @@ def test_resume_may_extend_the_run_but_not_change_its_data_order(corpus, tmp_pat
 # --- One command starts a run and continues it ---------------------------------------------------------------------
 
 def settings(*argv):
-    """What `train` would run with these flags: (config, tc, run name, checkpoint path, checkpoint)."""
+    """What `train` would run with these flags: (config, tc, run name, checkpoint path, the checkpoint opened)."""
     return h64lm.train_settings(h64lm.build_parser().parse_args(["train", *map(str, argv)]))
 
 
 def test_resume_accepts_a_preset_and_model_flags_that_agree_with_the_checkpoint(saved_run):
     # saved_run's own command (TINY_FLAGS: --preset tiny and the model flags), with --resume.
-    config, tc, name, resume, ckpt = settings(*TINY_FLAGS, "--resume", saved_run)
+    config, tc, name, resume, trained = settings(*TINY_FLAGS, "--resume", saved_run)
     assert resume == saved_run / "latest.pt" and name == "run"
-    assert config.to_dict() == ckpt["config"]
+    assert config.to_dict() == trained.ckpt["config"]
     # The training settings not given are the run's own, not the tiny recipe's (800 steps, validation every 200).
     assert (tc.max_steps, tc.eval_every, tc.batch_size) == (2, 2, 4)
     # Model flags alone are compared one by one; implementations stay free.
     config, *_ = settings("--resume", saved_run, "--hidden-size", "32", "--num-experts", "4", "--moe-impl", "loop")
-    assert config.to_dict() == ckpt["config"] and config.moe_impl == "loop"
+    assert config.to_dict() == trained.ckpt["config"] and config.moe_impl == "loop"
 
 
 def test_resume_refuses_by_name_each_model_flag_that_differs_and_changes_nothing(saved_run, capsys, monkeypatch):
@@ -137,12 +137,12 @@ def test_resume_refuses_by_name_each_model_flag_that_differs_and_changes_nothing
 def test_resume_auto_starts_an_empty_folder_and_continues_a_saved_one(saved_run, corpus):
     command = [*TINY_FLAGS, "--data", corpus, "--out-dir", saved_run.parent, "--resume", "auto"]
     # No checkpoint in <out-dir>/fresh: a new run from the preset, its recipe and the flags.
-    config, tc, name, resume, ckpt = settings(*command, "--run-name", "fresh")
-    assert resume is None and ckpt is None and config.hidden_size == 32
+    config, tc, name, resume, trained = settings(*command, "--run-name", "fresh")
+    assert resume is None and trained is None and config.hidden_size == 32
     assert (tc.run_name, tc.max_steps, tc.optimizer) == ("fresh", 800, "muon")  # the tiny recipe
     # The same command into the folder of a run that saved: it continues that run, which agrees with the flags.
-    config, tc, name, resume, ckpt = settings(*command, "--run-name", "run")
-    assert resume == saved_run / "latest.pt" and tc.max_steps == 2 and config.to_dict() == ckpt["config"]
+    config, tc, name, resume, trained = settings(*command, "--run-name", "run")
+    assert resume == saved_run / "latest.pt" and tc.max_steps == 2 and config.to_dict() == trained.ckpt["config"]
     with pytest.raises(h64lm.H64LMError, match="--hidden-size 64 differs from its 32"):
         settings(*command, "--run-name", "run", "--hidden-size", "64")
 
@@ -201,8 +201,7 @@ def test_sigkill_at_random_moments_always_leaves_a_loadable_checkpoint(corpus, t
         time.sleep(rng.uniform(0.0, 0.6))
         process.send_signal(signal.SIGKILL)
         process.communicate()
-        ckpt = h64lm.read_checkpoint(latest)  # loads, whatever the moment of the kill
-        h64lm.model_from_checkpoint(ckpt)
+        ckpt = h64lm.open_trained(latest).ckpt  # loads, whatever the moment of the kill
         steps_seen.append(ckpt["step"])
     finish = run_cli("train", "--resume", tmp_path / "killed", "--cache-dir", tmp_path / "cache")
     assert finish.returncode == 0, finish.stderr
@@ -257,13 +256,13 @@ def test_a_checkpoint_that_would_run_code_is_refused_and_the_code_never_runs(sav
     evil = tmp_path / "evil.pt"
     torch.save({"format": h64lm.CHECKPOINT_FORMAT, "version": 1, "model": _Payload(str(marker))}, evil)
     with pytest.raises(h64lm.H64LMError, match="not a readable H64LM checkpoint"):
-        h64lm.load_checkpoint(evil)
+        h64lm.open_trained(evil)
     assert not marker.exists()
     # And a plain pickle that is not even a torch file.
     with open(tmp_path / "plain.pt", "wb") as f:
         pickle.dump(_Payload(str(marker)), f)
     with pytest.raises(h64lm.H64LMError, match="not a readable H64LM checkpoint"):
-        h64lm.load_checkpoint(tmp_path / "plain.pt")
+        h64lm.open_trained(tmp_path / "plain.pt")
     assert not marker.exists()
     # The unsafe loader would have run it: the test's payload is real.
     torch.load(evil, weights_only=False)
@@ -274,51 +273,51 @@ def test_truncated_foreign_and_mismatched_checkpoints_are_refused(saved_run, tmp
     data = (saved_run / "latest.pt").read_bytes()
     (tmp_path / "truncated.pt").write_bytes(data[: len(data) // 2])
     with pytest.raises(h64lm.H64LMError, match="not a readable H64LM checkpoint"):
-        h64lm.load_checkpoint(tmp_path / "truncated.pt")
+        h64lm.open_trained(tmp_path / "truncated.pt")
 
     torch.save({"state_dict": {"w": torch.zeros(2)}}, tmp_path / "foreign.pt")
     with pytest.raises(h64lm.H64LMError, match="is not an H64LM checkpoint"):
-        h64lm.load_checkpoint(tmp_path / "foreign.pt")
+        h64lm.open_trained(tmp_path / "foreign.pt")
 
     ckpt = torch.load(saved_run / "latest.pt", weights_only=True)
     ckpt["config"]["hidden_size"] = 64  # the weights are 32 wide
     torch.save(ckpt, tmp_path / "mismatched.pt")
     with pytest.raises(h64lm.H64LMError, match="do not fit the model its config describes"):
-        h64lm.load_checkpoint(tmp_path / "mismatched.pt")
+        h64lm.open_trained(tmp_path / "mismatched.pt")
 
     ckpt["config"]["hidden_size"] = 33  # not divisible by the heads
     torch.save(ckpt, tmp_path / "invalid.pt")
     with pytest.raises(h64lm.H64LMError, match="config stored in .* is not valid"):
-        h64lm.load_checkpoint(tmp_path / "invalid.pt")
+        h64lm.open_trained(tmp_path / "invalid.pt")
 
     ckpt["config"]["hidden_size"], ckpt["version"] = 32, 99
     torch.save(ckpt, tmp_path / "future.pt")
     with pytest.raises(h64lm.H64LMError, match="format version 99"):
-        h64lm.load_checkpoint(tmp_path / "future.pt")
+        h64lm.open_trained(tmp_path / "future.pt")
 
 
 def test_ddp_and_compiled_prefixes_are_stripped(saved_run, tmp_path):
     ckpt = torch.load(saved_run / "latest.pt", weights_only=True)
-    reference, _ = h64lm.load_checkpoint(saved_run / "latest.pt")
+    reference = h64lm.open_trained(saved_run / "latest.pt").model
     for prefix in ("module.", "_orig_mod.", "module._orig_mod."):
         prefixed = {**ckpt, "model": {prefix + k: v for k, v in ckpt["model"].items()}}
         torch.save(prefixed, tmp_path / "prefixed.pt")
-        model, _ = h64lm.load_checkpoint(tmp_path / "prefixed.pt")
+        model = h64lm.open_trained(tmp_path / "prefixed.pt").model
         for (name, a), (_, b) in zip(model.state_dict().items(), reference.state_dict().items()):
             assert torch.equal(a, b), (prefix, name)
 
 
 def test_safetensors_export_round_trips_and_refuses_damage(saved_run, tmp_path):
     h64lm.export_checkpoint(saved_run, tmp_path / "export")
-    model, _ = h64lm.load_checkpoint(tmp_path / "export")
-    reference, _ = h64lm.load_checkpoint(saved_run)
+    model = h64lm.open_trained(tmp_path / "export").model
+    reference = h64lm.open_trained(saved_run).model
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))
     damaged = tmp_path / "damaged"
     damaged.mkdir()
     (damaged / "config.json").write_text((tmp_path / "export" / "config.json").read_text())
     (damaged / "model.safetensors").write_bytes((tmp_path / "export" / "model.safetensors").read_bytes()[:1000])
     with pytest.raises(h64lm.H64LMError, match="not a readable safetensors file"):
-        h64lm.load_checkpoint(damaged)
+        h64lm.open_trained(damaged)
 
 
 def test_a_full_disk_is_a_loud_error_and_the_old_checkpoint_stays(saved_run, tmp_path, monkeypatch):
@@ -445,5 +444,5 @@ def test_implementations_are_chosen_at_run_time_not_locked_in_the_checkpoint(cor
     # A config written by an older h64lm.py, with the choices in it, still loads; the reader's choice wins.
     old = {**ckpt, "config": {**ckpt["config"], "attn_impl": "plain", "moe_impl": "loop", "loss_impl": "plain"}}
     torch.save(old, tmp_path / "old.pt")
-    model, _ = h64lm.load_checkpoint(tmp_path / "old.pt")
+    model = h64lm.open_trained(tmp_path / "old.pt").model
     assert (model.config.attn_impl, model.config.moe_impl, model.config.loss_impl) == ("sdpa", "grouped", "chunked")

@@ -152,14 +152,15 @@ def test_fine_grained_and_dense_twin_have_the_advertised_size_and_flops():
         h64lm.dense_twin(h64lm.H64LMConfig.from_preset("tiny"))  # odd layers only
 
 
-def test_a_config_saved_before_balance_was_a_choice_loads_as_switch():
+def test_a_config_saved_before_balance_was_a_choice_loads_as_switch(tmp_path):
     """Checkpoints written before the routing lab have no `balance` and were trained with Switch's loss; today's
     default (aux_free) would add a bias buffer their weights do not have."""
     config = small_config(balance="switch")
     old = {k: v for k, v in config.to_dict().items()
            if k not in ("balance", "router_scoring", "num_shared_experts", "bias_update_rate")}
-    ckpt = {"model": h64lm.H64LM(config).state_dict(), "config": old}
-    assert h64lm.model_from_checkpoint(ckpt, "cpu", "old.pt").config.balance == "switch"
+    torch.save({"format": h64lm.CHECKPOINT_FORMAT, "version": h64lm.CHECKPOINT_VERSION,
+                "model": h64lm.H64LM(config).state_dict(), "config": old}, tmp_path / "old.pt")
+    assert h64lm.open_trained(tmp_path / "old.pt").model.config.balance == "switch"
     assert h64lm.H64LMConfig().balance == "aux_free"
 
 
