@@ -77,6 +77,16 @@ LOSS_IMPLS = ("chunked", "plain")
 IMPL_FIELDS = ("attn_impl", "moe_impl", "loss_impl")  # H64LMConfig's run-time choices (see the config)
 ROUTER_SCORINGS = ("softmax", "sigmoid")
 BALANCE_METHODS = ("switch", "global", "sequence", "aux_free", "aux_free+sequence", "none")  # section 9
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")  # these three are TrainConfig's (section 15)
+DEVICES = ("auto", "cpu", "cuda")
+OPTIMIZERS = ("adamw", "muon")
+
+# The values each text setting may take, by field name: the checks of H64LMConfig and TrainConfig
+# (check_choices) and the command line's choices= all read this one table, so a value is refused alike everywhere.
+CHOICES: dict[str, tuple[str, ...]] = dict(
+    attention_type=ATTENTION_TYPES, router_scoring=ROUTER_SCORINGS, balance=BALANCE_METHODS,
+    attn_impl=ATTENTION_IMPLS, moe_impl=MOE_IMPLS, loss_impl=LOSS_IMPLS,
+    precision=PRECISIONS, device=DEVICES, optimizer=OPTIMIZERS)
 
 
 @dataclass(frozen=True)
@@ -130,6 +140,13 @@ def check_ranges(obj, ranges: dict[str, Range]) -> None:
             raise ValueError(f"{name} {why}.")
 
 
+def check_choices(values: dict) -> None:
+    """Raise ValueError naming the first setting in values (name -> value) that is not one of its CHOICES."""
+    for name, value in values.items():
+        if name in CHOICES and value not in CHOICES[name]:
+            raise ValueError(f"{name} must be one of {', '.join(CHOICES[name])}, got {value!r}.")
+
+
 @dataclass
 class H64LMConfig:
     # Vocabulary and context.
@@ -140,16 +157,19 @@ class H64LMConfig:
     hidden_size: int = 768  # d_model, the residual stream width; GPT-2 small's width
     num_layers: int = 6  # transformer blocks
     num_heads: int = 12  # query heads; 768 / 12 = 64 per head, as in GPT-2
-    num_kv_heads: int = 4  # key/value heads, each shared by num_heads / num_kv_heads query heads (GQA, Ainslie et al. 2023)
+    num_kv_heads: int = 4  # key/value heads, each shared by num_heads / num_kv_heads query heads
+    # (GQA, Ainslie et al. 2023)
     intermediate_size: int = 3072  # hidden width of the dense SwiGLU layers; 4 x hidden_size (GPT-2's ratio)
 
     # Where attention gets its sense of position, and how far back it looks.
     attention_type: str = "rope+alibi"  # "rope" (Su et al. 2021), "alibi" (Press et al. 2022) or both
     rope_theta: float = 10000.0  # RoPE base wavelength; RoFormer's value, also Llama's and Mistral's
-    sliding_window: int | None = None  # tokens a query may see, itself included; None = all earlier tokens (Mistral 7B uses 4096)
+    sliding_window: int | None = None  # tokens a query may see, itself included; None = all earlier tokens
+    # (Mistral 7B uses 4096)
 
     # Mixture of Experts (Shazeer et al. 2017; Switch Transformer, Fedus et al. 2021; Mixtral, Jiang et al. 2024).
-    moe_layers: str = "odd"  # which blocks are MoE: "odd", "even", "all", "none" or indices like "1,3"; the rest are dense
+    moe_layers: str = "odd"  # which blocks are MoE: "odd", "even", "all", "none" or indices like "1,3"; the rest
+    # are dense
     num_experts: int = 8  # experts per MoE layer; Mixtral's 8
     num_experts_per_tok: int = 2  # k of top-k routing: experts each token is sent to; Mixtral's 2
     expert_intermediate_size: int = 3072  # hidden width of each expert's SwiGLU; same as the dense layers
@@ -163,7 +183,8 @@ class H64LMConfig:
     # "aux_free+sequence" or "none"; aux_free had the lowest loss and MaxVio of the balancing methods in the
     # README's compute-matched study (3 seeds; Switch's loss, the textbook choice, was 0.022 nats behind)
     bias_update_rate: float = 0.001  # gamma, aux_free's per-expert bias step after each optimizer step (DeepSeek-V3)
-    router_jitter_noise: float = 0.0  # training-time multiplicative noise on the router input, U(1-eps, 1+eps) (Switch; 0 = off)
+    router_jitter_noise: float = 0.0  # training-time multiplicative noise on the router input, U(1-eps, 1+eps)
+    # (Switch; 0 = off)
     router_aux_loss_coef: float = 0.01  # alpha, weight of the balance loss (switch, global, sequence); Switch
     # Transformer section 2.2 uses 1e-2 (DeepSeek-V3 weighs its sequence-wise loss, beside aux_free, 1e-4)
     router_z_loss_coef: float = 0.001  # c_z, weight of the router z-loss; ST-MoE (Zoph et al. 2022) uses 1e-3
@@ -197,10 +218,9 @@ class H64LMConfig:
 
     def __post_init__(self):
         check_ranges(self, self.RANGES)
+        check_choices(vars(self))
         if not isinstance(self.tie_word_embeddings, bool):
             raise ValueError(f"tie_word_embeddings must be true or false, got {self.tie_word_embeddings!r}.")
-        if self.attention_type not in ATTENTION_TYPES:
-            raise ValueError(f"attention_type must be one of {', '.join(ATTENTION_TYPES)}, got {self.attention_type!r}.")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads}); "
                              "pick a head count that divides it.")
@@ -210,24 +230,14 @@ class H64LMConfig:
         if self.num_experts_per_tok > self.num_experts:
             raise ValueError(f"num_experts_per_tok ({self.num_experts_per_tok}) cannot exceed num_experts "
                              f"({self.num_experts}).")
-        if self.router_scoring not in ROUTER_SCORINGS:
-            raise ValueError(f"router_scoring must be one of {', '.join(ROUTER_SCORINGS)}, "
-                             f"got {self.router_scoring!r}.")
-        if self.balance not in BALANCE_METHODS:
-            raise ValueError(f"balance must be one of {', '.join(BALANCE_METHODS)}, got {self.balance!r}.")
-        if self.attn_impl not in ATTENTION_IMPLS:
-            raise ValueError(f"attn_impl must be one of {', '.join(ATTENTION_IMPLS)}, got {self.attn_impl!r}.")
-        if self.moe_impl not in MOE_IMPLS:
-            raise ValueError(f"moe_impl must be one of {', '.join(MOE_IMPLS)}, got {self.moe_impl!r}.")
-        if self.loss_impl not in LOSS_IMPLS:
-            raise ValueError(f"loss_impl must be one of {', '.join(LOSS_IMPLS)}, got {self.loss_impl!r}.")
 
         self.head_dim = self.hidden_size // self.num_heads
         self.use_rope = "rope" in self.attention_type
         self.use_alibi = "alibi" in self.attention_type
         if self.use_rope and self.head_dim % 2:
-            raise ValueError(f"RoPE rotates channel pairs, so the head size (hidden_size / num_heads = {self.head_dim}) "
-                             "must be even; change hidden_size or num_heads, or use attention_type='alibi'.")
+            raise ValueError(f"RoPE rotates channel pairs, so the head size (hidden_size / num_heads = "
+                             f"{self.head_dim}) must be even; change hidden_size or num_heads, or use "
+                             "attention_type='alibi'.")
         self.moe_layer_ids = self._parse_moe_layers(self.moe_layers, self.num_layers)
 
     @staticmethod
@@ -2215,11 +2225,6 @@ def history_record(run: Run, stats: dict, load: torch.Tensor, **speed) -> dict:
 # a flag of `h64lm.py train` (section 21).
 
 
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-DEVICES = ("auto", "cpu", "cuda")
-OPTIMIZERS = ("adamw", "muon")
-
-
 @dataclass
 class TrainConfig:
     data: str = "auto"  # "auto", "wikitext-103", "sample" or a folder of wiki.*.raw / parquet / .txt files
@@ -2260,15 +2265,11 @@ class TrainConfig:
 
     def __post_init__(self):
         check_ranges(self, self.RANGES)
+        check_choices(vars(self))
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr}).")
         if self.run_name is not None:
             check_run_name(self.run_name)
-        if self.precision not in PRECISIONS or self.device not in DEVICES:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)} and device one of "
-                             f"{', '.join(DEVICES)}, got {self.precision!r} and {self.device!r}.")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}.")
 
 
 def with_defaults(train_config: dict) -> dict:
@@ -2361,8 +2362,7 @@ def keep_freed_memory() -> bool:
 def setup_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
     if device == "cuda" and not torch.cuda.is_available():
         raise H64LMError("--device cuda was asked for, but PyTorch sees no CUDA GPU; use --device cpu.")
-    if device not in DEVICES:
-        raise H64LMError(f"--device must be one of {', '.join(DEVICES)}, got {device!r}.")
+    check_choices(dict(device=device, precision=precision))  # a library caller's: the parser has checked its own
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if use_cuda:
@@ -2375,8 +2375,6 @@ def setup_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
         torch.distributed.init_process_group(backend="nccl" if use_cuda else "gloo")
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
               "auto": torch.bfloat16 if use_cuda else torch.float32}
-    if precision not in dtypes:
-        raise H64LMError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}.")
     if precision == "fp16" and not use_cuda:
         raise H64LMError("--precision fp16 needs a CUDA GPU; on CPU use fp32 (or bf16).")
     return Runtime(device=dev, rank=rank, world_size=world_size, dtype=dtypes[precision])
