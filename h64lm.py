@@ -4152,10 +4152,10 @@ def doctor_verdict(report: dict) -> str:
 #
 # Every field of H64LMConfig and TrainConfig is a flag of `train`, and its help
 # is the comment beside the field, so the two cannot drift apart. Every flag
-# checks its value as it is parsed (a number against its field's Range, a path
-# for its kind), so a bad value is one sentence before anything runs. Problems
-# found later (H64LMError), and whatever else escapes, print one sentence too
-# and exit with status 2; --debug shows the traceback instead.
+# checks its value as it is parsed (a number against the Range of its name, a
+# path with the check of what opens it), so a bad value is one sentence before
+# anything runs. Problems found later (H64LMError), and whatever else escapes,
+# print one sentence too and exit with status 2; --debug shows the traceback.
 
 class Parser(argparse.ArgumentParser):
     """argparse, with its errors as one line (not the usage, which for `train` is a screenful) and exit status 2."""
@@ -4165,9 +4165,10 @@ class Parser(argparse.ArgumentParser):
 
 
 # Every flag that takes a value checks it as it is parsed: a text setting against CHOICES (argparse's choices=),
-# a number against the Range of its name (NUMBER_RANGES), anything else with one of the types below. A path is
-# checked by the function that opens it (check_data_folder, check_tokenizer_folder, check_run_name), which the
-# flag's type calls, so a bad one fails before anything runs, with the same sentence.
+# a number against the Range of its name (NUMBER_RANGES), anything else with one of the types below. Where the
+# code that uses a value checks it already (check_data_folder, check_tokenizer_folder, check_run_name), the type
+# calls that check, so a bad value fails before anything runs, with the same sentence; a checkpoint is looked
+# for, and checked, only where it is read (resolve_checkpoint, read_checkpoint).
 
 def argument_type(check):
     """Turn check(text) -> value, which raises ValueError or H64LMError with the reason, into an argparse type
@@ -4364,6 +4365,7 @@ COMMON_FLAGS: dict[str, dict] = {
 
 
 def common(p, flag: str, **changes) -> None:
+    """Add COMMON_FLAGS[flag] to p, with any of its settings changed."""
     p.add_argument(flag, **{**COMMON_FLAGS[flag], **changes})
 
 
@@ -4401,7 +4403,6 @@ def add_train(commands) -> None:
                 "torchrun --nproc_per_node=N h64lm.py train ...")
     common(p, "--preset", default=argparse.SUPPRESS,
            help="model preset, and the training recipe of the same name (default: h64lm)")
-    # The checkpoint is looked for, and checked, where it is read (resolve_checkpoint, read_checkpoint).
     p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="PATH",
                    help="continue the run in <out-dir>/<run> from its latest.pt, or the run at PATH (a run folder "
                         "or a .pt file); 'auto': continue the run if its folder holds latest.pt, else start it, so "
