@@ -77,6 +77,16 @@ LOSS_IMPLS = ("chunked", "plain")
 IMPL_FIELDS = ("attn_impl", "moe_impl", "loss_impl")  # H64LMConfig's run-time choices (see the config)
 ROUTER_SCORINGS = ("softmax", "sigmoid")
 BALANCE_METHODS = ("switch", "global", "sequence", "aux_free", "aux_free+sequence", "none")  # section 9
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")  # these three are TrainConfig's (section 15)
+DEVICES = ("auto", "cpu", "cuda")
+OPTIMIZERS = ("adamw", "muon")
+
+# The values each text setting may take, by field name: the checks of H64LMConfig and TrainConfig
+# (check_choices) and the command line's choices= all read this one table, so a value is refused alike everywhere.
+CHOICES: dict[str, tuple[str, ...]] = dict(
+    attention_type=ATTENTION_TYPES, router_scoring=ROUTER_SCORINGS, balance=BALANCE_METHODS,
+    attn_impl=ATTENTION_IMPLS, moe_impl=MOE_IMPLS, loss_impl=LOSS_IMPLS,
+    precision=PRECISIONS, device=DEVICES, optimizer=OPTIMIZERS)
 
 
 @dataclass(frozen=True)
@@ -130,6 +140,13 @@ def check_ranges(obj, ranges: dict[str, Range]) -> None:
             raise ValueError(f"{name} {why}.")
 
 
+def check_choices(values: dict) -> None:
+    """Raise ValueError naming the first setting in values (name -> value) that is not one of its CHOICES."""
+    for name, value in values.items():
+        if name in CHOICES and value not in CHOICES[name]:
+            raise ValueError(f"{name} must be one of {', '.join(CHOICES[name])}, got {value!r}.")
+
+
 @dataclass
 class H64LMConfig:
     # Vocabulary and context.
@@ -140,16 +157,19 @@ class H64LMConfig:
     hidden_size: int = 768  # d_model, the residual stream width; GPT-2 small's width
     num_layers: int = 6  # transformer blocks
     num_heads: int = 12  # query heads; 768 / 12 = 64 per head, as in GPT-2
-    num_kv_heads: int = 4  # key/value heads, each shared by num_heads / num_kv_heads query heads (GQA, Ainslie et al. 2023)
+    num_kv_heads: int = 4  # key/value heads, each shared by num_heads / num_kv_heads query heads
+    # (GQA, Ainslie et al. 2023)
     intermediate_size: int = 3072  # hidden width of the dense SwiGLU layers; 4 x hidden_size (GPT-2's ratio)
 
     # Where attention gets its sense of position, and how far back it looks.
     attention_type: str = "rope+alibi"  # "rope" (Su et al. 2021), "alibi" (Press et al. 2022) or both
     rope_theta: float = 10000.0  # RoPE base wavelength; RoFormer's value, also Llama's and Mistral's
-    sliding_window: int | None = None  # tokens a query may see, itself included; None = all earlier tokens (Mistral 7B uses 4096)
+    sliding_window: int | None = None  # tokens a query may see, itself included; None = all earlier tokens
+    # (Mistral 7B uses 4096)
 
     # Mixture of Experts (Shazeer et al. 2017; Switch Transformer, Fedus et al. 2021; Mixtral, Jiang et al. 2024).
-    moe_layers: str = "odd"  # which blocks are MoE: "odd", "even", "all", "none" or indices like "1,3"; the rest are dense
+    moe_layers: str = "odd"  # which blocks are MoE: "odd", "even", "all", "none" or indices like "1,3"; the rest
+    # are dense
     num_experts: int = 8  # experts per MoE layer; Mixtral's 8
     num_experts_per_tok: int = 2  # k of top-k routing: experts each token is sent to; Mixtral's 2
     expert_intermediate_size: int = 3072  # hidden width of each expert's SwiGLU; same as the dense layers
@@ -163,7 +183,8 @@ class H64LMConfig:
     # "aux_free+sequence" or "none"; aux_free had the lowest loss and MaxVio of the balancing methods in the
     # README's compute-matched study (3 seeds; Switch's loss, the textbook choice, was 0.022 nats behind)
     bias_update_rate: float = 0.001  # gamma, aux_free's per-expert bias step after each optimizer step (DeepSeek-V3)
-    router_jitter_noise: float = 0.0  # training-time multiplicative noise on the router input, U(1-eps, 1+eps) (Switch; 0 = off)
+    router_jitter_noise: float = 0.0  # training-time multiplicative noise on the router input, U(1-eps, 1+eps)
+    # (Switch; 0 = off)
     router_aux_loss_coef: float = 0.01  # alpha, weight of the balance loss (switch, global, sequence); Switch
     # Transformer section 2.2 uses 1e-2 (DeepSeek-V3 weighs its sequence-wise loss, beside aux_free, 1e-4)
     router_z_loss_coef: float = 0.001  # c_z, weight of the router z-loss; ST-MoE (Zoph et al. 2022) uses 1e-3
@@ -197,10 +218,9 @@ class H64LMConfig:
 
     def __post_init__(self):
         check_ranges(self, self.RANGES)
+        check_choices(vars(self))
         if not isinstance(self.tie_word_embeddings, bool):
             raise ValueError(f"tie_word_embeddings must be true or false, got {self.tie_word_embeddings!r}.")
-        if self.attention_type not in ATTENTION_TYPES:
-            raise ValueError(f"attention_type must be one of {', '.join(ATTENTION_TYPES)}, got {self.attention_type!r}.")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads}); "
                              "pick a head count that divides it.")
@@ -210,24 +230,14 @@ class H64LMConfig:
         if self.num_experts_per_tok > self.num_experts:
             raise ValueError(f"num_experts_per_tok ({self.num_experts_per_tok}) cannot exceed num_experts "
                              f"({self.num_experts}).")
-        if self.router_scoring not in ROUTER_SCORINGS:
-            raise ValueError(f"router_scoring must be one of {', '.join(ROUTER_SCORINGS)}, "
-                             f"got {self.router_scoring!r}.")
-        if self.balance not in BALANCE_METHODS:
-            raise ValueError(f"balance must be one of {', '.join(BALANCE_METHODS)}, got {self.balance!r}.")
-        if self.attn_impl not in ATTENTION_IMPLS:
-            raise ValueError(f"attn_impl must be one of {', '.join(ATTENTION_IMPLS)}, got {self.attn_impl!r}.")
-        if self.moe_impl not in MOE_IMPLS:
-            raise ValueError(f"moe_impl must be one of {', '.join(MOE_IMPLS)}, got {self.moe_impl!r}.")
-        if self.loss_impl not in LOSS_IMPLS:
-            raise ValueError(f"loss_impl must be one of {', '.join(LOSS_IMPLS)}, got {self.loss_impl!r}.")
 
         self.head_dim = self.hidden_size // self.num_heads
         self.use_rope = "rope" in self.attention_type
         self.use_alibi = "alibi" in self.attention_type
         if self.use_rope and self.head_dim % 2:
-            raise ValueError(f"RoPE rotates channel pairs, so the head size (hidden_size / num_heads = {self.head_dim}) "
-                             "must be even; change hidden_size or num_heads, or use attention_type='alibi'.")
+            raise ValueError(f"RoPE rotates channel pairs, so the head size (hidden_size / num_heads = "
+                             f"{self.head_dim}) must be even; change hidden_size or num_heads, or use "
+                             "attention_type='alibi'.")
         self.moe_layer_ids = self._parse_moe_layers(self.moe_layers, self.num_layers)
 
     @staticmethod
@@ -1354,14 +1364,21 @@ def fit_prompts(prompts: list[list[int]], max_new_tokens: int, config: H64LMConf
     (with a warning); the one rule for a long prompt, in the library and on the command line."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("Every prompt needs at least one token; a text prompt gets <s> from the tokenizer.")
-    if not 1 <= max_new_tokens < config.max_position_embeddings:
-        raise ValueError(f"max_new_tokens must be between 1 and {config.max_position_embeddings - 1} "
-                         "(max_position_embeddings - 1).")
+    if why := new_tokens_refused(max_new_tokens, config):
+        raise ValueError(f"max_new_tokens {why}.")
     room = config.max_position_embeddings - max_new_tokens
     if any(len(p) > room for p in prompts):
         warnings.warn(f"A prompt is longer than the {room} tokens that leave room for {max_new_tokens} new ones in "
                       f"a {config.max_position_embeddings}-token context; only its last {room} tokens are used.")
     return [p[-room:] for p in prompts]
+
+
+def new_tokens_refused(max_new_tokens: int, config: H64LMConfig) -> str | None:
+    """Why max_new_tokens do not fit in config's context beside a prompt of at least one token, or None when they
+    do: the one rule, for fit_prompts and for generate's --max-new-tokens."""
+    if not 1 <= max_new_tokens < config.max_position_embeddings:
+        return f"must be between 1 and {config.max_position_embeddings - 1} (max_position_embeddings - 1)"
+    return None
 
 
 def sample(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
@@ -1589,12 +1606,17 @@ def _split_of(path: Path) -> str | None:
     return None
 
 
-def _folder_source(folder: Path) -> TextSource:
+def check_data_folder(folder: Path) -> None:
+    """--data names a folder that exists (its files are checked as they are read); --data's flag asks this too."""
     if not folder.exists():
-        raise H64LMError(f"--data {folder}: no such folder; give a folder of wiki.*.raw, parquet or .txt files, "
-                         "or use --data sample.")
+        raise H64LMError(f"{folder}: no such folder; give a folder of wiki.*.raw, parquet or .txt files, or use "
+                         "--data sample.")
     if not folder.is_dir():
-        raise H64LMError(f"--data {folder} is a file; give the folder that holds it.")
+        raise H64LMError(f"{folder} is a file; give the folder that holds it.")
+
+
+def _folder_source(folder: Path) -> TextSource:
+    check_data_folder(folder)
     files = sorted(p for p in folder.rglob("*") if p.is_file())
     raw = [p for p in files if p.name.endswith((".raw", ".raw.gz", ".txt", ".txt.gz"))]
     parquet = [p for p in files if p.suffix == ".parquet"]
@@ -1682,8 +1704,7 @@ def load_tokenizer(path: str | Path = DEFAULT_TOKENIZER):
     from transformers import AutoTokenizer
 
     path = Path(path)
-    if not (path / "tokenizer.json").exists() and not (path / "tokenizer.model").exists():
-        raise H64LMError(f"No tokenizer in {path}; point --tokenizer at a folder with tokenizer.json.")
+    check_tokenizer_folder(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except Exception as e:  # a damaged JSON or model file; transformers raises many kinds
@@ -1693,6 +1714,13 @@ def load_tokenizer(path: str | Path = DEFAULT_TOKENIZER):
         raise H64LMError(f"The tokenizer in {path} has no tokenizer.json (a fast tokenizer), which H64LM needs; "
                          "save it with a recent transformers (tokenizer.save_pretrained).")
     return tokenizer
+
+
+def check_tokenizer_folder(path: Path) -> None:
+    """A folder with a tokenizer's files in it (whether they load is seen when they are); --tokenizer's flag asks
+    this too."""
+    if not (path / "tokenizer.json").exists() and not (path / "tokenizer.model").exists():
+        raise H64LMError(f"No tokenizer in {path}; point --tokenizer at a folder with tokenizer.json.")
 
 
 def check_vocab(tokenizer, config: H64LMConfig) -> None:
@@ -2243,11 +2271,6 @@ def history_record(run: Run, stats: dict, load: torch.Tensor, **speed) -> dict:
 # a flag of `h64lm.py train` (section 21).
 
 
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-DEVICES = ("auto", "cpu", "cuda")
-OPTIMIZERS = ("adamw", "muon")
-
-
 @dataclass
 class TrainConfig:
     data: str = "auto"  # "auto", "wikitext-103", "sample" or a folder of wiki.*.raw / parquet / .txt files
@@ -2288,15 +2311,11 @@ class TrainConfig:
 
     def __post_init__(self):
         check_ranges(self, self.RANGES)
+        check_choices(vars(self))
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr}).")
         if self.run_name is not None:
             check_run_name(self.run_name)
-        if self.precision not in PRECISIONS or self.device not in DEVICES:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)} and device one of "
-                             f"{', '.join(DEVICES)}, got {self.precision!r} and {self.device!r}.")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}.")
 
 
 def with_defaults(train_config: dict) -> dict:
@@ -2389,8 +2408,7 @@ def keep_freed_memory() -> bool:
 def setup_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
     if device == "cuda" and not torch.cuda.is_available():
         raise H64LMError("--device cuda was asked for, but PyTorch sees no CUDA GPU; use --device cpu.")
-    if device not in DEVICES:
-        raise H64LMError(f"--device must be one of {', '.join(DEVICES)}, got {device!r}.")
+    check_choices(dict(device=device, precision=precision))  # a library caller's: the parser has checked its own
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if use_cuda:
@@ -2403,8 +2421,6 @@ def setup_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
         torch.distributed.init_process_group(backend="nccl" if use_cuda else "gloo")
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
               "auto": torch.bfloat16 if use_cuda else torch.float32}
-    if precision not in dtypes:
-        raise H64LMError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}.")
     if precision == "fp16" and not use_cuda:
         raise H64LMError("--precision fp16 needs a CUDA GPU; on CPU use fp32 (or bf16).")
     return Runtime(device=dev, rank=rank, world_size=world_size, dtype=dtypes[precision])
@@ -4222,10 +4238,10 @@ def doctor_verdict(report: dict) -> str:
 #
 # Every field of H64LMConfig and TrainConfig is a flag of `train`, and its help
 # is the comment beside the field, so the two cannot drift apart. Every flag
-# checks its value as it is parsed (a number against its field's Range, a path
-# for its kind), so a bad value is one sentence before anything runs. Problems
-# found later (H64LMError), and whatever else escapes, print one sentence too
-# and exit with status 2; --debug shows the traceback instead.
+# checks its value as it is parsed (a number against the Range of its name, a
+# path with the check of what opens it), so a bad value is one sentence before
+# anything runs. Problems found later (H64LMError), and whatever else escapes,
+# print one sentence too and exit with status 2; --debug shows the traceback.
 
 class Parser(argparse.ArgumentParser):
     """argparse, with its errors as one line (not the usage, which for `train` is a screenful) and exit status 2."""
@@ -4234,27 +4250,27 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message.rstrip('.')}; see `{self.prog} --help`.\n")
 
 
-# Every flag that takes a value checks it as it is parsed, with one of the types below, each tagged with the kind
-# of value it takes (tests/test_guards.py finds every flag by its kind and tries the values it must refuse).
+# Every flag that takes a value checks it as it is parsed: a text setting against CHOICES (argparse's choices=),
+# a number against the Range of its name (NUMBER_RANGES), anything else with one of the types below. Where the
+# code that uses a value checks it already (check_data_folder, check_tokenizer_folder, check_run_name), the type
+# calls that check, so a bad value fails before anything runs, with the same sentence; a checkpoint is looked
+# for, and checked, only where it is read (resolve_checkpoint, read_checkpoint).
 
-def flag_type(kind: str, **tags):
-    """Turn check(text) -> value, which raises ValueError with the reason, into an argparse type of this kind."""
-    def wrap(check):
-        @functools.wraps(check)
-        def parse(text: str):
-            try:
-                return check(text)
-            except ValueError as e:
-                raise argparse.ArgumentTypeError(str(e)) from None
-        parse.kind = kind
-        parse.__dict__.update(tags)
-        return parse
-    return wrap
+def argument_type(check):
+    """Turn check(text) -> value, which raises ValueError or H64LMError with the reason, into an argparse type
+    (argparse reports an ArgumentTypeError's reason as the flag's error)."""
+    @functools.wraps(check)
+    def parse(text: str):
+        try:
+            return check(text)
+        except (ValueError, H64LMError) as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return parse
 
 
 def number_flag(allowed: Range, optional: bool = False):
     """A number in `allowed`; with optional, 'none' gives None."""
-    @flag_type("number", allowed=allowed, optional=optional)
+    @argument_type
     def number(text: str):
         if optional and text.lower() == "none":
             return None
@@ -4268,22 +4284,35 @@ def number_flag(allowed: Range, optional: bool = False):
     return number
 
 
+# The numbers that only the command line takes. A number has one Range by its name, whichever command takes it:
+# NUMBER_RANGES holds these and the configs' (eval's --batch-size is TrainConfig's batch_size, generate's --seed
+# its seed).
+FLAG_RANGES: dict[str, Range] = dict(
+    seeds=COUNT, max_batches=COUNT, drop_one=COUNT, repeats=COUNT, decode_tokens=COUNT, max_new_tokens=COUNT,
+    temperature=NON_NEGATIVE, top_k=Range(0, integer=True), top_p=Range(0, 1, low_open=True),
+    repetition_penalty=POSITIVE)
+NUMBER_RANGES: dict[str, Range] = {**H64LMConfig.RANGES, **TrainConfig.RANGES, **FLAG_RANGES}
+
+
+def add_number(p, flag: str, optional: bool = False, **settings) -> None:
+    """A number flag, --batch-size for batch_size, checked against the Range of its name."""
+    p.add_argument(flag, type=number_flag(NUMBER_RANGES[flag[2:].replace("-", "_")], optional), **settings)
+
+
 def _first_existing(path: Path) -> Path:
     while not path.exists() and path != path.parent:
         path = path.parent
     return path
 
 
-@flag_type("folder")
-def folder_flag(text: str) -> str:
-    """A folder that exists (a tokenizer's)."""
-    path = Path(text).expanduser()
-    if not path.is_dir():
-        raise ValueError(f"{text} is a file, not a folder" if path.exists() else f"there is no folder {text}")
+@argument_type
+def tokenizer_flag(text: str) -> str:
+    """A folder that holds a tokenizer (load_tokenizer's check)."""
+    check_tokenizer_folder(Path(text))
     return text
 
 
-@flag_type("output_folder")
+@argument_type
 def output_folder_flag(text: str) -> str:
     """A folder to write into: it may not exist yet, but it must not be a file, nor lie under one."""
     path = Path(text).expanduser()
@@ -4293,7 +4322,7 @@ def output_folder_flag(text: str) -> str:
     return text
 
 
-@flag_type("output_file")
+@argument_type
 def image_file_flag(text: str) -> str:
     """An image file to write (.png, .pdf or .svg) in a folder that exists."""
     path = Path(text).expanduser()
@@ -4306,29 +4335,21 @@ def image_file_flag(text: str) -> str:
     return text
 
 
-@flag_type("name")
+@argument_type
 def run_name_flag(text: str) -> str:
-    check_run_name(text)
+    check_run_name(text)  # TrainConfig's check, here too because --resume finds its run by the name
     return text
 
 
-@flag_type("data")
+@argument_type
 def data_flag(text: str) -> str:
-    """auto, wikitext-103, sample, or a folder (whose files are checked when it is read)."""
-    if text not in ("auto", "wikitext-103", "sample") and not Path(text).expanduser().is_dir():
-        raise ValueError(f"{text} is a file; give the folder that holds it" if Path(text).exists() else
-                         f"{text}: no such folder; give a folder of wiki.*.raw, parquet or .txt files, or one of "
-                         "auto, wikitext-103, sample")
+    """auto, wikitext-103, sample, or a folder (the loader's check; its files are checked when it is read)."""
+    if text not in ("auto", "wikitext-103", "sample"):
+        check_data_folder(Path(text).expanduser())
     return text
 
 
-@flag_type("checkpoint")
-def checkpoint_flag(text: str) -> str:
-    """A checkpoint: it is looked for, and checked, where it is read (resolve_checkpoint, read_checkpoint)."""
-    return text
-
-
-@flag_type("text")
+@argument_type
 def text_flag(text: str) -> str:
     """Text from the command line: it must be UTF-8 (Python keeps other bytes as unpaired surrogates)."""
     try:
@@ -4338,7 +4359,7 @@ def text_flag(text: str) -> str:
     return text
 
 
-@flag_type("kind_file")
+@argument_type
 def kind_file_flag(text: str) -> tuple[str, Path]:
     kind, sep, path = text_flag(text).partition("=")
     if not sep or not kind or not path:
@@ -4346,7 +4367,7 @@ def kind_file_flag(text: str) -> tuple[str, Path]:
     return kind, Path(path).expanduser()
 
 
-@flag_type("text")
+@argument_type
 def variants_flag(text: str) -> list[str]:
     names = [name.strip() for name in text_flag(text).split(",") if name.strip()]
     unknown = [n for n in names if n not in STUDY_VARIANTS]
@@ -4356,7 +4377,7 @@ def variants_flag(text: str) -> list[str]:
     return names
 
 
-@flag_type("text")
+@argument_type
 def custom_variant_flag(text: str) -> tuple[str, dict]:
     """NAME:FIELD=VALUE,... -> (NAME, {FIELD: VALUE}); a value is read as JSON (numbers, true, null) or else text."""
     name, sep, rest = text_flag(text).partition(":")
@@ -4375,12 +4396,9 @@ def custom_variant_flag(text: str) -> tuple[str, dict]:
     return name, spec
 
 
-# String fields with a fixed set of values, for argparse's choices=, and the other string fields' types.
-FIELD_CHOICES = {"attention_type": ATTENTION_TYPES, "router_scoring": ROUTER_SCORINGS, "balance": BALANCE_METHODS,
-                 "attn_impl": ATTENTION_IMPLS, "moe_impl": MOE_IMPLS, "loss_impl": LOSS_IMPLS, "precision": PRECISIONS,
-                 "device": DEVICES, "optimizer": OPTIMIZERS}
+# The types of the dataclass fields that are neither choices nor numbers.
 FIELD_TYPES = {"data": data_flag, "run_name": run_name_flag, "out_dir": output_folder_flag,
-               "tokenizer": folder_flag, "cache_dir": output_folder_flag, "moe_layers": text_flag}
+               "tokenizer": tokenizer_flag, "cache_dir": output_folder_flag, "moe_layers": text_flag}
 
 
 def field_comments(cls) -> dict[str, str]:
@@ -4409,34 +4427,69 @@ def add_dataclass_flags(group, cls, overrides: dict[str, dict]) -> None:
         flag = "--" + f.name.replace("_", "-")
         if f.type == "bool":
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text)
-        elif f.name in FIELD_CHOICES:
-            group.add_argument(flag, choices=FIELD_CHOICES[f.name], default=argparse.SUPPRESS, help=text)
+        elif f.name in CHOICES:
+            group.add_argument(flag, choices=CHOICES[f.name], default=argparse.SUPPRESS, help=text)
         elif f.name in cls.RANGES:
-            allowed = cls.RANGES[f.name]
-            group.add_argument(flag, type=number_flag(allowed, optional="None" in f.type),
-                               default=argparse.SUPPRESS, help=text, metavar="N" if allowed.integer else "X")
+            add_number(group, flag, optional="None" in f.type, default=argparse.SUPPRESS, help=text,
+                       metavar="N" if cls.RANGES[f.name].integer else "X")
         else:
             group.add_argument(flag, type=FIELD_TYPES[f.name], default=argparse.SUPPRESS, help=text, metavar="TEXT")
+
+
+# Flags that several commands take, defined once; a command may change a setting (common(p, "--preset",
+# default="tiny")) or say more in the help.
+COMMON_FLAGS: dict[str, dict] = {
+    "--preset": dict(choices=PRESETS),
+    "--ckpt": dict(required=True, help="a run folder (its best.pt), a .pt file or an exported folder"),
+    "--data": dict(default=None, type=data_flag),
+    "--tokenizer": dict(default=str(DEFAULT_TOKENIZER), type=tokenizer_flag,
+                        help="folder of a Hugging Face tokenizer"),
+    "--cache-dir": dict(default=str(DEFAULT_CACHE), type=output_folder_flag, help="where tokenized splits are cached"),
+    "--device": dict(default="auto", choices=CHOICES["device"]),
+    "--precision": dict(default="auto", choices=CHOICES["precision"], help="auto: bf16 on CUDA, fp32 on CPU"),
+}
+
+
+def common(p, flag: str, **changes) -> None:
+    """Add COMMON_FLAGS[flag] to p, with any of its settings changed."""
+    p.add_argument(flag, **{**COMMON_FLAGS[flag], **changes})
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="h64lm.py", description="H64LM: pretrain, evaluate and sample from a "
                                      "Mixture-of-Experts language model.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add_command in (add_train, add_compare, add_eval, add_generate, add_analyze, add_bench, add_doctor,
+                        add_export):
+        add_command(commands)
+    return parser
 
-    def command(name: str, help: str, description: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help, description=description,
-                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-        sub.add_argument("--debug", action="store_true", help="show the full traceback of an error")
-        return sub
 
-    p = command("train", "pretrain a model (or continue one with --resume)",
+def command(commands, name: str, func: Callable, help: str, description: str) -> argparse.ArgumentParser:
+    """The subcommand `name`, which runs func(args); its help shows each flag's default."""
+    sub = commands.add_parser(name, help=help, description=description,
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    sub.set_defaults(func=func)
+    return sub
+
+
+def add_settings(p: argparse.ArgumentParser, model_title: str, train_title: str) -> None:
+    """Every field of H64LMConfig and of TrainConfig as a flag (train's and compare's)."""
+    add_dataclass_flags(p.add_argument_group(model_title), H64LMConfig, PRESETS)
+    add_dataclass_flags(p.add_argument_group(train_title), TrainConfig, TRAIN_RECIPES)
+    # ArgumentDefaultsHelpFormatter would print "(default: ==SUPPRESS==)" for these; the help says the default.
+    p.formatter_class = argparse.HelpFormatter
+
+
+def add_train(commands) -> None:
+    p = command(commands, "train", cmd_train, "pretrain a model (or continue one with --resume)",
                 "Pretrain a model from a preset, with any model or training setting overridden. Writes "
                 "<out-dir>/<run>/: latest.pt, best.pt, training_history.json and PNG plots. Several processes: "
                 "torchrun --nproc_per_node=N h64lm.py train ...")
-    p.add_argument("--preset", choices=PRESETS, default=argparse.SUPPRESS,
-                   help="model preset, and the training recipe of the same name (default: h64lm)")
-    p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="PATH", type=checkpoint_flag,
+    common(p, "--preset", default=argparse.SUPPRESS,
+           help="model preset, and the training recipe of the same name (default: h64lm)")
+    p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="PATH",
                    help="continue the run in <out-dir>/<run> from its latest.pt, or the run at PATH (a run folder "
                         "or a .pt file); 'auto': continue the run if its folder holds latest.pt, else start it, so "
                         "one command both starts a run and continues it (torchrun --max-restarts relaunches it "
@@ -4445,55 +4498,48 @@ def build_parser() -> argparse.ArgumentParser:
                         "logging, not the data order")
     p.add_argument("--allow-mismatch", action="store_true", help="with --resume: go on although the tokenizer or "
                    "the text differ from the ones the checkpoint records")
-    add_dataclass_flags(p.add_argument_group("model (H64LMConfig)"), H64LMConfig, PRESETS)
-    add_dataclass_flags(p.add_argument_group("training (TrainConfig)"), TrainConfig, TRAIN_RECIPES)
-    p.set_defaults(func=cmd_train)
-    # ArgumentDefaultsHelpFormatter would print "(default: ==SUPPRESS==)" for these; the help says the default.
-    p.formatter_class = argparse.HelpFormatter
+    add_settings(p, "model (H64LMConfig)", "training (TrainConfig)")
 
-    p = command("compare", "a dense twin and MoE variants at equal FLOPs, several seeds: one table, one plot",
+
+def add_compare(commands) -> None:
+    p = command(commands, "compare", cmd_compare,
+                "a dense twin and MoE variants at equal FLOPs, several seeds: one table, one plot",
                 "Train every variant with every seed on the same data and token budget, each with the same active "
                 "FLOPs per token (the dense twin is as wide as the experts a token passes through), score each on "
                 "the whole validation split, and write <out-dir>/<run-name>/compare.md, compare.json and "
                 "compare.png. Every run is a train run in <out-dir>/<run-name>/<variant>-seed<S>: a stopped study "
                 "goes on where it stopped. The model flags set the base MoE model (default: --preset tiny "
                 "--moe-layers all); the training flags apply to every run.")
-    p.add_argument("--preset", choices=PRESETS, default=argparse.SUPPRESS,
-                   help="model preset and training recipe of the base model (default: tiny)")
+    common(p, "--preset", default=argparse.SUPPRESS,
+           help="model preset and training recipe of the base model (default: tiny)")
     p.add_argument("--variants", type=variants_flag, default="dense,switch,aux_free",
                    help=f"comma-separated, from: {', '.join(STUDY_VARIANTS)}")
     p.add_argument("--variant", action="append", type=custom_variant_flag, default=[], metavar="NAME:FIELD=VALUE,...",
                    help="a variant of your own, e.g. 'mine:balance=aux_free,bias_update_rate=0.01' (fields of the "
                         "model, or granularity=G and shared=S for fine_grained); repeatable")
-    p.add_argument("--seeds", type=number_flag(COUNT), default=3,
-                   help="runs per variant, with seeds --seed, --seed + 1, ...")
-    add_dataclass_flags(p.add_argument_group("base model (H64LMConfig)"), H64LMConfig, PRESETS)
-    add_dataclass_flags(p.add_argument_group("training of every run (TrainConfig)"), TrainConfig, TRAIN_RECIPES)
-    p.set_defaults(func=cmd_compare)
-    p.formatter_class = argparse.HelpFormatter
+    add_number(p, "--seeds", default=3, help="runs per variant, with seeds --seed, --seed + 1, ...")
+    add_settings(p, "base model (H64LMConfig)", "training of every run (TrainConfig)")
 
-    p = command("eval", "loss and perplexity of a checkpoint on a data split",
+
+def add_eval(commands) -> None:
+    p = command(commands, "eval", cmd_eval, "loss and perplexity of a checkpoint on a data split",
                 "Score every token of a split once: mean loss (nats/token), token-level perplexity and word-level "
                 "perplexity (total NLL over WikiText's word count: whitespace words plus one per line).")
-    p.add_argument("--ckpt", required=True, type=checkpoint_flag,
-                   help="a run folder (its best.pt), a .pt file or an exported folder")
-    p.add_argument("--data", default=None, type=data_flag,
-                   help="auto, wikitext-103, sample or a folder; default: the data the checkpoint was trained on")
+    common(p, "--ckpt")
+    common(p, "--data", help="auto, wikitext-103, sample or a folder; default: the data the checkpoint was trained on")
     p.add_argument("--split", default="test", choices=("train", "valid", "validation", "test"))
-    p.add_argument("--batch-size", type=number_flag(COUNT), default=8, help="sequences per forward pass")
-    p.add_argument("--seq-len", type=number_flag(COUNT), default=None,
-                   help="tokens per window; default: the training seq_len")
-    p.add_argument("--max-batches", type=number_flag(COUNT), default=None,
-                   help="score only the first N batches (no word_ppl)")
+    add_number(p, "--batch-size", default=8, help="sequences per forward pass")
+    add_number(p, "--seq-len", default=None, help="tokens per window; default: the training seq_len")
+    add_number(p, "--max-batches", default=None, help="score only the first N batches (no word_ppl)")
     p.add_argument("--json", action="store_true", help="print one JSON object with the keys checkpoint, data, "
                    "split, loss, token_ppl, word_ppl, nll, tokens, words, seq_len")
     _add_common(p)
-    p.set_defaults(func=cmd_eval)
 
-    p = command("generate", "continue a prompt with a trained model",
+
+def add_generate(commands) -> None:
+    p = command(commands, "generate", cmd_generate, "continue a prompt with a trained model",
                 "Stream the continuation of each --prompt to stdout.")
-    p.add_argument("--ckpt", required=True, type=checkpoint_flag,
-                   help="a run folder (its best.pt), a .pt file or an exported folder")
+    common(p, "--ckpt")
     p.add_argument("--prompt", action="append", type=text_flag,
                    help="text to continue; give it several times for a batch")
     p.add_argument("--interactive", action="store_true",
@@ -4508,50 +4554,51 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode with a static KV cache and a compiled step (gpt-fast's way): the same tokens, "
                         "faster once compiled, which takes seconds at the first token")
     _add_common(p, cache=False)
-    p.set_defaults(func=cmd_generate)
 
-    p = command("analyze", "which experts tokens of different kinds of text go to",
+
+def add_analyze(commands) -> None:
+    p = command(commands, "analyze", cmd_analyze, "which experts tokens of different kinds of text go to",
                 "Run prose, code, dialogue and numbers through a trained model and show, per MoE layer, the share "
                 "of token-expert assignments each expert received, the router entropy, and a warning for experts "
                 "that get almost nothing, each layer's MaxVio and the experts most often chosen together. Writes "
                 "heatmaps: share per kind of text, co-activation, and with --drop-one each expert's worth.")
-    p.add_argument("--ckpt", required=True, type=checkpoint_flag,
-                   help="a run folder (its best.pt), a .pt file or an exported folder")
+    common(p, "--ckpt")
     p.add_argument("--out", default=None, type=image_file_flag,
                    help="heatmap (.png, .pdf or .svg) to write; default: routing.png beside the checkpoint")
     p.add_argument("--text", action="append", default=[], metavar="KIND=FILE", type=kind_file_flag,
                    help="analyse the text in FILE as KIND instead of the built-in examples (repeatable)")
-    p.add_argument("--drop-one", type=number_flag(COUNT), default=None, metavar="N",
-                   help="also measure each expert's worth: the validation loss on N batches of 8 with the expert "
-                        "masked out of routing, minus the loss with all (L x E + 1 evaluations); writes a heatmap")
-    p.add_argument("--data", default=None, type=data_flag,
-                   help="with --drop-one: the text whose validation split is scored; default: the training data")
+    add_number(p, "--drop-one", default=None, metavar="N",
+               help="also measure each expert's worth: the validation loss on N batches of 8 with the expert "
+                    "masked out of routing, minus the loss with all (L x E + 1 evaluations); writes a heatmap")
+    common(p, "--data", help="with --drop-one: the text whose validation split is scored; default: the training data")
     p.add_argument("--json", action="store_true", help="print the profile as one JSON object")
     _add_common(p)
-    p.set_defaults(func=cmd_analyze)
 
-    p = command("bench", "time a training step, the MoE overhead and decoding",
+
+def add_bench(commands) -> None:
+    p = command(commands, "bench", cmd_bench, "time a training step, the MoE overhead and decoding",
                 "Median of timed training steps (forward, backward, AdamW) after warm-up: tokens/s, model FLOPs "
                 "per token, utilisation of the device's peak, peak memory; one MoE layer over a dense SwiGLU with "
                 "the same active FLOPs; cached greedy decoding at batch 1 and 8, eager (and compiled with "
                 "--compile). README, Speed, lists the --json keys.")
-    p.add_argument("--preset", choices=PRESETS, default="tiny")
-    p.add_argument("--device", default="auto", choices=DEVICES)
-    p.add_argument("--precision", default="auto", choices=PRECISIONS, help="auto: bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--seq-len", type=number_flag(COUNT), default=None,
-                   help="tokens per sequence; default: the preset's recipe")
-    p.add_argument("--batch-size", type=number_flag(COUNT), default=8)
-    p.add_argument("--repeats", type=number_flag(COUNT), default=10, help="timed steps; the median is reported")
-    p.add_argument("--decode-tokens", type=number_flag(COUNT), default=32, help="new tokens per decode measurement")
+    common(p, "--preset", default="tiny")
+    common(p, "--device")
+    common(p, "--precision")
+    add_number(p, "--seq-len", default=None, help="tokens per sequence; default: the preset's recipe")
+    add_number(p, "--batch-size", default=8)
+    add_number(p, "--repeats", default=10, help="timed steps; the median is reported")
+    add_number(p, "--decode-tokens", default=32, help="new tokens per decode measurement")
     p.add_argument("--compile", action="store_true",
                    help="compile each block of the training step (compile_blocks), and time compiled decoding too")
-    p.add_argument("--attn-impl", choices=ATTENTION_IMPLS, default=None, help="override the preset's")
-    p.add_argument("--moe-impl", choices=MOE_IMPLS, default=None, help="override the preset's")
-    p.add_argument("--loss-impl", choices=LOSS_IMPLS, default=None, help="override the preset's")
+    for name in IMPL_FIELDS:
+        p.add_argument("--" + name.replace("_", "-"), choices=CHOICES[name], default=None,
+                       help="override the preset's")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=cmd_bench)
 
-    p = command("doctor", "check a machine before training on it: kernels, fast paths, three training steps",
+
+def add_doctor(commands) -> None:
+    p = command(commands, "doctor", cmd_doctor,
+                "check a machine before training on it: kernels, fast paths, three training steps",
                 "What to run first on a new machine, in about a minute: the device and the torch, CUDA and cuDNN "
                 "versions; the peak FLOP/s that MFU uses and where it comes from; the attention kernel each "
                 "attention type reaches and whether the grouped GEMM is torch's kernel or the loop; each fast path "
@@ -4559,54 +4606,52 @@ def build_parser() -> argparse.ArgumentParser:
                 "and on CUDA fp16 against float32); three training steps at the preset's width, with seconds per "
                 "step, tokens/s and peak memory. Under torchrun also the all-reduce, and that the balance bias and "
                 "the weights stay the same on every process. Exit status 1 when a check fails, naming it.")
-    p.add_argument("--preset", choices=PRESETS, default="h64lm",
-                   help="the model whose width the training steps take, with its recipe's optimizer")
-    p.add_argument("--device", default="auto", choices=DEVICES)
+    common(p, "--preset", default="h64lm",
+           help="the model whose width the training steps take, with its recipe's optimizer")
+    common(p, "--device")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table: preset, "
                    "device, processes, seconds, checks, failed, and rows, each with check, value and passed (true, "
                    "false, or null for a fact)")
-    p.set_defaults(func=cmd_doctor)
 
-    p = command("export", "write a checkpoint's weights as safetensors, for h64lm.py or for transformers",
+
+def add_export(commands) -> None:
+    p = command(commands, "export", cmd_export,
+                "write a checkpoint's weights as safetensors, for h64lm.py or for transformers",
                 "--format h64lm: <out>/model.safetensors and <out>/config.json, the weights alone in a format that "
                 "cannot hold code; eval and generate read the folder. --format hf: a folder that transformers' "
                 "AutoModelForCausalLM and AutoTokenizer load: a native Mixtral or Mistral when the model is exactly "
                 "one (RoPE only, and every layer MoE with softmax routing and no shared experts or routing bias, or "
                 "every layer dense), otherwise this file as remote code (trust_remote_code=True).")
-    p.add_argument("--ckpt", required=True, type=checkpoint_flag, help="a run folder (its best.pt) or a .pt file")
+    common(p, "--ckpt", help="a run folder (its best.pt) or a .pt file")
     p.add_argument("--out", required=True, type=output_folder_flag, help="folder to write")
     p.add_argument("--format", default="h64lm", choices=("h64lm", "hf"),
                    help="h64lm: this program's own; hf: Hugging Face transformers'")
-    p.add_argument("--tokenizer", default=str(DEFAULT_TOKENIZER), type=folder_flag,
-                   help="with --format hf: the tokenizer to save beside the model")
+    common(p, "--tokenizer", help="with --format hf: the tokenizer to save beside the model")
     p.add_argument("--allow-mismatch", action="store_true", help="with --format hf: save the tokenizer although "
                    "it is not the one the checkpoint records")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                    help="precision of the stored weights; bfloat16 halves the file")
-    p.set_defaults(func=cmd_export)
-    return parser
 
 
-# generate's sampling settings: its flags, and the /commands of its prompt line, checked alike.
+# generate's sampling settings: its flags, and the /commands of its prompt line, checked alike (by the Range of
+# each name): name -> (type, default, help).
 SAMPLING_FLAGS: dict[str, tuple[Callable, object, str]] = {
-    "max_new_tokens": (number_flag(COUNT), 100, "tokens to generate per prompt"),
-    "temperature": (number_flag(NON_NEGATIVE), 0.8, "divides the logits; 0 = greedy"),
-    "top_k": (number_flag(Range(0, integer=True)), 50, "sample among the k most likely tokens; 0 = all"),
-    "top_p": (number_flag(Range(0, 1, low_open=True)), 0.95,
-              "nucleus sampling: the smallest set reaching probability p; 1 = all"),
-    "repetition_penalty": (number_flag(POSITIVE), 1.1, "> 1 discourages tokens already in the text (CTRL)"),
-    "seed": (number_flag(SEED, optional=True), None, "seed for sampling, for repeatable output; none = random"),
-}
+    name: (number_flag(NUMBER_RANGES[name], optional=default is None), default, text) for name, default, text in [
+        ("max_new_tokens", 100, "tokens to generate per prompt"),
+        ("temperature", 0.8, "divides the logits; 0 = greedy"),
+        ("top_k", 50, "sample among the k most likely tokens; 0 = all"),
+        ("top_p", 0.95, "nucleus sampling: the smallest set reaching probability p; 1 = all"),
+        ("repetition_penalty", 1.1, "> 1 discourages tokens already in the text (CTRL)"),
+        ("seed", None, "seed for sampling, for repeatable output; none = random")]}
 
 
 def _add_common(p: argparse.ArgumentParser, cache: bool = True) -> None:
-    p.add_argument("--tokenizer", default=str(DEFAULT_TOKENIZER), type=folder_flag,
-                   help="folder of a Hugging Face tokenizer")
+    """The flags of the commands that read a trained model with a tokenizer: eval, generate, analyze."""
+    common(p, "--tokenizer")
     if cache:
-        p.add_argument("--cache-dir", default=str(DEFAULT_CACHE), type=output_folder_flag,
-                       help="where tokenized splits are cached")
-    p.add_argument("--device", default="auto", choices=DEVICES)
-    p.add_argument("--precision", default="auto", choices=PRECISIONS, help="auto: bf16 on CUDA, fp32 on CPU")
+        common(p, "--cache-dir")
+    common(p, "--device")
+    common(p, "--precision")
     p.add_argument("--allow-mismatch", action="store_true", help="use a tokenizer (or data) other than the one "
                    "the checkpoint records: only if you know they agree")
 
@@ -4790,9 +4835,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def check_new_tokens(max_new_tokens: int, config: H64LMConfig) -> None:
-    if not 1 <= max_new_tokens < config.max_position_embeddings:
-        raise H64LMError(f"--max-new-tokens must be between 1 and {config.max_position_embeddings - 1}, the "
-                         "model's context minus one.")
+    """--max-new-tokens (or /max-new-tokens) against the model's context, before any prompt is read."""
+    if why := new_tokens_refused(max_new_tokens, config):
+        raise H64LMError(f"--max-new-tokens {why}.")
 
 
 def fitted_prompts(trained: Trained, texts: list[str], settings: dict) -> list[list[int]]:

@@ -60,9 +60,10 @@ def assert_one_sentence(status: int, err: str) -> None:
 
 
 # --- Every flag of every subcommand, with the values it must refuse --------------------------------------------------
-# The cases come from the parser itself: each flag that takes a value has a type tagged with its kind (a number in
-# a Range, a folder, a file to write, a run name, ...), and each kind has its hostile values. A new flag is covered
-# without anyone adding it here, and a flag whose value nothing checks fails test_every_flag_checks_its_value.
+# The cases come from the parser itself: a flag with choices= gets a value outside them, a number flag (its dest
+# names a Range in h64lm.NUMBER_RANGES) the values outside that Range, and any other flag the hostile values of
+# its type (a folder, a file to write, a run name, ...). A new flag is covered without anyone adding it here, and
+# a flag whose value nothing checks fails test_every_flag_checks_its_value.
 
 def _number_values(allowed: h64lm.Range) -> list[str]:
     values = ["nan", "inf", "-inf", "abc"]
@@ -75,17 +76,30 @@ def _number_values(allowed: h64lm.Range) -> list[str]:
     return values
 
 
-HOSTILE = {
-    "number": lambda t: _number_values(t.allowed),
-    "folder": lambda t: ["{tmp}/nowhere", "{tmp}/a_file"],
-    "output_folder": lambda t: ["{tmp}/a_file", "{tmp}/a_file/inside"],
-    "output_file": lambda t: ["{tmp}/empty", "{tmp}/nowhere/routing.png", "{tmp}/routing.txt"],
-    "name": lambda t: ["../escape", "a/b", "/absolute", ".", "..", ""],
-    "data": lambda t: ["{tmp}/nowhere", "{tmp}/a_file"],
-    "checkpoint": lambda t: ["{tmp}/nowhere", "{tmp}/empty", "{tmp}/a_file"],
-    "text": lambda t: ["", "\udcff\udcfe"],  # how Python hands over bytes that are not UTF-8
-    "kind_file": lambda t: ["no-equals-sign", "prose={tmp}/nowhere", "prose={tmp}/empty", "prose=\udcff"],
+TEXT = ["", "\udcff\udcfe"]  # how Python hands over bytes that are not UTF-8
+HOSTILE = {  # by the name of the flag's type
+    "tokenizer_flag": ["{tmp}/nowhere", "{tmp}/a_file"],
+    "output_folder_flag": ["{tmp}/a_file", "{tmp}/a_file/inside"],
+    "image_file_flag": ["{tmp}/empty", "{tmp}/nowhere/routing.png", "{tmp}/routing.txt"],
+    "run_name_flag": ["../escape", "a/b", "/absolute", ".", "..", ""],
+    "data_flag": ["{tmp}/nowhere", "{tmp}/a_file"],
+    "text_flag": TEXT, "variants_flag": TEXT, "custom_variant_flag": TEXT,
+    "kind_file_flag": ["no-equals-sign", "prose={tmp}/nowhere", "prose={tmp}/empty", "prose=\udcff"],
 }
+CHECKPOINT_FLAGS = {"ckpt", "resume"}  # plain text, looked for and checked where the checkpoint is read
+CHECKPOINT = ["{tmp}/nowhere", "{tmp}/empty", "{tmp}/a_file"]
+
+
+def _hostile_values(action: argparse.Action) -> list[str] | None:
+    """The values a flag must refuse, from what the parser says of it; None when nothing checks its value."""
+    if action.choices is not None:
+        return ["not-a-choice"]
+    if action.dest in h64lm.NUMBER_RANGES:
+        return _number_values(h64lm.NUMBER_RANGES[action.dest])
+    if action.type is None:
+        return CHECKPOINT if action.dest in CHECKPOINT_FLAGS else None
+    return HOSTILE.get(action.type.__name__)
+
 
 # Required flags (and a small model) so that each case reaches the flag under test.
 BASE = {
@@ -116,11 +130,12 @@ def _valued_flags():
 
 
 def _built_alike(a: argparse.Action, b: argparse.Action) -> bool:
-    """Two flags parsed the same way: the same choices, or a type of the same kind with the same tags (range,
-    optional), as add_dataclass_flags builds every field's flag for both train and compare."""
-    def tags(action):
-        return {k: v for k, v in vars(action.type).items() if k != "__wrapped__"} if action.type else None
-    return a.choices == b.choices and tags(a) == tags(b) and a.option_strings == b.option_strings
+    """Two flags parsed the same way: the same name, choices and default, and a type of the same name (a number's
+    Range is the one of its dest), as add_dataclass_flags builds every field's flag for both train and compare."""
+    def type_name(action):
+        return action.type.__qualname__ if action.type else None
+    return (a.option_strings, a.dest, a.choices, a.default, type_name(a)) == \
+        (b.option_strings, b.dest, b.choices, b.default, type_name(b))
 
 
 def _shared_with_train(command: str, action: argparse.Action) -> bool:
@@ -138,11 +153,8 @@ def _cases():
         flag = action.option_strings[0]
         if _shared_with_train(command, action):
             continue
-        if action.choices is not None:
-            yield command, flag, "not-a-choice"
-        elif getattr(action.type, "kind", None) in HOSTILE:
-            for value in HOSTILE[action.type.kind](action.type):
-                yield command, flag, value
+        for value in _hostile_values(action) or []:
+            yield command, flag, value
 
 
 CASES = list(_cases())
@@ -157,8 +169,13 @@ def test_compare_flags_are_built_like_trains():
 
 def test_every_flag_checks_its_value():
     unchecked = [f"{command} {action.option_strings[0]}" for command, action in _valued_flags()
-                 if action.choices is None and getattr(action.type, "kind", None) not in HOSTILE]
+                 if _hostile_values(action) is None]
     assert unchecked == []
+    for command, action in _valued_flags():  # a number flag's type is built from the Range its dest names
+        if action.choices is None and action.dest in h64lm.NUMBER_RANGES:
+            for value in _number_values(h64lm.NUMBER_RANGES[action.dest]):
+                with pytest.raises(argparse.ArgumentTypeError):
+                    action.type(value)
     assert set(BASE) == set(_subcommands())
     assert len(CASES) > 300  # every subcommand, every flag
 
