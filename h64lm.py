@@ -167,8 +167,8 @@ class H64LMConfig:
     # (Mistral 7B uses 4096)
 
     # Mixture of Experts (Shazeer et al. 2017; Switch Transformer, Fedus et al. 2021; Mixtral, Jiang et al. 2024).
-    moe_layers: str = "odd"  # which blocks are MoE: "odd", "even", "all", "none" or indices like "1,3"; the rest
-    # are dense
+    moe_layers: str = "odd"  # which blocks are MoE: "odd", "even", "all", "none" or indices like "1,3";
+    # the rest are dense
     num_experts: int = 8  # experts per MoE layer; Mixtral's 8
     num_experts_per_tok: int = 2  # k of top-k routing: experts each token is sent to; Mixtral's 2
     expert_intermediate_size: int = 3072  # hidden width of each expert's SwiGLU; same as the dense layers
