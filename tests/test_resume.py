@@ -446,3 +446,22 @@ def test_implementations_are_chosen_at_run_time_not_locked_in_the_checkpoint(cor
     torch.save(old, tmp_path / "old.pt")
     model = h64lm.open_trained(tmp_path / "old.pt").model
     assert (model.config.attn_impl, model.config.moe_impl, model.config.loss_impl) == ("sdpa", "grouped", "chunked")
+
+
+def test_a_run_folder_means_best_pt_to_open_and_latest_pt_to_resume(tmp_path):
+    # resolve_checkpoint is the one place either rule is written (open_trained, every command and --resume use it).
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("latest.pt", "best.pt"):
+        (run / name).write_bytes(b"")
+    assert h64lm.resolve_checkpoint(run) == run / "best.pt"
+    assert h64lm.resolve_checkpoint(run, latest=True) == run / "latest.pt"
+    (run / "best.pt").unlink()
+    assert h64lm.resolve_checkpoint(run) == run / "latest.pt"
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "model.safetensors").write_bytes(b"")
+    assert h64lm.resolve_checkpoint(export) == export / "model.safetensors"
+    assert h64lm.resolve_checkpoint(run / "latest.pt", latest=True) == run / "latest.pt"  # a file is itself
+    with pytest.raises(h64lm.H64LMError, match="Nothing to resume at"):
+        h64lm.resolve_checkpoint(export, latest=True)
