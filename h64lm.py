@@ -4673,10 +4673,8 @@ def train_settings(args: argparse.Namespace) -> tuple[H64LMConfig, TrainConfig, 
     checkpoint's settings (the checkpoint is opened here, once, and handed on to train). Only the flags given count:
     the parser leaves the others out of args (argparse.SUPPRESS)."""
     given = vars(args)
-    model_flags = {f.name: given[f.name] for f in fields(H64LMConfig)
-                   if f.init and f.name in given and f.name not in IMPL_FIELDS}
-    impl_flags = {name: given[name] for name in IMPL_FIELDS if name in given}  # how, not what: free on resume
-    train_flags = {f.name: given[f.name] for f in fields(TrainConfig) if f.name in given}
+    model_flags, train_flags = settings_given(args)
+    impl_flags = {name: model_flags.pop(name) for name in IMPL_FIELDS if name in model_flags}  # free on resume
     resume = resume_path(args.resume, given.get("preset"), train_flags)
     if resume is None:  # a new run; with --resume auto, one whose folder holds no checkpoint yet
         preset = given.get("preset", "h64lm")
@@ -4705,6 +4703,18 @@ def train_settings(args: argparse.Namespace) -> tuple[H64LMConfig, TrainConfig, 
     except ValueError as e:
         raise H64LMError(f"With these flags the resumed run's settings are not valid: {e}") from None
     return dataclasses.replace(saved, **impl_flags), tc, resume.parent.name, resume, trained
+
+
+def settings_given(args: argparse.Namespace) -> tuple[dict, dict]:
+    """The H64LMConfig and TrainConfig fields among the flags given (the parser leaves the others out of args)."""
+    given = vars(args)
+    return ({f.name: given[f.name] for f in fields(H64LMConfig) if f.init and f.name in given},
+            {f.name: given[f.name] for f in fields(TrainConfig) if f.name in given})
+
+
+def exit_status(stopped: str) -> int:
+    """A run stopped by a signal exits as the signal's default would (128 + its number), as torchrun expects."""
+    return 128 + signal.SIGTERM if "SIGTERM" in stopped else 130 if "SIGINT" in stopped else 0
 
 
 def resume_path(flag: str | None, preset: str | None, train_flags: dict) -> Path | None:
@@ -4765,15 +4775,12 @@ def flag_text(name: str, value) -> str:
 def cmd_train(args: argparse.Namespace) -> int:
     config, tc, preset, resume, trained = train_settings(args)
     history = train(config, tc, preset=preset, resume=resume, allow_mismatch=args.allow_mismatch, trained=trained)
-    stopped = history.get("stopped", "")
-    return 128 + signal.SIGTERM if "SIGTERM" in stopped else 130 if "SIGINT" in stopped else 0
+    return exit_status(history.get("stopped", ""))
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    given = vars(args)
-    preset = given.get("preset", "tiny")
-    model_flags = {f.name: given[f.name] for f in fields(H64LMConfig) if f.init and f.name in given}
-    train_flags = {f.name: given[f.name] for f in fields(TrainConfig) if f.name in given}
+    preset = getattr(args, "preset", "tiny")
+    model_flags, train_flags = settings_given(args)
     try:
         base = H64LMConfig.from_preset(preset, **{"moe_layers": "all", **model_flags})
         tc = TrainConfig(**{**TRAIN_RECIPES[preset], "run_name": "compare", **train_flags})
@@ -4786,7 +4793,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
                          "start lower.")
     result = compare(base, tc, variants, seeds)
     if "stopped" in result:  # a signal, or --stop-at
-        return 128 + signal.SIGTERM if "SIGTERM" in result["stopped"] else 130 if "SIGINT" in result["stopped"] else 0
+        return exit_status(result["stopped"])
     out = Path(tc.out_dir) / tc.run_name
     print(study_table(result))
     print(f"table: {out / 'compare.md'}\nplot: {out / 'compare.png'}\nnumbers: {out / 'compare.json'}")
