@@ -3111,6 +3111,7 @@ def diverged(what: str, step: int, run: Run) -> H64LMError:
     return H64LMError(f"{what} became NaN or infinite at step {step}, so nothing from that step on was saved; "
                       f"{last_good(run.saved)}; {then}.")
 
+
 # -----------------------------------------------------------------------------
 # 17. Evaluation
 # -----------------------------------------------------------------------------
@@ -3156,8 +3157,6 @@ def scored_text(trained: Trained, data: str | None, cache_dir: str | Path, allow
     if data is None and not allow_mismatch:
         check_trained_with(trained.ckpt, trained.path, source=source)
     return source, splits
-
-
 
 
 # -----------------------------------------------------------------------------
@@ -4222,6 +4221,7 @@ def doctor_verdict(report: dict) -> str:
     if not failed:
         return f"doctor: all {report['checks']} checks passed"
     return f"doctor: {len(failed)} check{'s' if len(failed) > 1 else ''} failed: {'; '.join(failed)}"
+
 
 # -----------------------------------------------------------------------------
 # 21. Command line
