@@ -4878,15 +4878,35 @@ def print_continuation(trained: Trained, text: str, settings: dict, fixed: dict)
     out, shown = [], ""
     prefix = trained.tokenizer.decode(ids, skip_special_tokens=True)
     print(text, end="", flush=True)
-    for token in stream_generate(trained.model, [ids], settings["max_new_tokens"],
-                                 **sampling_options(settings, fixed)):
-        if token.item() == fixed["eos_id"]:
-            break
-        out.append(token.item())
-        new = trained.tokenizer.decode(ids + out, skip_special_tokens=True)[len(prefix):]
-        print(new[len(shown):], end="", flush=True)
-        shown = new
+    with ctrl_c_between_tokens() as interrupted:
+        for token in stream_generate(trained.model, [ids], settings["max_new_tokens"],
+                                     **sampling_options(settings, fixed)):
+            if interrupted.is_set():
+                raise KeyboardInterrupt
+            if token.item() == fixed["eos_id"]:
+                break
+            out.append(token.item())
+            new = trained.tokenizer.decode(ids + out, skip_special_tokens=True)[len(prefix):]
+            print(new[len(shown):], end="", flush=True)
+            shown = new
     print()
+
+
+@contextlib.contextmanager
+def ctrl_c_between_tokens():
+    """A Ctrl-C during a continuation, remembered and raised as KeyboardInterrupt at the next token. With Python's
+    own handler, which raises it wherever the main thread is, the prompt line's test twice lost a Ctrl-C under
+    load (the continuation ran on to its end; where the exception went was not found); a flag read between
+    tokens cannot be lost."""
+    interrupted = threading.Event()
+    if threading.current_thread() is not threading.main_thread():  # signal handlers belong to the main thread
+        yield interrupted
+        return
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.set())
+    try:
+        yield interrupted
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 PROMPT_LINE_HELP = """\
