@@ -1,17 +1,21 @@
 """Shared helpers: small configurations that keep every test in the suite fast on a 2-core CPU, and a way to run
 the command line as a user does."""
 
+import contextlib
 import gzip
+import io
 import os
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import pytest
 import torch
 
-import h64lm
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # as the processes below have it, before transformers is imported
+import h64lm  # noqa: E402
 
 
 def small_config(**overrides) -> h64lm.H64LMConfig:
@@ -33,6 +37,7 @@ def _seed():
 
 
 REPO = Path(h64lm.__file__).resolve().parent
+PROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}  # for every `python h64lm.py` started
 
 # A model small enough that a CLI run of a few steps takes seconds: 2 layers (dense, MoE), 4 experts.
 TINY_FLAGS = ["--preset", "tiny", "--hidden-size", "32", "--num-layers", "2", "--num-heads", "2", "--num-kv-heads",
@@ -41,18 +46,39 @@ TINY_FLAGS = ["--preset", "tiny", "--hidden-size", "32", "--num-layers", "2", "-
               "--eval-batches", "2"]
 
 
-def run_cli(*args, cwd=REPO, env_extra=None, timeout=300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **(env_extra or {})}
-    return subprocess.run([sys.executable, str(REPO / "h64lm.py"), *map(str, args)], cwd=cwd, env=env,
+def run_cli(*args) -> subprocess.CompletedProcess:
+    """`python h64lm.py ARGS` as h64lm.main(ARGS) in this process, with one thread as run_process's processes have:
+    the exit status and what was printed, as a finished process gives them. `python h64lm.py` itself is main() and
+    sys.exit; a new process spends about 8 s importing torch, transformers and matplotlib before its first step,
+    which the slow tests paid several hundred times. Tests of what only a process has (signals, a kill, torchrun,
+    the lock between two processes) start one."""
+    argv = [str(a) for a in args]
+    out, err, threads = io.StringIO(), io.StringIO(), torch.get_num_threads()
+    torch.set_num_threads(1)
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            status = h64lm.main(argv)
+        except SystemExit as e:  # argparse's own errors, and --help
+            status = e.code if isinstance(e.code, int) else int(e.code is not None)
+        except Exception:  # uncaught (--debug): what the interpreter prints, and its exit status
+            traceback.print_exc()
+            status = 1
+        finally:
+            torch.set_num_threads(threads)
+    return subprocess.CompletedProcess(["h64lm.py", *argv], status, out.getvalue(), err.getvalue())
+
+
+def run_process(*args, timeout=300) -> subprocess.CompletedProcess:
+    """`python h64lm.py ARGS` in a new process, as a user runs it."""
+    return subprocess.run([sys.executable, str(REPO / "h64lm.py"), *map(str, args)], cwd=REPO, env=PROCESS_ENV,
                           capture_output=True, text=True, timeout=timeout)
 
 
 def start_training(*args, log: Path) -> subprocess.Popen:
     """A training run in the background; its stderr (the progress bar) goes to the file `log`."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     with open(log, "w") as stderr:  # the child keeps its own copy of the file
         return subprocess.Popen([sys.executable, str(REPO / "h64lm.py"), "train", *map(str, args)], cwd=REPO,
-                                env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)
+                                env=PROCESS_ENV, stdout=subprocess.PIPE, stderr=stderr, text=True)
 
 
 def wait_until(condition, process: subprocess.Popen, timeout: float = 120) -> None:

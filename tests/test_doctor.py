@@ -4,14 +4,13 @@ process, are checked too."""
 
 import json
 import math
-import os
 import subprocess
 import sys
 
 import pytest
 
 import h64lm
-from conftest import REPO, run_cli
+from conftest import PROCESS_ENV, REPO, run_cli
 
 FACTS = ["device", "versions", "precision", "peak_flops", "grouped_gemm"]
 CHECKS = ["attention_rope", "attention_alibi", "attention_rope_alibi", "sdpa_vs_plain_attention_outputs",
@@ -62,7 +61,7 @@ def test_a_wrong_fast_path_is_a_failed_check_named_with_exit_status_1(monkeypatc
 
 @pytest.mark.slow
 def test_under_torchrun_the_doctor_checks_the_all_reduce_and_that_every_process_holds_the_same_state():
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env = PROCESS_ENV
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              str(REPO / "h64lm.py"), "doctor", "--preset", "tiny", "--device", "cpu", "--json"],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=600)

@@ -4,7 +4,6 @@ and DistributedDataParallel with two gloo processes against one process with the
 import argparse
 import json
 import math
-import os
 import subprocess
 import sys
 
@@ -15,7 +14,7 @@ import torch.nn.functional as F
 
 import h64lm
 
-from conftest import REPO, TINY_FLAGS, run_cli  # noqa: E402
+from conftest import PROCESS_ENV, REPO, TINY_FLAGS, run_cli, run_process  # noqa: E402
 
 
 # --- Data sources -----------------------------------------------------------------------------------------------
@@ -188,9 +187,9 @@ def test_evaluate_scores_every_token_once():
 
 @pytest.fixture(scope="module")
 def trained_run(corpus, tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs")
-    result = run_cli("train", *TINY_FLAGS, "--data", corpus, "--out-dir", out, "--run-name", "cli", "--batch-size", "4",
-                     "--max-steps", "6", "--eval-every", "3", "--cache-dir", out / "cache")
+    out = tmp_path_factory.mktemp("runs")  # a real process: the one place `python h64lm.py train` itself is run
+    result = run_process("train", *TINY_FLAGS, "--data", corpus, "--out-dir", out, "--run-name", "cli",
+                         "--batch-size", "4", "--max-steps", "6", "--eval-every", "3", "--cache-dir", out / "cache")
     assert result.returncode == 0, result.stderr
     return out / "cli", result
 
@@ -324,7 +323,7 @@ def test_two_gloo_processes_train_like_one_process_with_the_same_global_batch(co
               "--batch-size", "4", "--max-steps", "5", "--eval-every", "5", "--device", "cpu"]
     single = run_cli("train", *common, "--run-name", "single", "--grad-accum", "2")
     assert single.returncode == 0, single.stderr
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env = PROCESS_ENV
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           str(REPO / "h64lm.py"), "train", *map(str, common), "--run-name", "ddp", "--grad-accum", "1"],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

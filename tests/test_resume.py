@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import h64lm
-from conftest import REPO, TINY_FLAGS, run_cli, start_training, wait_until
+from conftest import PROCESS_ENV, REPO, TINY_FLAGS, run_cli, run_process, start_training, wait_until
 
 STEPS = ["--batch-size", "4", "--max-steps", "8", "--eval-every", "4", "--save-every", "4"]
 
@@ -70,7 +70,7 @@ def test_stopped_and_resumed_run_is_bit_identical_to_a_straight_run(corpus, tmp_
 def test_two_process_run_resumes_bit_identically(corpus, tmp_path, optimizer):
     common = [*TINY_FLAGS, *STEPS, "--data", corpus, "--out-dir", tmp_path, "--cache-dir", tmp_path / "cache",
               "--device", "cpu", "--optimizer", optimizer]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env = PROCESS_ENV
 
     def torchrun(*args):
         result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -405,7 +405,7 @@ def test_bad_input_is_one_sentence_exit_2_and_changes_nothing(saved_run, corpus,
 
 
 def test_debug_shows_the_traceback(tmp_path):
-    result = run_cli("eval", "--ckpt", tmp_path / "nowhere", "--debug")
+    result = run_process("eval", "--ckpt", tmp_path / "nowhere", "--debug")  # the interpreter prints it
     assert result.returncode != 0 and "Traceback" in result.stderr and "H64LMError" in result.stderr
     plain = run_cli("eval", "--ckpt", tmp_path / "nowhere")
     assert plain.returncode == 2 and "Traceback" not in plain.stderr

@@ -6,7 +6,6 @@ speed: the developers measure it with tests/speed.py (`python -m tests.speed --t
 targets, Mixtral and figures are checked at the end."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -15,7 +14,7 @@ import torch
 
 import h64lm
 import speed
-from conftest import REPO, run_cli, small_config
+from conftest import PROCESS_ENV, REPO, run_cli, small_config
 
 
 def test_grouped_mm_equals_a_matmul_per_block_in_outputs_and_gradients():
@@ -142,7 +141,7 @@ def test_mixtral_for_the_comparison_has_exactly_our_shape():
 
 def run_speed(*args) -> subprocess.CompletedProcess:
     """tests/speed.py's command line, as the README runs it: python -m tests.speed, from the repository root."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env = PROCESS_ENV
     return subprocess.run([sys.executable, "-m", "tests.speed", *map(str, args)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
 
