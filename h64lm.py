@@ -2137,6 +2137,7 @@ class Run:
     best_val: float = float("inf")
     saved: tuple[Path, int] | None = None  # (path, step) of the last checkpoint written or resumed from
     seconds: float = 0.0  # wall-clock of the training loop (steps, validations, saves), resumed runs included
+    plotted: float = -math.inf  # time.monotonic() when save_run last drew the plots
 
     @property
     def global_batch(self) -> int:  # sequences per optimizer step, over every process
@@ -2211,7 +2212,7 @@ def train_loop(run: Run, log, on_step: Callable[[dict], None] | None = None) -> 
             if run.step % tc.eval_every == 0 or run.step == tc.max_steps:
                 val_loss, window_load = validate_and_flag(run, window_load), None
             if val_loss is not None or stopping or run.step % tc.save_every == 0:
-                save_run(run, val_loss)
+                save_run(run, val_loss, last=stopping or run.step == tc.max_steps)
                 stop.kept = last_good(run.saved)
             if on_step is not None:
                 on_step(run.history)
@@ -2431,6 +2432,11 @@ def peak_flops(device: torch.device) -> float:
     2048 x 2048 torch.mm, best of 5). peak_flops_source says which."""
     if device.type == "cuda":
         return next((flops for key, flops in GPU_PEAK_FLOPS if key in torch.cuda.get_device_name(device)), math.nan)
+    return cpu_matmul_rate(torch.get_num_threads())
+
+
+@functools.cache  # measured once per process and thread count: it takes a second or two
+def cpu_matmul_rate(threads: int) -> float:
     generator = torch.Generator().manual_seed(0)  # its own, so measuring draws nothing from the run's generators
     a, b = torch.randn(2048, 2048, generator=generator), torch.randn(2048, 2048, generator=generator)
     a @ b  # warm-up
@@ -2602,9 +2608,10 @@ def restore_run(run: Run, ckpt: dict, resume: Path, log) -> None:
     set_rng_state(states[run.rt.rank % len(states)])
 
 
-def save_run(run: Run, val_loss: float | None = None) -> None:
-    """latest.pt (and best.pt when val_loss is the best so far), the history and the plots, for the steps done.
-    Nothing non-finite reaches the disk: a finite loss can be followed by a step that broke the weights."""
+def save_run(run: Run, val_loss: float | None = None, last: bool = True) -> None:
+    """latest.pt (and best.pt when val_loss is the best so far), the history and, at the run's last save or when
+    PLOT_SECONDS have passed since they were drawn, the plots, for the steps done. Nothing non-finite reaches the
+    disk: a finite loss can be followed by a step that broke the weights."""
     if (broken := nonfinite_state(run.model, run.optimizer)) is not None:
         raise diverged(broken, run.step - 1, run)
     # Every process's random state travels with the checkpoint, gathered on rank 0.
@@ -2619,18 +2626,26 @@ def save_run(run: Run, val_loss: float | None = None) -> None:
                "history": run.history, "rng": states, "world_size": run.rt.world_size, "seconds": run.seconds,
                **run.provenance}
     best = val_loss is not None and val_loss <= run.best_val
-    on_rank0(run.rt, lambda: write_run_files(run.run_dir, payload, run.history, best))
+    plots = last or time.monotonic() - run.plotted >= PLOT_SECONDS
+    on_rank0(run.rt, lambda: write_run_files(run.run_dir, payload, run.history, best, plots))
     run.saved = (run.run_dir / "latest.pt", run.step)
+    run.plotted = time.monotonic() if plots else run.plotted
 
 
-def write_run_files(run_dir: Path, payload: dict, history: dict, best: bool) -> None:
+# Drawing the three plots takes about a second on a CPU: a run that saves every step would spend most of its time
+# drawing, so between its first and last saves they are redrawn at most this often (seconds).
+PLOT_SECONDS = 30.0
+
+
+def write_run_files(run_dir: Path, payload: dict, history: dict, best: bool, plots: bool = True) -> None:
     """latest.pt, best.pt when the validation loss is the best so far, the history and the plots (rank 0)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     save_checkpoint(run_dir / "latest.pt", payload)
     if best:
         save_checkpoint(run_dir / "best.pt", payload)
     write_atomically(run_dir / "training_history.json", lambda tmp: tmp.write_text(json.dumps(history, indent=1)))
-    save_plots(history, run_dir)
+    if plots:
+        save_plots(history, run_dir)
 
 
 # --- Checkpoints --------------------------------------------------------------

@@ -4,13 +4,16 @@ measured by. Not part of the program (`python h64lm.py bench` times H64LM alone)
     python -m tests.speed --targets --repeats 5     # SPEED_TARGETS, on the shapes users train
     python -m tests.speed --compare-hf              # bench against transformers' Mixtral of the same shape
     python -m tests.speed --tokenize                # bench, and tokenizing + packing the sample
+    python -m tests.speed --optimizers              # a whole training step with Muon against one with AdamW
 
 --compare-hf measures both models in Mixtral's form (every layer MoE, RoPE only), transformers' with its fastest
 experts implementation for each measurement: a training step of each timed in alternation, and cached greedy
 decoding (H64LM eager and compiled, section 13) against transformers' generate(). --targets measures each of
 SPEED_TARGETS on its shape in one process: graph breaks in the tiny training step, the MoE layer at the h64lm
 shape, the training step and decoding against transformers at the small shape, decoding at the tiny shape, and
-what compile_blocks gains. A ratio is the median of the repeats' ratios with the lowest and highest beside it, as
+what compile_blocks gains. --optimizers times train_step, the very step `train` takes (forward, backward,
+clipping, the optimizer), of the preset with its recipe on the bundled sample, with Muon and with AdamW in
+alternation. A ratio is the median of the repeats' ratios with the lowest and highest beside it, as
 h64lm's own bench (section 20) takes them. README, Speed, has the figures and what the --json keys mean.
 """
 
@@ -18,6 +21,7 @@ import argparse
 import copy
 import json
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -230,6 +234,35 @@ def tokenize_throughput(data: str = "sample", tokenizer_path: str | Path = h64lm
             "tokenize_tokens_per_s": len(tokens) / seconds}
 
 
+# --- Muon against AdamW --------------------------------------------------------------------------------------------
+
+def optimizer_cost(preset: str = "tiny", batch_size: int = 8, repeats: int = 10, moe_layers: str | None = None,
+                   device: str = "auto") -> dict:
+    """Seconds of train_step with Muon and with AdamW, the preset's recipe otherwise, timed in alternation; the
+    ratio Muon / AdamW as _ratio takes it."""
+    rt = h64lm.setup_runtime(device)
+    config = H64LMConfig.from_preset(preset, **({"moe_layers": moe_layers} if moe_layers else {}))
+    steps = {}
+    with tempfile.TemporaryDirectory() as folder:
+        for optimizer in ("muon", "adamw"):
+            tc = h64lm.TrainConfig(**{**h64lm.TRAIN_RECIPES[preset], "optimizer": optimizer, "batch_size": batch_size,
+                                      "max_steps": repeats + 1}, data="sample", device=rt.device.type)
+            run = h64lm.start_run(config, tc, rt, Path(folder) / optimizer, log=lambda *a: None)
+            steps[optimizer] = lambda run=run: h64lm.train_step(run, run.step)
+        times = _time_alternating(steps, repeats, rt.device)
+    ratio, low, high = _ratio(times, "muon", "adamw")
+    return {"preset": preset, "moe_layers": config.moe_layers, "batch_size": batch_size,
+            "muon_seconds": _median(times["muon"]), "adamw_seconds": _median(times["adamw"]),
+            "muon_over_adamw": ratio, "muon_over_adamw_spread": [low, high], "threads": torch.get_num_threads()}
+
+
+def optimizer_report(r: dict) -> str:
+    low, high = r["muon_over_adamw_spread"]
+    return (f"{r['preset']}, MoE layers {r['moe_layers']}, batch {r['batch_size']}, {r['threads']} threads: "
+            f"train_step {r['muon_seconds']:.3f} s with Muon, {r['adamw_seconds']:.3f} s with AdamW -> Muon costs "
+            f"{r['muon_over_adamw']:.2f}x (repeats {low:.2f}-{high:.2f})")
+
+
 # --- The report and the command line --------------------------------------------------------------------------------
 
 def bench_report(r: dict) -> str:
@@ -272,6 +305,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "hf_experts_implementation")
     p.add_argument("--tokenize", action="store_true", help="also time tokenizing and packing the sample's train "
                    "split, cache bypassed (key tokenize_tokens_per_s)")
+    p.add_argument("--optimizers", action="store_true", help="time train_step with Muon and with AdamW in "
+                   "alternation (the preset's recipe otherwise, on the bundled sample; --batch-size, --repeats and "
+                   "--moe-layers apply)")
+    p.add_argument("--moe-layers", default=None,
+                   help="with --optimizers: override the preset's (odd, even, all, none or indices like 1,3)")
     p.add_argument("--preset", choices=h64lm.PRESETS, default="tiny")
     p.add_argument("--device", default="auto", choices=h64lm.DEVICES)
     p.add_argument("--precision", default="auto", choices=h64lm.PRECISIONS, help="auto: bf16 on CUDA, fp32 on CPU")
@@ -293,15 +331,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not (args.targets or args.compare_hf or args.tokenize):
-        parser.error("say what to measure: --targets, --compare-hf or --tokenize (`python h64lm.py bench` times "
-                     "H64LM alone)")
+    if not (args.targets or args.compare_hf or args.tokenize or args.optimizers):
+        parser.error("say what to measure: --targets, --compare-hf, --tokenize or --optimizers (`python h64lm.py "
+                     "bench` times H64LM alone)")
     h64lm.keep_freed_memory()  # as h64lm.py's command line does, for both models alike
     try:
         if args.targets:
             result = bench_targets(args.device, args.precision, args.repeats, args.decode_tokens,
                                    log=lambda text: print(text, file=sys.stderr))
             print(json.dumps(result) if args.json else targets_report(result))
+            return 0
+        if args.optimizers:
+            result = optimizer_cost(args.preset, args.batch_size, args.repeats, args.moe_layers, args.device)
+            print(json.dumps(result) if args.json else optimizer_report(result))
             return 0
         overrides = {name: getattr(args, name) for name in ("attn_impl", "moe_impl", "loss_impl")
                      if getattr(args, name)}

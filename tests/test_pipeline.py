@@ -215,6 +215,22 @@ def test_train_writes_checkpoints_history_and_plots(trained_run):
     assert trained.ckpt["step"] == 6 and trained.model.config.hidden_size == 32
 
 
+@pytest.mark.parametrize("plot_seconds, drawn_at", [(1e9, [1, 5]), (0.0, [1, 2, 3, 4, 5])])
+def test_a_run_that_saves_every_step_draws_its_plots_first_last_and_every_plot_seconds(
+        corpus, tmp_path, monkeypatch, plot_seconds, drawn_at):
+    drawn = []
+    draw = h64lm.save_plots
+    monkeypatch.setattr(h64lm, "save_plots", lambda history, folder: (drawn.append(len(history["train"])),
+                                                                      draw(history, folder)))
+    monkeypatch.setattr(h64lm, "PLOT_SECONDS", plot_seconds)
+    result = run_cli("train", *TINY_FLAGS, "--data", corpus, "--out-dir", tmp_path, "--cache-dir", tmp_path / "cache",
+                     "--batch-size", "2", "--max-steps", "5", "--save-every", "1", "--eval-every", "5")
+    assert result.returncode == 0, result.stderr
+    assert drawn == drawn_at  # steps in the history when the plots were drawn
+    history = json.loads((tmp_path / "tiny" / "training_history.json").read_text())
+    assert len(history["train"]) == 5 and (tmp_path / "tiny" / "loss.png").stat().st_size > 0
+
+
 def test_eval_json_word_perplexity_is_exp_nll_over_words(trained_run, corpus, tokenizer):
     run_dir, _ = trained_run
     # A hand-made test split: 2 articles, 20 words + 6 lines = 26 WikiText words.

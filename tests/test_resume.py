@@ -40,8 +40,10 @@ def val_losses(run_dir: Path) -> list[tuple[int, float]]:
     ["--balance", "aux_free", "--bias-update-rate", "0.01"],  # the bias is state that must be saved and restored
     # global: the counting pass before each step must leave the jitter's generator as it found it
     ["--balance", "global", "--grad-accum", "2", "--router-jitter-noise", "0.1"],
-    ["--optimizer", "muon"],  # two optimizers' state (Muon's momentum, AdamW's moments) saved as one
-], ids=["plain", "jitter", "aux_free", "global", "muon"])
+    # The tiny recipe (TINY_FLAGS) steps two optimizers, Muon and AdamW, whose states are saved as one; and AdamW
+    # alone, as the other recipes train:
+    ["--optimizer", "adamw"],
+], ids=["plain", "jitter", "aux_free", "global", "adamw"])
 def test_stopped_and_resumed_run_is_bit_identical_to_a_straight_run(corpus, tmp_path, extra):
     common = [*TINY_FLAGS, *STEPS, "--data", corpus, "--out-dir", tmp_path, "--cache-dir", tmp_path / "cache", *extra]
     straight = run_cli("train", *common, "--run-name", "straight")
@@ -66,10 +68,11 @@ def test_stopped_and_resumed_run_is_bit_identical_to_a_straight_run(corpus, tmp_
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
-def test_two_process_run_resumes_bit_identically(corpus, tmp_path, optimizer):
+def test_two_process_run_resumes_bit_identically(corpus, tmp_path):
+    # The tiny recipe steps two optimizers (Muon, and AdamW for the rest), so both states cross the resume here;
+    # the single-process test above resumes AdamW alone too.
     common = [*TINY_FLAGS, *STEPS, "--data", corpus, "--out-dir", tmp_path, "--cache-dir", tmp_path / "cache",
-              "--device", "cpu", "--optimizer", optimizer]
+              "--device", "cpu", "--optimizer", "muon"]
     env = PROCESS_ENV
 
     def torchrun(*args):

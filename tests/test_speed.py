@@ -149,11 +149,25 @@ def run_speed(*args) -> subprocess.CompletedProcess:
 def test_the_speed_command_line_names_its_measurements_and_asks_for_one():
     result = run_speed("--help")
     assert result.returncode == 0 and result.stdout.startswith("usage: python -m tests.speed")
-    for flag in ("--targets", "--compare-hf", "--tokenize", "--repeats", "--json"):
+    for flag in ("--targets", "--compare-hf", "--tokenize", "--optimizers", "--repeats", "--json"):
         assert flag in result.stdout, flag
     result = run_speed("--preset", "tiny")
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.startswith("error: say what to measure") and result.stderr.count("\n") == 1
+
+
+def test_optimizer_cost_times_the_same_training_step_with_each_optimizer(monkeypatch):
+    made = []
+    start_run = h64lm.start_run
+    monkeypatch.setattr(h64lm, "start_run", lambda config, tc, *a, **k: made.append(tc) or start_run(config, tc, *a,
+                                                                                                       **k))
+    r = speed.optimizer_cost("tiny", batch_size=1, repeats=3, moe_layers="1", device="cpu")
+    assert [tc.optimizer for tc in made] == ["muon", "adamw"]
+    assert all(tc.batch_size == 1 and tc.lr == h64lm.TRAIN_RECIPES["tiny"]["lr"] for tc in made)
+    assert r["moe_layers"] == "1" and r["muon_seconds"] > 0 and r["adamw_seconds"] > 0
+    low, high = r["muon_over_adamw_spread"]
+    assert low <= r["muon_over_adamw"] <= high
+    assert "Muon costs" in speed.optimizer_report(r)
 
 
 @pytest.mark.slow
