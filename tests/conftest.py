@@ -31,6 +31,16 @@ def pytest_configure(config):
                                        "`pytest -m \"not slow\"` is the quick inner loop, CI runs everything")
 
 
+def pytest_collection_modifyitems(config, items):
+    # The notebook's test is the longest by far (10 minutes on 2 cores): first, so that with pytest-xdist (`-n
+    # auto`, as CI runs the suite) one worker runs it while the others run everything else.
+    items.sort(key=lambda item: item.nodeid != "tests/test_notebook.py::test_notebook_runs_top_to_bottom")
+
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one of several test processes: one thread each, as many as cores
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
