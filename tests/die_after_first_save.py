@@ -15,8 +15,8 @@ def main() -> int:
     if os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0":  # the first attempt; a relaunch counts 1, 2, ...
         save_run = h64lm.save_run
 
-        def save_then_die(run, val_loss=None):
-            save_run(run, val_loss)
+        def save_then_die(run, *args, **kwargs):
+            save_run(run, *args, **kwargs)
             # Every process returns from save_run only once rank 0 has written latest.pt, so the checkpoint is
             # whole; os._exit skips all cleanup, as a crash would.
             os._exit(1)
