@@ -2332,9 +2332,9 @@ def check_run_name(name: str) -> None:
 
 # Training recipes, like the model presets, list only what differs from the defaults above (the h64lm GPU recipe).
 TRAIN_RECIPES: dict[str, dict] = {
-    # The CPU demo: 800 steps of 8 x 128 tokens, about 4 minutes on 2 cores. Muon at 4e-3, the best of a
-    # learning-rate sweep of both optimizers on this recipe, reached AdamW's best loss in half the steps (README,
-    # AdamW vs Muon).
+    # The CPU demo: 800 steps of 8 x 128 tokens, 4 minutes on 2 cores with AVX512-BF16, 14-18 without (Muon's
+    # Newton-Schulz runs in bf16). Muon at 4e-3, the best of a learning-rate sweep of both optimizers on this
+    # recipe, reached AdamW's best loss in half the steps (README, AdamW vs Muon, which has both machines' times).
     "tiny": dict(batch_size=8, grad_accum=1, seq_len=128, max_steps=800, optimizer="muon", lr=4e-3, min_lr=1e-4,
                  warmup_steps=40, eval_every=200, save_every=200, eval_batches=10),
     "small": dict(batch_size=16, grad_accum=2, max_steps=3000, lr=1e-3, min_lr=1e-4, warmup_steps=100),
@@ -2435,7 +2435,7 @@ def peak_flops(device: torch.device) -> float:
     return cpu_matmul_rate(torch.get_num_threads())
 
 
-@functools.cache  # measured once per process and thread count: it takes a second or two
+@functools.cache  # measured once per process and thread count: it takes about a second
 def cpu_matmul_rate(threads: int) -> float:
     generator = torch.Generator().manual_seed(0)  # its own, so measuring draws nothing from the run's generators
     a, b = torch.randn(2048, 2048, generator=generator), torch.randn(2048, 2048, generator=generator)
@@ -2632,8 +2632,8 @@ def save_run(run: Run, val_loss: float | None = None, last: bool = True) -> None
     run.plotted = time.monotonic() if plots else run.plotted
 
 
-# Drawing the three plots takes about a second on a CPU: a run that saves every step would spend most of its time
-# drawing, so between its first and last saves they are redrawn at most this often (seconds).
+# Drawing the three plots takes seconds on a CPU (README, Training): a run that saves every step would spend most of
+# its time drawing, so between its first and last saves they are redrawn at most this often (seconds).
 PLOT_SECONDS = 30.0
 
 
