@@ -32,7 +32,7 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    # The notebook's test is the longest by far (10 minutes on 2 cores): first, so that with pytest-xdist (`-n
+    # The notebook's test is the longest by far (9 minutes on 2 cores): first, so that with pytest-xdist (`-n
     # auto`, as CI runs the suite) one worker runs it while the others run everything else.
     items.sort(key=lambda item: item.nodeid != "tests/test_notebook.py::test_notebook_runs_top_to_bottom")
 
@@ -59,7 +59,7 @@ TINY_FLAGS = ["--preset", "tiny", "--hidden-size", "32", "--num-layers", "2", "-
 def run_cli(*args) -> subprocess.CompletedProcess:
     """`python h64lm.py ARGS` as h64lm.main(ARGS) in this process, with one thread as run_process's processes have:
     the exit status and what was printed, as a finished process gives them. `python h64lm.py` itself is main() and
-    sys.exit; a new process spends about 8 s importing torch, transformers and matplotlib before its first step,
+    sys.exit; a new process spends about 8 s importing torch and transformers before its first step,
     which the slow tests paid several hundred times. Tests of what only a process has (signals, a kill, torchrun,
     the lock between two processes) start one."""
     argv = [str(a) for a in args]
