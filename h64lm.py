@@ -2629,7 +2629,8 @@ def save_run(run: Run, val_loss: float | None = None, last: bool = True) -> None
     plots = last or time.monotonic() - run.plotted >= PLOT_SECONDS
     on_rank0(run.rt, lambda: write_run_files(run.run_dir, payload, run.history, best, plots))
     run.saved = (run.run_dir / "latest.pt", run.step)
-    run.plotted = time.monotonic() if plots else run.plotted
+    if plots:
+        run.plotted = time.monotonic()
 
 
 # Drawing the three plots takes seconds on a CPU (README, Training): a run that saves every step would spend most of

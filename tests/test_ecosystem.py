@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import h64lm
-from conftest import REPO, TINY_FLAGS, run_cli, small_config
+from conftest import PROCESS_ENV, REPO, TINY_FLAGS, run_cli, small_config
 
 DEMO = REPO / "checkpoints" / "demo"
 PROMPT = "The river rises in the hills north of the town and"
@@ -208,7 +208,7 @@ def test_the_prompt_line_takes_settings_between_turns_and_leaves_at_the_end_of_i
              "/max-new-tokens 12", PROMPT, "", "/repetition-penalty 1.0", PROMPT]
     result = subprocess.run([sys.executable, str(REPO / "h64lm.py"), "generate", "--ckpt", str(DEMO), "--interactive"],
                             input="\n".join(lines) + "\n", capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env=PROCESS_ENV)
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
     # The help says what a base model does with a question, and how to leave.
@@ -237,8 +237,7 @@ def test_ctrl_c_stops_one_continuation_and_ctrl_d_leaves(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(model.config.to_dict()))
     process = subprocess.Popen([sys.executable, str(REPO / "h64lm.py"), "generate", "--ckpt", str(tmp_path),
                                 "--interactive", "--max-new-tokens", "500", "--no-eos"], stdin=subprocess.PIPE,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ,
-                                                                                      "OMP_NUM_THREADS": "1"})
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=PROCESS_ENV)
     os.set_blocking(process.stdout.fileno(), False)
     seen = b""
 

@@ -5,7 +5,6 @@ and gloo for NCCL under torchrun. Each test failed on the code before its fix (i
 
 import dataclasses
 import json
-import os
 import subprocess
 import sys
 
@@ -14,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import h64lm
-from conftest import REPO, TINY_FLAGS
+from conftest import PROCESS_ENV, REPO, TINY_FLAGS
 
 
 @pytest.fixture
@@ -226,7 +225,7 @@ def test_under_torchrun_mfu_counts_every_device_and_each_rank_draws_its_own_nois
          "--data", str(corpus), "--out-dir", str(tmp_path), "--cache-dir", str(tmp_path / "cache"),
          "--batch-size", "2", "--max-steps", "3", "--eval-every", "3", "--device", "cpu"],
         cwd=REPO, capture_output=True, text=True, timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)})
+        env={**PROCESS_ENV, "PYTHONPATH": str(REPO)})
     assert result.returncode == 0, result.stderr[-3000:]
     history = json.loads((tmp_path / "tiny" / "training_history.json").read_text())
     flops = h64lm.H64LM(h64lm.H64LMConfig(**history["config"])).flops_per_token(32)
@@ -264,7 +263,7 @@ def test_the_other_ranks_wait_for_rank0s_tokenizing_longer_than_a_collective_tim
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
          str(corpus), str(tmp_path / "cache")], cwd=REPO, capture_output=True, text=True, timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)})
+        env={**PROCESS_ENV, "PYTHONPATH": str(REPO)})
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("both ranks have the data") == 2
 

@@ -3,7 +3,6 @@
 
 import hashlib
 import json
-import os
 import pickle
 import random
 import signal
@@ -160,7 +159,7 @@ def test_a_killed_two_process_run_relaunched_by_torchrun_continues_exactly(corpu
     # torch 2.13's torchrun keeps one store for all attempts, and a relaunched process can read the address of
     # the dead one's gloo socket from it and hang or fail (pytorch/pytorch#135712); with this, each attempt
     # gets a store of its own.
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    env = {**PROCESS_ENV, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 
     def torchrun(script: Path, run: str) -> subprocess.Popen:
         with open(tmp_path / f"{run}.out", "w") as out, open(tmp_path / f"{run}.err", "w") as err:

@@ -5,7 +5,6 @@ and the analysis numbers (MaxVio, co-activation, drop-one-expert) against hand c
 
 import json
 import math
-import os
 import subprocess
 import sys
 from itertools import combinations
@@ -16,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import h64lm
-from conftest import REPO, TINY_FLAGS, run_cli, small_config
+from conftest import PROCESS_ENV, REPO, TINY_FLAGS, run_cli, small_config
 
 
 # --- Routing and the balance losses, by hand -----------------------------------------------------------------------
@@ -240,7 +239,7 @@ def test_two_processes_give_the_same_loss_and_bias_as_one_process(corpus, tmp_pa
     assert one.returncode == 0, one.stderr
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           str(REPO / "h64lm.py"), "train", *map(str, common), "--batch-size", "2", "--run-name",
-                          "two"], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          "two"], capture_output=True, text=True, env=PROCESS_ENV,
                          timeout=300)
     assert two.returncode == 0, two.stderr
     a, b = (h64lm.read_checkpoint(tmp_path / name / "latest.pt") for name in ("one", "two"))
