@@ -278,6 +278,11 @@ PRESETS: dict[str, dict] = {
                   intermediate_size=1536, expert_intermediate_size=1536),
     # The H64LM model: 6 layers, 768 wide, 12 query / 4 KV heads of 64, 8 experts of 3072, untied: 250M parameters.
     "h64lm": dict(),
+    # The routing lab's model: tiny's cost per token with the compute in the blocks, where MoE acts. Its own
+    # 4,096-token BPE (the lab recipe's tokenizer, section 14) shrinks the embedding and LM head that take 75% of
+    # tiny's FLOPs; every layer is MoE, 8 experts of 512 top-2, so its dense twin is a 1,024-wide SwiGLU.
+    "lab": dict(vocab_size=4096, max_position_embeddings=256, hidden_size=256, num_layers=4, num_heads=8,
+                num_kv_heads=4, intermediate_size=1024, moe_layers="all", expert_intermediate_size=512),
 }
 
 
@@ -1330,7 +1335,9 @@ class H64LM(nn.Module):
                          f"{config.expert_intermediate_size} wide, {config.router_scoring} router, "
                          f"balance {config.balance}")
         seq_len = seq_len or config.max_position_embeddings
-        lines.append(f"training FLOPs per token at context {seq_len}: {self.flops_per_token(seq_len):,}")
+        flops, head = self.flops_per_token(seq_len), 6 * config.vocab_size * config.hidden_size
+        lines.append(f"training FLOPs per token at context {seq_len}: {flops:,}, {100 * (flops - head) / flops:.0f}% "
+                     f"in the blocks, {100 * head / flops:.0f}% in the LM head")
         return "\n".join(lines)
 
 
@@ -1720,6 +1727,65 @@ def check_tokenizer_folder(path: Path) -> None:
     this too."""
     if not (path / "tokenizer.json").exists() and not (path / "tokenizer.model").exists():
         raise H64LMError(f"No tokenizer in {path}; point --tokenizer at a folder with tokenizer.json.")
+
+
+# A tokenizer of the run's own. At the lab preset's width (section 1) a 32,000-token vocabulary would put most
+# of the parameters and FLOPs in the embedding and the LM head, which MoE does not touch. "bpe:N" names a
+# byte-level BPE of N tokens (GPT-2's kind: every byte is a token, so no text is unknown; Sennrich et al. 2016)
+# trained with Hugging Face's tokenizers on the training split of --data. It is trained the first time it is
+# asked for (about a second on the sample), then read from --cache-dir, where its folder's name holds the text's
+# fingerprint; a checkpoint records its folder and fingerprint like any tokenizer's.
+BPE_VOCAB = Range(259, 65536, integer=True)  # 256 bytes and <unk>, <s>, </s>; the token cache stores uint16 ids
+
+
+def bpe_vocab(spec: str) -> int | None:
+    """N of a "bpe:N" tokenizer, None for a folder; ValueError when N is not a vocabulary size."""
+    if not spec.startswith("bpe:"):
+        return None
+    try:
+        vocab = int(spec[4:])
+    except ValueError:
+        raise ValueError(f"{spec!r} should be bpe:N with N the number of tokens, e.g. bpe:4096") from None
+    if why := BPE_VOCAB.refuse(vocab):
+        raise ValueError(f"the BPE's vocabulary {why}")
+    return vocab
+
+
+def tokenizer_folder(spec: str, data: str, cache_dir: str | Path = DEFAULT_CACHE, log=print) -> Path:
+    """The folder of the tokenizer a run's --tokenizer names: a folder is itself; bpe:N is the BPE of N tokens
+    trained on data's training split, trained here if the cache does not hold it yet."""
+    if (vocab := bpe_vocab(spec)) is None:
+        return Path(spec)
+    source = open_text_source(data, log)
+    folder = Path(cache_dir) / f"bpe{vocab}-{source.fingerprint[:16]}"
+    if not (folder / "tokenizer.json").exists():
+        log(f"training a byte-level BPE of {vocab:,} tokens on the training split of {source.name} into {folder} "
+            "(once)")
+        train_bpe(source.read("train"), vocab, folder)
+    return folder
+
+
+def train_bpe(lines: list[str], vocab_size: int, folder: Path) -> None:
+    """Train a byte-level BPE on the documents of lines and save it in folder as a transformers tokenizer that
+    encodes as Mistral's does: <s> before the text, <unk>, <s> and </s> at ids 0, 1 and 2."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    bpe.train_from_iterator(documents(lines), trainer)  # the same text gives the same merges
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                        clean_up_tokenization_spaces=False)
+    tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
+    tokenizer.save_pretrained(tmp)
+    try:
+        os.replace(tmp, folder)  # whole or not at all; a folder another process finished first is as good
+    except OSError:
+        shutil.rmtree(tmp)
 
 
 def check_vocab(tokenizer, config: H64LMConfig) -> None:
@@ -2277,7 +2343,8 @@ class TrainConfig:
     run_name: str | None = None  # name of the run folder under --out-dir; default: the preset's name
     out_dir: str = str(ROOT / "checkpoints")  # where run folders are written
     overwrite: bool = False  # replace a run folder that already holds a run
-    tokenizer: str = str(DEFAULT_TOKENIZER)  # folder of a Hugging Face tokenizer
+    tokenizer: str = str(DEFAULT_TOKENIZER)  # folder of a Hugging Face tokenizer, or "bpe:N": a byte-level BPE of N
+    # tokens trained on --data's training split, once, and cached in --cache-dir (tokenizer_folder)
     cache_dir: str = str(DEFAULT_CACHE)  # where tokenized splits are cached
     seq_len: int | None = None  # tokens per training sequence; default: the model's max_position_embeddings
     batch_size: int = 16  # sequences per micro-batch per process
@@ -2340,6 +2407,8 @@ TRAIN_RECIPES: dict[str, dict] = {
     "small": dict(batch_size=16, grad_accum=2, max_steps=3000, lr=1e-3, min_lr=1e-4, warmup_steps=100),
     "h64lm": dict(),
 }
+# The lab: tiny's recipe with its own BPE (section 14).
+TRAIN_RECIPES["lab"] = dict(TRAIN_RECIPES["tiny"], tokenizer="bpe:4096")
 
 
 # -----------------------------------------------------------------------------
@@ -2479,7 +2548,7 @@ def compile_blocks(model: H64LM) -> H64LM:
 
 def load_run_data(config: H64LMConfig, tc: TrainConfig, rt: Runtime, seq_len: int, log):
     """The tokenizer, the text source and its splits as tokens, checked to be big enough for one batch."""
-    tokenizer = load_tokenizer(tc.tokenizer)
+    tokenizer = load_tokenizer(rank0_first(rt, lambda: tokenizer_folder(tc.tokenizer, tc.data, tc.cache_dir, log)))
     check_vocab(tokenizer, config)
     source, splits = rank0_first(rt, lambda: load_token_splits(tc.data, tokenizer, tc.cache_dir, log=log))
     windows = PackedWindows(splits["train"].tokens, seq_len).count
@@ -2744,8 +2813,8 @@ def open_trained(path: str | Path, device: torch.device | str = "cpu", *, latest
                  tokenizer: str | Path | None = None, allow_mismatch: bool = False) -> Trained:
     """The one way a trained model is opened: find the file path means (resolve_checkpoint; latest=True for
     latest.pt, to resume, else best.pt), read it, check its config and weights once, build the model on device
-    (unless build=False), and with a tokenizer (its folder) load it and refuse one the model cannot read or was
-    not trained with (allow_mismatch: let the second pass)."""
+    (unless build=False), and with a tokenizer (its folder, or "recorded": the one the checkpoint records) load it
+    and refuse one the model cannot read or was not trained with (allow_mismatch: let the second pass)."""
     path = resolve_checkpoint(path, latest)
     ckpt = read_checkpoint(path, device)
     config = _config_of(ckpt, path)
@@ -2755,7 +2824,7 @@ def open_trained(path: str | Path, device: torch.device | str = "cpu", *, latest
         trained.model = H64LM(config).to(device)
         trained.model.load_state_dict(ckpt["model"])
     if tokenizer is not None:
-        trained.tokenizer = load_tokenizer(tokenizer)
+        trained.tokenizer = load_tokenizer(recorded_tokenizer(ckpt) if tokenizer == "recorded" else tokenizer)
         check_vocab(trained.tokenizer, config)
         if not allow_mismatch:
             check_trained_with(ckpt, path, trained.tokenizer)
@@ -2785,12 +2854,26 @@ def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
 # What a checkpoint records of the tokenizer and the data it was trained on, so that a run is resumed, and a
 # model evaluated or sampled, with the same ones (see check_trained_with). An exported model keeps them in its
 # safetensors metadata, as strings.
-PROVENANCE_KEYS = ("tokenizer_fingerprint", "tokenizer_vocab", "data", "data_fingerprint")
+PROVENANCE_KEYS = ("tokenizer", "tokenizer_fingerprint", "tokenizer_vocab", "data", "data_fingerprint")
 
 
 def provenance(tokenizer, source: TextSource) -> dict:
-    return {"tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "tokenizer_vocab": len(tokenizer),
-            "data": source.name, "data_fingerprint": source.fingerprint}
+    return {"tokenizer": portable_path(tokenizer.name_or_path), "tokenizer_fingerprint": tokenizer_fingerprint(
+        tokenizer), "tokenizer_vocab": len(tokenizer), "data": source.name, "data_fingerprint": source.fingerprint}
+
+
+def portable_path(path: str | Path) -> str:
+    """A path as a checkpoint records it: relative to this file's folder when inside it (a checkpoint that travels
+    with the project finds it again), else absolute."""
+    path = Path(path).resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def recorded_tokenizer(ckpt: dict) -> Path:
+    """The folder of the tokenizer a checkpoint was trained with, when it still holds a tokenizer; else (an older
+    checkpoint, or one from another machine) mistral_tokenizer/, which check_trained_with then compares."""
+    folder = ROOT / ckpt.get("tokenizer", DEFAULT_TOKENIZER)  # an absolute path stays itself
+    return folder if (folder / "tokenizer.json").exists() else DEFAULT_TOKENIZER
 
 
 def _read_safetensors(path: Path, device) -> dict:
@@ -3140,7 +3223,7 @@ def diverged(what: str, step: int, run: Run) -> H64LMError:
 # each article, the model's guess that an article ends there.
 
 def evaluate_checkpoint(ckpt: str | Path, data: str | None = None, split: str = "test", *,
-                        tokenizer: str | Path = DEFAULT_TOKENIZER, cache_dir: str | Path = DEFAULT_CACHE,
+                        tokenizer: str | Path = "recorded", cache_dir: str | Path = DEFAULT_CACHE,
                         batch_size: int = 8, seq_len: int | None = None, max_batches: int | None = None,
                         device: str = "auto", precision: str = "auto", allow_mismatch: bool = False,
                         log=print) -> dict:
@@ -3395,8 +3478,9 @@ def compare(base: H64LMConfig, tc: TrainConfig, variants: dict[str, dict], seeds
     rt = setup_runtime(tc.device, tc.precision)
     if rt.world_size > 1:
         raise H64LMError("compare trains its runs one after another in one process; start it without torchrun.")
-    tokenizer = load_tokenizer(tc.tokenizer)  # every run is scored on the same validation tokens, read once
-    valid = load_token_splits(tc.data, tokenizer, tc.cache_dir, log=lambda *a, **k: None)[1]["valid"].tokens
+    # every run is scored on the same validation tokens, read once
+    tokenizer = load_tokenizer(tokenizer_folder(tc.tokenizer, tc.data, tc.cache_dir, log))
+    valid = load_token_splits(tc.data, tokenizer, tc.cache_dir, log=lambda *a, **k: None)[1]["valid"]
     runs = []
     for seed in seeds:
         for name, config in configs.items():
@@ -3416,9 +3500,9 @@ def compare(base: H64LMConfig, tc: TrainConfig, variants: dict[str, dict], seeds
     return result
 
 
-def score_study_run(name: str, seed: int, trained: Trained, tc: TrainConfig, rt: Runtime, valid: np.ndarray) -> dict:
-    """One finished run's numbers: loss on the whole validation split (its tokens: valid), its curve, time, and
-    balance."""
+def score_study_run(name: str, seed: int, trained: Trained, tc: TrainConfig, rt: Runtime, valid: TokenSplit) -> dict:
+    """One finished run's numbers: loss and word-level perplexity on the whole validation split (valid; the word
+    count makes studies with different tokenizers comparable), its curve, time, and balance."""
     model, saved = trained.model, trained.ckpt
     seq_len = seq_len_of(model.config, tc.seq_len)
     model.to(rt.device)
@@ -3430,12 +3514,13 @@ def score_study_run(name: str, seed: int, trained: Trained, tc: TrainConfig, rt:
 
     hooks = [layer.register_forward_hook(count) for layer in moe]
     try:
-        nll, tokens = evaluate(model, valid, seq_len, tc.batch_size, rt, progress=True)
+        nll, tokens = evaluate(model, valid.tokens, seq_len, tc.batch_size, rt, progress=True)
     finally:
         for hook in hooks:
             hook.remove()
     share = load / load.mean(dim=-1, keepdim=True).clamp_min(1e-9)  # (L, E), 1 = uniform
     return {"variant": name, "seed": seed, "valid_loss": nll / tokens, "valid_tokens": tokens,
+            "valid_word_ppl": math.exp(nll / valid.words),
             "params": model.num_params(), "active_params": model.num_params(active=True),
             "flops_per_token": model.flops_per_token(seq_len), "tokens": saved["tokens_seen"],
             "seconds": saved.get("seconds", 0.0), "curve": saved["history"]["val"],
@@ -3448,7 +3533,7 @@ def study_table(result: dict) -> str:
     for r in result["runs"]:
         by.setdefault(r["variant"], []).append(r)
     lines = ["| variant | parameters | active | FLOPs/token | tokens | validation loss (mean ± sd) | min-max | "
-             "wall-clock | MaxVio | smallest expert share |", "|" + " --- |" * 10]
+             "word perplexity | wall-clock | MaxVio | smallest expert share |", "|" + " --- |" * 11]
     for name, runs in by.items():
         losses = np.array([r["valid_loss"] for r in runs])
         vio = [np.mean(r["max_vio"]) for r in runs if r["max_vio"]]
@@ -3456,7 +3541,8 @@ def study_table(result: dict) -> str:
         lines.append(f"| {name} | {runs[0]['params'] / 1e6:.2f}M | {runs[0]['active_params'] / 1e6:.2f}M | "
                      f"{runs[0]['flops_per_token'] / 1e6:.1f}M | {runs[0]['tokens']:,} | "
                      f"{losses.mean():.4f} ± {losses.std(ddof=1) if len(losses) > 1 else 0:.4f} (n={len(losses)}) | "
-                     f"{losses.min():.4f}-{losses.max():.4f} | {np.mean([r['seconds'] for r in runs]):.0f} s | "
+                     f"{losses.min():.4f}-{losses.max():.4f} | {word_ppl(runs)} | "
+                     f"{np.mean([r['seconds'] for r in runs]):.0f} s | "
                      + (f"{np.mean(vio):.2f} | {100 * min(shares):.0f}% of uniform |" if vio else "- | - |"))
     if "dense" in by:
         lines += ["", "Gap to dense (dense minus variant, mean over seeds; positive: the variant is ahead), "
@@ -3469,6 +3555,12 @@ def study_table(result: dict) -> str:
                 mine = np.mean([[v["loss"] for v in r["curve"]] for r in runs], axis=0)
                 lines.append(f"| {name} | " + " | ".join(f"{d:+.4f}" for d in dense - mine) + " |")
     return "\n".join(lines) + "\n"
+
+
+def word_ppl(runs: list[dict]) -> str:
+    """The mean word-level perplexity of runs, for the table (a study from before it was recorded has none)."""
+    ppl = [r["valid_word_ppl"] for r in runs if "valid_word_ppl" in r]
+    return f"{np.mean(ppl):.1f}" if ppl else "-"
 
 
 def save_study_plot(result: dict, path: Path) -> None:
@@ -3675,7 +3767,7 @@ H64LMHFConfig, H64LMForCausalLM = transformers_classes()
 '''
 
 
-def export_transformers(path: str | Path, out: str | Path, tokenizer_path: str | Path = DEFAULT_TOKENIZER,
+def export_transformers(path: str | Path, out: str | Path, tokenizer_path: str | Path = "recorded",
                         dtype: torch.dtype = torch.float32, allow_mismatch: bool = False) -> str:
     """Write a checkpoint as a folder that AutoModelForCausalLM and AutoTokenizer load (see above), refusing a
     tokenizer other than the one it was trained with. Returns the architecture written: "mixtral", "mistral" or
@@ -4322,8 +4414,17 @@ def _first_existing(path: Path) -> Path:
 
 @argument_type
 def tokenizer_flag(text: str) -> str:
-    """A folder that holds a tokenizer (load_tokenizer's check)."""
-    check_tokenizer_folder(Path(text))
+    """A folder that holds a tokenizer (load_tokenizer's check), or "recorded": the one the checkpoint records."""
+    if text != "recorded":
+        check_tokenizer_folder(Path(text))
+    return text
+
+
+@argument_type
+def run_tokenizer_flag(text: str) -> str:
+    """A run's tokenizer: a folder that holds one, or bpe:N (tokenizer_folder)."""
+    if bpe_vocab(text) is None:
+        check_tokenizer_folder(Path(text))
     return text
 
 
@@ -4413,7 +4514,7 @@ def custom_variant_flag(text: str) -> tuple[str, dict]:
 
 # The types of the dataclass fields that are neither choices nor numbers.
 FIELD_TYPES = {"data": data_flag, "run_name": run_name_flag, "out_dir": output_folder_flag,
-               "tokenizer": tokenizer_flag, "cache_dir": output_folder_flag, "moe_layers": text_flag}
+               "tokenizer": run_tokenizer_flag, "cache_dir": output_folder_flag, "moe_layers": text_flag}
 
 
 @functools.cache
@@ -4463,8 +4564,9 @@ COMMON_FLAGS: dict[str, dict] = {
     "--preset": dict(choices=PRESETS),
     "--ckpt": dict(required=True, help="a run folder (its best.pt), a .pt file or an exported folder"),
     "--data": dict(default=None, type=data_flag),
-    "--tokenizer": dict(default=str(DEFAULT_TOKENIZER), type=tokenizer_flag,
-                        help="folder of a Hugging Face tokenizer"),
+    "--tokenizer": dict(default="recorded", type=tokenizer_flag,
+                        help="folder of a Hugging Face tokenizer; recorded: the one the checkpoint was trained with "
+                             "(else mistral_tokenizer/)"),
     "--cache-dir": dict(default=str(DEFAULT_CACHE), type=output_folder_flag, help="where tokenized splits are cached"),
     "--device": dict(default="auto", choices=CHOICES["device"]),
     "--precision": dict(default="auto", choices=CHOICES["precision"], help="auto: bf16 on CUDA, fp32 on CPU"),
@@ -4647,7 +4749,8 @@ def add_export(commands) -> None:
     p.add_argument("--out", required=True, type=output_folder_flag, help="folder to write")
     p.add_argument("--format", default="h64lm", choices=("h64lm", "hf"),
                    help="h64lm: this program's own; hf: Hugging Face transformers'")
-    common(p, "--tokenizer", help="with --format hf: the tokenizer to save beside the model")
+    common(p, "--tokenizer", help="with --format hf: the tokenizer to save beside the model; recorded: the one the "
+                                  "checkpoint was trained with (else mistral_tokenizer/)")
     p.add_argument("--allow-mismatch", action="store_true", help="with --format hf: save the tokenizer although "
                    "it is not the one the checkpoint records")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),

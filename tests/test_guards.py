@@ -79,6 +79,7 @@ def _number_values(allowed: h64lm.Range) -> list[str]:
 TEXT = ["", "\udcff\udcfe"]  # how Python hands over bytes that are not UTF-8
 HOSTILE = {  # by the name of the flag's type
     "tokenizer_flag": ["{tmp}/nowhere", "{tmp}/a_file"],
+    "run_tokenizer_flag": ["{tmp}/nowhere", "{tmp}/a_file", "bpe:12", "bpe:lots", "bpe:70000"],
     "output_folder_flag": ["{tmp}/a_file", "{tmp}/a_file/inside"],
     "image_file_flag": ["{tmp}/empty", "{tmp}/nowhere/routing.png", "{tmp}/routing.txt"],
     "run_name_flag": ["../escape", "a/b", "/absolute", ".", "..", ""],
