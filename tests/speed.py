@@ -5,6 +5,7 @@ measured by. Not part of the program (`python h64lm.py bench` times H64LM alone)
     python -m tests.speed --compare-hf              # bench against transformers' Mixtral of the same shape
     python -m tests.speed --tokenize                # bench, and tokenizing + packing the sample
     python -m tests.speed --optimizers              # a whole training step with Muon against one with AdamW
+    python -m tests.speed --moe-steps --preset lab  # a whole MoE training step against its dense twin's
 
 --compare-hf measures both models in Mixtral's form (every layer MoE, RoPE only), transformers' with its fastest
 experts implementation for each measurement: a training step of each timed in alternation, and cached greedy
@@ -236,20 +237,28 @@ def tokenize_throughput(data: str = "sample", tokenizer_path: str | Path = h64lm
 
 # --- Muon against AdamW --------------------------------------------------------------------------------------------
 
+def train_step_times(setups: dict[str, tuple[H64LMConfig, dict]], preset: str, batch_size: int, repeats: int,
+                     rt: Runtime) -> dict[str, list[float]]:
+    """Seconds of train_step, the very step `train` takes (forward, backward, clipping, the optimizer), for each
+    name -> (model, changes to the preset's recipe), on the bundled sample, timed in alternation."""
+    steps = {}
+    with tempfile.TemporaryDirectory() as folder:
+        for name, (config, changes) in setups.items():
+            tc = h64lm.TrainConfig(**{**h64lm.TRAIN_RECIPES[preset], "batch_size": batch_size, "max_steps": repeats + 1,
+                                      **changes}, data="sample", device=rt.device.type)
+            run = h64lm.start_run(config, tc, rt, Path(folder) / name, log=lambda *a: None)
+            steps[name] = lambda run=run: h64lm.train_step(run, run.step)
+        return _time_alternating(steps, repeats, rt.device)
+
+
 def optimizer_cost(preset: str = "tiny", batch_size: int = 8, repeats: int = 10, moe_layers: str | None = None,
                    device: str = "auto") -> dict:
     """Seconds of train_step with Muon and with AdamW, the preset's recipe otherwise, timed in alternation; the
     ratio Muon / AdamW as _ratio takes it."""
     rt = h64lm.setup_runtime(device)
     config = H64LMConfig.from_preset(preset, **({"moe_layers": moe_layers} if moe_layers else {}))
-    steps = {}
-    with tempfile.TemporaryDirectory() as folder:
-        for optimizer in ("muon", "adamw"):
-            tc = h64lm.TrainConfig(**{**h64lm.TRAIN_RECIPES[preset], "optimizer": optimizer, "batch_size": batch_size,
-                                      "max_steps": repeats + 1}, data="sample", device=rt.device.type)
-            run = h64lm.start_run(config, tc, rt, Path(folder) / optimizer, log=lambda *a: None)
-            steps[optimizer] = lambda run=run: h64lm.train_step(run, run.step)
-        times = _time_alternating(steps, repeats, rt.device)
+    times = train_step_times({name: (config, {"optimizer": name}) for name in ("muon", "adamw")}, preset, batch_size,
+                             repeats, rt)
     ratio, low, high = _ratio(times, "muon", "adamw")
     return {"preset": preset, "moe_layers": config.moe_layers, "batch_size": batch_size,
             "muon_seconds": _median(times["muon"]), "adamw_seconds": _median(times["adamw"]),
@@ -261,6 +270,32 @@ def optimizer_report(r: dict) -> str:
     return (f"{r['preset']}, MoE layers {r['moe_layers']}, batch {r['batch_size']}, {r['threads']} threads: "
             f"train_step {r['muon_seconds']:.3f} s with Muon, {r['adamw_seconds']:.3f} s with AdamW -> Muon costs "
             f"{r['muon_over_adamw']:.2f}x (repeats {low:.2f}-{high:.2f})")
+
+
+# --- MoE against its dense twin ------------------------------------------------------------------------------------
+
+def moe_step_cost(preset: str = "lab", batch_size: int = 8, repeats: int = 10, device: str = "auto") -> dict:
+    """Seconds of train_step with the preset's recipe for its dense twin, the preset's MoE (every layer MoE) and
+    the same experts split four ways (fine_grained, g = 4: four times the experts, a quarter as wide, four times
+    the top-k): equal active FLOPs, timed in alternation; each over dense as _ratio takes it."""
+    rt = h64lm.setup_runtime(device)
+    base = H64LMConfig.from_preset(preset, moe_layers="all")
+    fine = h64lm.fine_grained(base, 4)
+    setups = {"dense": (h64lm.dense_twin(base), {}), f"{base.num_experts} experts": (base, {}),
+              f"{fine.num_experts} experts": (fine, {})}
+    times = train_step_times(setups, preset, batch_size, repeats, rt)
+    return {"preset": preset, "batch_size": batch_size, "threads": torch.get_num_threads(),
+            "optimizer": h64lm.TRAIN_RECIPES[preset].get("optimizer", "adamw"),
+            "seconds": {name: _median(t) for name, t in times.items()},
+            "over_dense": {name: _ratio(times, name, "dense") for name in times if name != "dense"}}
+
+
+def moe_step_report(r: dict) -> str:
+    lines = [f"{r['preset']}, batch {r['batch_size']}, {r['threads']} threads, {r['optimizer']}: train_step "
+             f"{r['seconds']['dense']:.3f} s dense"]
+    for name, (ratio, low, high) in r["over_dense"].items():
+        lines.append(f"  {name:<11} {r['seconds'][name]:.3f} s -> {ratio:.2f}x dense (repeats {low:.2f}-{high:.2f})")
+    return "\n".join(lines)
 
 
 # --- The report and the command line --------------------------------------------------------------------------------
@@ -308,6 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizers", action="store_true", help="time train_step with Muon and with AdamW in "
                    "alternation (the preset's recipe otherwise, on the bundled sample; --batch-size, --repeats and "
                    "--moe-layers apply)")
+    p.add_argument("--moe-steps", action="store_true", help="time train_step of the preset's dense twin, its MoE "
+                   "(every layer) and the same experts split four ways, at equal active FLOPs, in alternation (the "
+                   "preset's recipe, on the bundled sample; use --preset lab; --batch-size and --repeats apply)")
     p.add_argument("--moe-layers", default=None,
                    help="with --optimizers: override the preset's (odd, even, all, none or indices like 1,3)")
     p.add_argument("--preset", choices=h64lm.PRESETS, default="tiny")
@@ -331,15 +369,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not (args.targets or args.compare_hf or args.tokenize or args.optimizers):
-        parser.error("say what to measure: --targets, --compare-hf, --tokenize or --optimizers (`python h64lm.py "
-                     "bench` times H64LM alone)")
+    if not (args.targets or args.compare_hf or args.tokenize or args.optimizers or args.moe_steps):
+        parser.error("say what to measure: --targets, --compare-hf, --tokenize, --optimizers or --moe-steps "
+                     "(`python h64lm.py bench` times H64LM alone)")
     h64lm.keep_freed_memory()  # as h64lm.py's command line does, for both models alike
     try:
         if args.targets:
             result = bench_targets(args.device, args.precision, args.repeats, args.decode_tokens,
                                    log=lambda text: print(text, file=sys.stderr))
             print(json.dumps(result) if args.json else targets_report(result))
+            return 0
+        if args.moe_steps:
+            result = moe_step_cost(args.preset, args.batch_size, args.repeats, args.device)
+            print(json.dumps(result) if args.json else moe_step_report(result))
             return 0
         if args.optimizers:
             result = optimizer_cost(args.preset, args.batch_size, args.repeats, args.moe_layers, args.device)

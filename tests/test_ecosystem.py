@@ -21,10 +21,11 @@ PROMPT = "The river rises in the hills north of the town and"
 
 # --- Muon --------------------------------------------------------------------------------------------------------
 
-def test_each_expert_gets_exactly_torchs_muon_step_for_its_matrix_alone():
+@pytest.mark.parametrize("E, d_in, d_out", [(3, 8, 12), (8, 256, 512), (32, 128, 256)])  # the last two: the lab's
+def test_each_expert_gets_exactly_torchs_muon_step_for_its_matrix_alone(E, d_in, d_out):
     # The stacked (E, in, out) tensor against E separate (out, in) matrices (nn.Linear's layout), each with its own
-    # torch.optim.Muon: the same weights after every step, bit for bit, with momentum and weight decay at work.
-    E, d_in, d_out = 3, 8, 12
+    # torch.optim.Muon: the same weights after every step, bit for bit, with momentum and weight decay at work,
+    # although ExpertMuon orthogonalises the E matrices as one batch.
     stacked = torch.nn.Parameter(torch.randn(E, d_in, d_out))
     options = dict(lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
     ours = h64lm.ExpertMuon([stacked], **options)

@@ -149,7 +149,7 @@ def run_speed(*args) -> subprocess.CompletedProcess:
 def test_the_speed_command_line_names_its_measurements_and_asks_for_one():
     result = run_speed("--help")
     assert result.returncode == 0 and result.stdout.startswith("usage: python -m tests.speed")
-    for flag in ("--targets", "--compare-hf", "--tokenize", "--optimizers", "--repeats", "--json"):
+    for flag in ("--targets", "--compare-hf", "--tokenize", "--optimizers", "--moe-steps", "--repeats", "--json"):
         assert flag in result.stdout, flag
     result = run_speed("--preset", "tiny")
     assert result.returncode == 2 and result.stdout == ""
@@ -168,6 +168,24 @@ def test_optimizer_cost_times_the_same_training_step_with_each_optimizer(monkeyp
     low, high = r["muon_over_adamw_spread"]
     assert low <= r["muon_over_adamw"] <= high
     assert "Muon costs" in speed.optimizer_report(r)
+
+
+def test_moe_step_cost_times_the_dense_twin_and_two_expert_shapes_of_equal_active_flops(monkeypatch):
+    made = []
+    start_run = h64lm.start_run
+    monkeypatch.setattr(h64lm, "start_run", lambda config, tc, *a, **k: made.append((config, tc)) or start_run(
+        config, tc, *a, **k))
+    r = speed.moe_step_cost("tiny", batch_size=1, repeats=2, device="cpu")
+    configs = [config for config, _ in made]
+    assert [c.num_experts for c in configs[1:]] == [8, 32] and not configs[0].moe_layer_ids
+    assert [c.num_experts_per_tok for c in configs[1:]] == [2, 8]
+    flops = [h64lm.H64LM(c).flops_per_token(128) for c in configs]  # equal but for the routers' widths
+    assert max(flops) / min(flops) < 1.01
+    assert all(tc.optimizer == "muon" and tc.batch_size == 1 for _, tc in made)  # tiny's recipe
+    assert set(r["over_dense"]) == {"8 experts", "32 experts"}
+    for ratio, low, high in r["over_dense"].values():
+        assert low <= ratio <= high
+    assert "x dense" in speed.moe_step_report(r)
 
 
 @pytest.mark.slow
