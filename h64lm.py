@@ -3516,6 +3516,8 @@ def compare(base: H64LMConfig, tc: TrainConfig, variants: dict[str, dict], seeds
     write_atomically(out / "compare.json", lambda tmp: tmp.write_text(json.dumps(result, indent=1)))
     write_atomically(out / "compare.md", lambda tmp: tmp.write_text(study_table(result)))
     save_study_plot(result, out / "compare.png")
+    if (curve := expert_curve_figure(result)) is not None:
+        save_figure(curve, out / "compare-experts.png")
     return result
 
 
@@ -3580,6 +3582,36 @@ def word_ppl(runs: list[dict]) -> str:
     """The mean word-level perplexity of runs, for the table (a study from before it was recorded has none)."""
     ppl = [r["valid_word_ppl"] for r in runs if "valid_word_ppl" in r]
     return f"{np.mean(ppl):.1f}" if ppl else "-"
+
+
+def expert_curve_figure(result: dict):
+    """A study's validation loss on the whole split against the number of experts (log axis): a point per seed,
+    the mean joined, dense as a dashed line with its band from best to worst seed. None when the study has fewer
+    than two expert counts to compare."""
+    from matplotlib.figure import Figure
+
+    experts = {name: v["config"]["num_experts"] for name, v in result["variants"].items()
+               if v["config"]["moe_layers"] != "none"}
+    if len(set(experts.values())) < 2:
+        return None
+    losses = {name: [r["valid_loss"] for r in result["runs"] if r["variant"] == name] for name in result["variants"]}
+    fig = Figure(figsize=(6.5, 4))
+    ax = fig.subplots()
+    names = sorted(experts, key=experts.get)
+    counts = [experts[name] for name in names]
+    for name in names:
+        ax.scatter([experts[name]] * len(losses[name]), losses[name], color="C0", alpha=0.4, s=14)
+    ax.plot(counts, [np.mean(losses[name]) for name in names], "o-", color="C0", label="MoE, mean over seeds")
+    if dense := losses.get("dense"):
+        ax.axhline(np.mean(dense), color="k", linestyle="--", label="dense twin")
+        ax.axhspan(min(dense), max(dense), color="k", alpha=0.1)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(counts, [str(c) for c in counts])
+    ax.set(xlabel="experts per layer (the active FLOPs per token the same for all)",
+           ylabel="validation loss (nats/token)", title=f"{len(result['seeds'])} seeds per point")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return fig
 
 
 def save_study_plot(result: dict, path: Path) -> None:

@@ -96,3 +96,20 @@ def test_a_lab_run_records_its_bpe_and_eval_and_generate_use_it(corpus, tmp_path
     assert all(r["valid_word_ppl"] > 1 for r in runs)
     assert "word perplexity" in (tmp_path / "study" / "compare.md").read_text()
     assert torch.isfinite(torch.tensor([r["valid_loss"] for r in runs])).all()
+
+
+def test_the_expert_curve_puts_each_seed_at_its_expert_count_with_dense_as_a_line():
+    def variant(E, moe_layers="all"):
+        return {"spec": {}, "config": {"num_experts": E, "moe_layers": moe_layers}}
+    runs = [{"variant": name, "seed": seed, "valid_loss": loss} for name, seed, loss in [
+        ("dense", 1, 4.0), ("dense", 2, 4.2), ("e4", 1, 4.1), ("e4", 2, 4.3), ("e16", 1, 3.9), ("e16", 2, 3.7)]]
+    result = {"seeds": [1, 2], "runs": runs, "variants": {"dense": variant(8, "none"), "e16": variant(16),
+                                                          "e4": variant(4)}}
+    ax = h64lm.expert_curve_figure(result).axes[0]
+    mean = ax.lines[0]
+    assert list(mean.get_xdata()) == [4, 16] and list(mean.get_ydata()) == pytest.approx([4.2, 3.8])
+    assert ax.lines[1].get_ydata()[0] == pytest.approx(4.1)  # dense's mean, a horizontal line
+    assert sorted(y for c in ax.collections[:2] for _, y in c.get_offsets()) == [3.7, 3.9, 4.1, 4.3]  # every seed
+    assert ax.get_xscale() == "log"
+    result["variants"].pop("e16")
+    assert h64lm.expert_curve_figure(result) is None  # one expert count: no curve to draw
