@@ -2843,7 +2843,7 @@ def open_trained(path: str | Path, device: torch.device | str = "cpu", *, latest
         trained.model = H64LM(config).to(device)
         trained.model.load_state_dict(ckpt["model"])
     if tokenizer is not None:
-        trained.tokenizer = load_tokenizer(recorded_tokenizer(ckpt) if tokenizer == "recorded" else tokenizer)
+        trained.tokenizer = load_tokenizer(recorded_tokenizer(ckpt, path) if tokenizer == "recorded" else tokenizer)
         check_vocab(trained.tokenizer, config)
         if not allow_mismatch:
             check_trained_with(ckpt, path, trained.tokenizer)
@@ -2888,11 +2888,16 @@ def portable_path(path: str | Path) -> str:
     return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
-def recorded_tokenizer(ckpt: dict) -> Path:
-    """The folder of the tokenizer a checkpoint was trained with, when it still holds a tokenizer; else (an older
-    checkpoint, or one from another machine) mistral_tokenizer/, which check_trained_with then compares."""
+def recorded_tokenizer(ckpt: dict, path: Path) -> Path:
+    """The folder of the tokenizer the checkpoint at path was trained with (mistral_tokenizer/ for a checkpoint
+    from before they recorded it, which check_trained_with then compares); refused in one sentence when that folder
+    no longer holds it."""
     folder = ROOT / ckpt.get("tokenizer", DEFAULT_TOKENIZER)  # an absolute path stays itself
-    return folder if (folder / "tokenizer.json").exists() else DEFAULT_TOKENIZER
+    if not (folder / "tokenizer.json").exists():
+        raise H64LMError(f"{path} was trained with the tokenizer in {folder}, which is not there; point --tokenizer "
+                         "at a copy of it (a bpe:N tokenizer is made again by training with the same --tokenizer "
+                         "and --data).")
+    return folder
 
 
 def _read_safetensors(path: Path, device) -> dict:

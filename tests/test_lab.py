@@ -58,9 +58,10 @@ def test_the_lab_costs_what_tiny_costs_with_its_compute_in_the_blocks():
 def test_a_checkpoint_records_its_tokenizer_where_the_project_finds_it_again(tmp_path):
     assert h64lm.portable_path(h64lm.ROOT / "data" / "cache" / "bpe") == "data/cache/bpe"
     assert h64lm.portable_path(tmp_path) == str(tmp_path.resolve())
-    assert h64lm.recorded_tokenizer({"tokenizer": "mistral_tokenizer"}) == h64lm.DEFAULT_TOKENIZER
-    assert h64lm.recorded_tokenizer({"tokenizer": str(tmp_path / "gone")}) == h64lm.DEFAULT_TOKENIZER
-    assert h64lm.recorded_tokenizer({}) == h64lm.DEFAULT_TOKENIZER  # from before checkpoints recorded it
+    assert h64lm.recorded_tokenizer({"tokenizer": "mistral_tokenizer"}, tmp_path) == h64lm.DEFAULT_TOKENIZER
+    assert h64lm.recorded_tokenizer({}, tmp_path) == h64lm.DEFAULT_TOKENIZER  # from before checkpoints recorded it
+    with pytest.raises(h64lm.H64LMError, match=r"trained with the tokenizer in .*gone, which is not there; point "):
+        h64lm.recorded_tokenizer({"tokenizer": str(tmp_path / "gone")}, tmp_path / "best.pt")
 
 
 @pytest.mark.slow
