@@ -2418,8 +2418,8 @@ def check_run_name(name: str) -> None:
 
 # Training recipes, like the model presets, list only what differs from the defaults above (the h64lm GPU recipe).
 TRAIN_RECIPES: dict[str, dict] = {
-    # The CPU demo: 800 steps of 8 x 128 tokens, 4 minutes on 2 cores with AVX512-BF16, 14-18 without (Muon's
-    # Newton-Schulz runs in bf16). Muon at 4e-3, the best of a learning-rate sweep of both optimizers on this
+    # The CPU demo: 800 steps of 8 x 128 tokens, 3 minutes on 2 cores with AVX512-BF16; 14-18 on 2 cores without,
+    # before Muon batched the experts (its Newton-Schulz runs in bf16). Muon at 4e-3, the best of a learning-rate sweep of both optimizers on this
     # recipe, reached AdamW's best loss in half the steps (README, AdamW vs Muon, which has both machines' times).
     "tiny": dict(batch_size=8, grad_accum=1, seq_len=128, max_steps=800, optimizer="muon", lr=4e-3, min_lr=1e-4,
                  warmup_steps=40, eval_every=200, save_every=200, eval_batches=10),
