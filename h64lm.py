@@ -3591,8 +3591,8 @@ def word_ppl(runs: list[dict]) -> str:
 
 def expert_curve_figure(result: dict):
     """A study's validation loss on the whole split against the number of experts (log axis): a point per seed,
-    the mean joined, dense as a dashed line with its band from best to worst seed. None when the study has fewer
-    than two expert counts to compare."""
+    the mean joined, with the band from best to worst seed, and dense as a dashed line with its band. None when the
+    study has fewer than two expert counts to compare."""
     from matplotlib.figure import Figure
 
     experts = {name: v["config"]["num_experts"] for name, v in result["variants"].items()
@@ -3607,6 +3607,8 @@ def expert_curve_figure(result: dict):
     for name in names:
         ax.scatter([experts[name]] * len(losses[name]), losses[name], color="C0", alpha=0.4, s=14)
     ax.plot(counts, [np.mean(losses[name]) for name in names], "o-", color="C0", label="MoE, mean over seeds")
+    ax.fill_between(counts, [min(losses[name]) for name in names], [max(losses[name]) for name in names],
+                    color="C0", alpha=0.15)
     if dense := losses.get("dense"):
         ax.axhline(np.mean(dense), color="k", linestyle="--", label="dense twin")
         ax.axhspan(min(dense), max(dense), color="k", alpha=0.1)

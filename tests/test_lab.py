@@ -111,6 +111,8 @@ def test_the_expert_curve_puts_each_seed_at_its_expert_count_with_dense_as_a_lin
     assert list(mean.get_xdata()) == [4, 16] and list(mean.get_ydata()) == pytest.approx([4.2, 3.8])
     assert ax.lines[1].get_ydata()[0] == pytest.approx(4.1)  # dense's mean, a horizontal line
     assert sorted(y for c in ax.collections[:2] for _, y in c.get_offsets()) == [3.7, 3.9, 4.1, 4.3]  # every seed
+    band = ax.collections[2].get_paths()[0].vertices[:, 1]  # the MoE's band, from best to worst seed
+    assert band.min() == pytest.approx(3.7) and band.max() == pytest.approx(4.3)
     assert ax.get_xscale() == "log"
     result["variants"].pop("e16")
     assert h64lm.expert_curve_figure(result) is None  # one expert count: no curve to draw
