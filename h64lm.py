@@ -279,8 +279,8 @@ PRESETS: dict[str, dict] = {
     # The H64LM model: 6 layers, 768 wide, 12 query / 4 KV heads of 64, 8 experts of 3072, untied: 250M parameters.
     "h64lm": dict(),
     # The routing lab's model: tiny's cost per token with the compute in the blocks, where MoE acts. Its own
-    # 4,096-token BPE (the lab recipe's tokenizer, section 14) shrinks the embedding and LM head that take 75% of
-    # tiny's FLOPs; every layer is MoE, 8 experts of 512 top-2, so its dense twin is a 1,024-wide SwiGLU.
+    # 4,096-token BPE (the lab recipe's tokenizer, section 14) shrinks the embedding and LM head (the LM head is 77%
+    # of tiny's training FLOPs); every layer is MoE, 8 experts of 512 top-2, so its dense twin is a 1,024-wide SwiGLU.
     "lab": dict(vocab_size=4096, max_position_embeddings=256, hidden_size=256, num_layers=4, num_heads=8,
                 num_kv_heads=4, intermediate_size=1024, moe_layers="all", expert_intermediate_size=512),
 }
@@ -2056,8 +2056,8 @@ def make_optimizer(model: nn.Module, tc: TrainConfig, device: torch.device, log=
         (hidden if is_hidden else rest).append(p)
     if log is not None:
         log(f"optimizer: Muon for {len(hidden)} hidden matrices ({sum(p.numel() for p in hidden):,} parameters; the "
-            f"experts of a stacked tensor orthogonalised each alone, all at once), AdamW for the embeddings, LM head, norms "
-            f"and routers ({sum(p.numel() for p in rest):,} parameters)")
+            f"experts of a stacked tensor orthogonalised each alone, all at once), AdamW for the embeddings, LM head, "
+            f"norms and routers ({sum(p.numel() for p in rest):,} parameters)")
     return Optimizers(adamw=torch.optim.AdamW(decay_groups(rest, tc.weight_decay), **adamw),
                       muon=ExpertMuon(hidden, lr=tc.lr, weight_decay=tc.weight_decay, adjust_lr_fn="match_rms_adamw"))
 
@@ -2075,8 +2075,8 @@ class ExpertMuon(torch.optim.Muon):
     An (E, in, out) tensor holds E matrices, and a mixed update would be wrong: Newton-Schulz on the stack as one
     matrix would tie the experts together. So each expert's slice is orthogonalised as the (out, in) matrix an
     nn.Linear would hold, with its own norm, but as one batch (newton_schulz): one batched matrix multiply per
-    iteration instead of E small ones, which is what made Muon cost an MoE step twice a dense one's on a CPU
-    (README, Speed). Each expert's step is torch's Muon step on that expert's matrix alone, bit for bit (tests
+    iteration instead of E small ones, which is what made an MoE step with Muon cost 1.8-2.6 times its dense twin's
+    on a CPU (README, Speed). Each expert's step is torch's Muon step on that expert's matrix alone, bit for bit (tests
     compare them), and the state is torch's (one momentum buffer per parameter)."""
 
     def __init__(self, params, **options):
@@ -2086,6 +2086,10 @@ class ExpertMuon(torch.optim.Muon):
 
     @torch.no_grad()
     def step(self, closure=None):
+        loss = None
+        if closure is not None:  # as every torch optimizer takes one: re-evaluate the loss, with gradients
+            with torch.enable_grad():
+                loss = closure()
         for group in self.param_groups:
             for p in (p for p in group["params"] if p.grad is not None):
                 buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
@@ -2095,6 +2099,7 @@ class ExpertMuon(torch.optim.Muon):
                 ortho = newton_schulz(matrices, group["ns_coefficients"], group["ns_steps"], group["eps"])
                 p.mul_(1 - group["lr"] * group["weight_decay"])
                 p.add_(ortho.mT if p.dim() == 3 else ortho, alpha=-muon_lr(group, *matrices.shape[-2:]))
+        return loss
 
 
 def newton_schulz(G: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float) -> torch.Tensor:
@@ -2419,8 +2424,9 @@ def check_run_name(name: str) -> None:
 # Training recipes, like the model presets, list only what differs from the defaults above (the h64lm GPU recipe).
 TRAIN_RECIPES: dict[str, dict] = {
     # The CPU demo: 800 steps of 8 x 128 tokens, 3 minutes on 2 cores with AVX512-BF16; 14-18 on 2 cores without,
-    # before Muon batched the experts (its Newton-Schulz runs in bf16). Muon at 4e-3, the best of a learning-rate sweep of both optimizers on this
-    # recipe, reached AdamW's best loss in half the steps (README, AdamW vs Muon, which has both machines' times).
+    # before Muon batched the experts (its Newton-Schulz runs in bf16). Muon at 4e-3, the best of a learning-rate
+    # sweep of both optimizers on this recipe, reached AdamW's best loss in half the steps (README, AdamW vs Muon,
+    # which has both machines' times).
     "tiny": dict(batch_size=8, grad_accum=1, seq_len=128, max_steps=800, optimizer="muon", lr=4e-3, min_lr=1e-4,
                  warmup_steps=40, eval_every=200, save_every=200, eval_batches=10),
     "small": dict(batch_size=16, grad_accum=2, max_steps=3000, lr=1e-3, min_lr=1e-4, warmup_steps=100),
@@ -2877,8 +2883,9 @@ PROVENANCE_KEYS = ("tokenizer", "tokenizer_fingerprint", "tokenizer_vocab", "dat
 
 
 def provenance(tokenizer, source: TextSource) -> dict:
-    return {"tokenizer": portable_path(tokenizer.name_or_path), "tokenizer_fingerprint": tokenizer_fingerprint(
-        tokenizer), "tokenizer_vocab": len(tokenizer), "data": source.name, "data_fingerprint": source.fingerprint}
+    return {"tokenizer": portable_path(tokenizer.name_or_path),
+            "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "tokenizer_vocab": len(tokenizer),
+            "data": source.name, "data_fingerprint": source.fingerprint}
 
 
 def portable_path(path: str | Path) -> str:
