@@ -14,7 +14,8 @@ SPEED_TARGETS on its shape in one process: graph breaks in the tiny training ste
 shape, the training step and decoding against transformers at the small shape, decoding at the tiny shape, and
 what compile_blocks gains. --optimizers times train_step, the very step `train` takes (forward, backward,
 clipping, the optimizer), of the preset with its recipe on the bundled sample, with Muon and with AdamW in
-alternation. A ratio is the median of the repeats' ratios with the lowest and highest beside it, as
+alternation; --moe-steps the same step of a preset's dense twin, its MoE (every layer) and its experts split four
+ways, at equal active FLOPs. A ratio is the median of the repeats' ratios with the lowest and highest beside it, as
 h64lm's own bench (section 20) takes them. README, Speed, has the figures and what the --json keys mean.
 """
 
