@@ -2076,8 +2076,9 @@ class ExpertMuon(torch.optim.Muon):
     matrix would tie the experts together. So each expert's slice is orthogonalised as the (out, in) matrix an
     nn.Linear would hold, with its own norm, but as one batch (newton_schulz): one batched matrix multiply per
     iteration instead of E small ones, which is what made an MoE step with Muon cost 1.8-2.6 times its dense twin's
-    on a CPU (README, Speed). Each expert's step is torch's Muon step on that expert's matrix alone, bit for bit (tests
-    compare them), and the state is torch's (one momentum buffer per parameter)."""
+    on a CPU (README, Speed). Each expert's step is torch's Muon step on that expert's matrix alone (tests compare
+    them: bit for bit on the machines measured, though a batched bfloat16 multiply may round differently from a
+    single one elsewhere), and the state is torch's (one momentum buffer per parameter)."""
 
     def __init__(self, params, **options):
         # torch's constructor refuses anything but 2-D parameters; its checked defaults come from a stand-in.

@@ -21,12 +21,21 @@ PROMPT = "The river rises in the hills north of the town and"
 
 # --- Muon --------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("E, d_in, d_out", [(3, 8, 12), (8, 256, 512), (32, 128, 256)])  # the last two: the lab's
-def test_each_expert_gets_exactly_torchs_muon_step_for_its_matrix_alone(E, d_in, d_out):
+# ExpertMuon orthogonalises in batched bfloat16 multiplies, torch's Muon one matrix at a time. On the machines
+# measured the two are equal bit for bit, but a batched and a single bfloat16 multiply may round differently on
+# another CPU, so the weights are compared to a few bfloat16 roundings of the steps: MUON_ROUNDING, under a
+# hundredth of the farthest any of these weights moves (4 steps at lr 0.02 move them by up to 0.04-0.07).
+MUON_ROUNDING = 3e-4
+
+
+@pytest.mark.parametrize("E, d_in, d_out", [(3, 8, 12), (8, 256, 512), (32, 128, 256), (4, 256, 1024)])  # the lab's
+def test_each_expert_gets_torchs_muon_step_for_its_matrix_alone(E, d_in, d_out):
     # The stacked (E, in, out) tensor against E separate (out, in) matrices (nn.Linear's layout), each with its own
-    # torch.optim.Muon: the same weights after every step, bit for bit, with momentum and weight decay at work,
-    # although ExpertMuon orthogonalises the E matrices as one batch.
+    # torch.optim.Muon: the same weights after every step, with momentum and weight decay at work, although
+    # ExpertMuon orthogonalises the E matrices as one batch. Orthogonalising the stack as one matrix instead, or
+    # scaling the step by the stack's shape, would differ by about as much as the weights move.
     stacked = torch.nn.Parameter(torch.randn(E, d_in, d_out))
+    start = stacked.detach().clone()
     options = dict(lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
     ours = h64lm.ExpertMuon([stacked], **options)
     alone = [torch.nn.Parameter(stacked[e].detach().T.clone()) for e in range(E)]
@@ -38,13 +47,12 @@ def test_each_expert_gets_exactly_torchs_muon_step_for_its_matrix_alone(E, d_in,
         for e in range(E):
             alone[e].grad = grad[e].T.clone()
             theirs[e].step()
-        for e in range(E):
-            assert torch.equal(stacked[e].detach().T, alone[e].detach()), e
-    # Orthogonalising the stack as one matrix would have tied the experts together: their updates differ in scale.
-    assert not torch.equal(stacked[0].detach(), stacked[1].detach())
+        torch.testing.assert_close(stacked.detach(), torch.stack([w.detach().T for w in alone]), rtol=0,
+                                   atol=MUON_ROUNDING)
+    assert (stacked.detach() - start).abs().amax() > 100 * MUON_ROUNDING  # the steps moved the weights
 
 
-def test_a_matrix_gets_exactly_torchs_muon_step():
+def test_a_matrix_gets_torchs_muon_step():
     w = torch.nn.Parameter(torch.randn(6, 10))
     twin = torch.nn.Parameter(w.detach().clone())
     ours, theirs = h64lm.ExpertMuon([w], lr=0.01), torch.optim.Muon([twin], lr=0.01)
@@ -53,7 +61,7 @@ def test_a_matrix_gets_exactly_torchs_muon_step():
         twin.grad = w.grad.clone()
         ours.step()
         theirs.step()
-    assert torch.equal(w, twin)
+    torch.testing.assert_close(w, twin, rtol=0, atol=MUON_ROUNDING)
 
 
 def test_muon_takes_the_hidden_matrices_and_adamw_the_rest():
