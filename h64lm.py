@@ -2070,15 +2070,15 @@ def decay_groups(params: list[nn.Parameter], weight_decay: float) -> list[dict]:
 
 class ExpertMuon(torch.optim.Muon):
     """torch.optim.Muon, which orthogonalises 2-D matrices one at a time, taught the stacked expert tensors and to
-    orthogonalise all the experts of a tensor at once.
+    orthogonalise matrices in batches.
 
     An (E, in, out) tensor holds E matrices, and a mixed update would be wrong: Newton-Schulz on the stack as one
     matrix would tie the experts together. So each expert's slice is orthogonalised as the (out, in) matrix an
-    nn.Linear would hold, with its own norm, but as one batch (newton_schulz): one batched matrix multiply per
-    iteration instead of E small ones, which is what made an MoE step with Muon cost 1.8-2.6 times its dense twin's
-    on a CPU (README, Speed). Each expert's step is torch's Muon step on that expert's matrix alone (tests compare
-    them: bit for bit on the machines measured, though a batched bfloat16 multiply may round differently from a
-    single one elsewhere), and the state is torch's (one momentum buffer per parameter)."""
+    nn.Linear would hold, with its own norm, but all E as one batch (newton_schulz), and so are the 2-D weights of
+    one shape: one batched matrix multiply per iteration instead of E, or one per layer, small ones. One at a time,
+    an MoE step with Muon cost 1.8-2.6 times its dense twin's on a CPU (README, Speed). Each matrix's step is
+    torch's Muon step on that matrix alone, to bfloat16's last rounding (a batched multiply may round differently
+    from a single one; tests compare them), and the state is torch's (one momentum buffer per parameter)."""
 
     def __init__(self, params, **options):
         # torch's constructor refuses anything but 2-D parameters; its checked defaults come from a stand-in.
@@ -2092,14 +2092,25 @@ class ExpertMuon(torch.optim.Muon):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
+            # One batch per stacked expert tensor (its E matrices), and one for all the 2-D weights of a shape (the
+            # q_proj of every block, say). Stacks are not batched together: at E x 4 layers the batch outgrows the
+            # cache and runs slower than its parts.
+            batches, matrices = [], {}
             for p in (p for p in group["params"] if p.grad is not None):
                 buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
                 buf.lerp_(p.grad, 1 - group["momentum"])
                 update = p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
-                matrices = update.mT if p.dim() == 3 else update  # (E, out, in) or (out, in), nn.Linear's layout
-                ortho = newton_schulz(matrices, group["ns_coefficients"], group["ns_steps"], group["eps"])
-                p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(ortho.mT if p.dim() == 3 else ortho, alpha=-muon_lr(group, *matrices.shape[-2:]))
+                if p.dim() == 3:
+                    batches.append(([p], update.mT))  # (E, out, in): each expert as nn.Linear holds its matrix
+                else:
+                    matrices.setdefault(p.shape, []).append((p, update))
+            batches += [([p for p, _ in pairs], torch.stack([u for _, u in pairs])) for pairs in matrices.values()]
+            for params, updates in batches:  # updates (n, out, in)
+                ortho = newton_schulz(updates, group["ns_coefficients"], group["ns_steps"], group["eps"])
+                step = -muon_lr(group, *updates.shape[-2:])
+                for p, o in zip(params, [ortho.mT] if params[0].dim() == 3 else ortho):
+                    p.mul_(1 - group["lr"] * group["weight_decay"])
+                    p.add_(o, alpha=step)
         return loss
 
 

@@ -52,16 +52,20 @@ def test_each_expert_gets_torchs_muon_step_for_its_matrix_alone(E, d_in, d_out):
     assert (stacked.detach() - start).abs().amax() > 100 * MUON_ROUNDING  # the steps moved the weights
 
 
-def test_a_matrix_gets_torchs_muon_step():
-    w = torch.nn.Parameter(torch.randn(6, 10))
-    twin = torch.nn.Parameter(w.detach().clone())
-    ours, theirs = h64lm.ExpertMuon([w], lr=0.01), torch.optim.Muon([twin], lr=0.01)
+def test_each_matrix_gets_torchs_muon_step_though_matrices_of_one_shape_are_batched():
+    # Three 2-D weights, two of one shape (orthogonalised as one batch) and a tall one, in one ExpertMuon, against
+    # one torch.optim.Muon each.
+    weights = [torch.nn.Parameter(torch.randn(*shape)) for shape in ((6, 10), (6, 10), (12, 5))]
+    twins = [torch.nn.Parameter(w.detach().clone()) for w in weights]
+    ours, theirs = h64lm.ExpertMuon(weights, lr=0.01), [torch.optim.Muon([t], lr=0.01) for t in twins]
     for _ in range(3):
-        w.grad = torch.randn(6, 10)
-        twin.grad = w.grad.clone()
+        for w, twin, opt in zip(weights, twins, theirs):
+            w.grad = torch.randn_like(w)
+            twin.grad = w.grad.clone()
+            opt.step()
         ours.step()
-        theirs.step()
-    torch.testing.assert_close(w, twin, rtol=0, atol=MUON_ROUNDING)
+        for w, twin in zip(weights, twins):
+            torch.testing.assert_close(w, twin, rtol=0, atol=MUON_ROUNDING)
 
 
 def test_muon_takes_the_hidden_matrices_and_adamw_the_rest():
