@@ -2585,9 +2585,12 @@ def compile_blocks(model: H64LM) -> H64LM:
 
 def load_run_data(config: H64LMConfig, tc: TrainConfig, rt: Runtime, seq_len: int, log):
     """The tokenizer, the text source and its splits as tokens, checked to be big enough for one batch."""
-    tokenizer = load_tokenizer(rank0_first(rt, lambda: tokenizer_folder(tc.tokenizer, tc.data, tc.cache_dir, log)))
-    check_vocab(tokenizer, config)
-    source, splits = rank0_first(rt, lambda: load_token_splits(tc.data, tokenizer, tc.cache_dir, log=log))
+    def tokenize():  # rank 0 first: it trains a bpe:N tokenizer and fills the token cache, the others read them
+        tokenizer = load_tokenizer(tokenizer_folder(tc.tokenizer, tc.data, tc.cache_dir, log))
+        check_vocab(tokenizer, config)
+        return tokenizer, *load_token_splits(tc.data, tokenizer, tc.cache_dir, log=log)
+
+    tokenizer, source, splits = rank0_first(rt, tokenize)
     windows = PackedWindows(splits["train"].tokens, seq_len).count
     global_batch = tc.batch_size * tc.grad_accum * rt.world_size
     if windows < global_batch:
