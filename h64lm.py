@@ -1686,8 +1686,11 @@ def _wikitext103_source() -> TextSource:
                       read=lambda split: [line.rstrip("\n") for line in ds[names[split]]["text"]])
 
 
-def open_text_source(data: str, log: Callable[[str], None] = print) -> TextSource:
-    """The corpus named by --data: "auto", "wikitext-103", "sample" or a folder."""
+def open_text_source(data: str | TextSource, log: Callable[[str], None] = print) -> TextSource:
+    """The corpus named by --data: "auto", "wikitext-103", "sample" or a folder; a source opened already is itself
+    (a run that trains a bpe:N tokenizer on the text, then tokenizes it, opens and fingerprints it once)."""
+    if isinstance(data, TextSource):
+        return data
     if data == "wikitext-103":
         return _wikitext103_source()
     if data == "sample":
@@ -1751,7 +1754,7 @@ def bpe_vocab(spec: str) -> int | None:
     return vocab
 
 
-def tokenizer_folder(spec: str, data: str, cache_dir: str | Path = DEFAULT_CACHE, log=print) -> Path:
+def tokenizer_folder(spec: str, data: str | TextSource, cache_dir: str | Path = DEFAULT_CACHE, log=print) -> Path:
     """The folder of the tokenizer a run's --tokenizer names: a folder is itself; bpe:N is the BPE of N tokens
     trained on data's training split, trained here if the cache does not hold it yet."""
     if (vocab := bpe_vocab(spec)) is None:
@@ -1845,7 +1848,7 @@ class TokenSplit:
     lines: int
 
 
-def load_token_splits(data: str, tokenizer, cache_dir: str | Path = DEFAULT_CACHE,
+def load_token_splits(data: str | TextSource, tokenizer, cache_dir: str | Path = DEFAULT_CACHE,
                       log=print) -> tuple[TextSource, dict[str, TokenSplit]]:
     """Every split of --data as tokens, tokenizing only what the cache does not hold yet."""
     if len(tokenizer) > np.iinfo(np.uint16).max + 1:
@@ -2107,10 +2110,10 @@ class ExpertMuon(torch.optim.Muon):
             batches += [([p for p, _ in pairs], torch.stack([u for _, u in pairs])) for pairs in matrices.values()]
             for params, updates in batches:  # updates (n, out, in)
                 ortho = newton_schulz(updates, group["ns_coefficients"], group["ns_steps"], group["eps"])
-                step = -muon_lr(group, *updates.shape[-2:])
+                lr = muon_lr(group, *updates.shape[-2:])
                 for p, o in zip(params, [ortho.mT] if params[0].dim() == 3 else ortho):
                     p.mul_(1 - group["lr"] * group["weight_decay"])
-                    p.add_(o, alpha=step)
+                    p.add_(o, alpha=-lr)
         return loss
 
 
@@ -2586,9 +2589,10 @@ def compile_blocks(model: H64LM) -> H64LM:
 def load_run_data(config: H64LMConfig, tc: TrainConfig, rt: Runtime, seq_len: int, log):
     """The tokenizer, the text source and its splits as tokens, checked to be big enough for one batch."""
     def tokenize():  # rank 0 first: it trains a bpe:N tokenizer and fills the token cache, the others read them
-        tokenizer = load_tokenizer(tokenizer_folder(tc.tokenizer, tc.data, tc.cache_dir, log))
+        source = open_text_source(tc.data, log)
+        tokenizer = load_tokenizer(tokenizer_folder(tc.tokenizer, source, tc.cache_dir, log))
         check_vocab(tokenizer, config)
-        return tokenizer, *load_token_splits(tc.data, tokenizer, tc.cache_dir, log=log)
+        return tokenizer, *load_token_splits(source, tokenizer, tc.cache_dir, log=log)
 
     tokenizer, source, splits = rank0_first(rt, tokenize)
     windows = PackedWindows(splits["train"].tokens, seq_len).count
@@ -3524,9 +3528,10 @@ def compare(base: H64LMConfig, tc: TrainConfig, variants: dict[str, dict], seeds
     rt = setup_runtime(tc.device, tc.precision)
     if rt.world_size > 1:
         raise H64LMError("compare trains its runs one after another in one process; start it without torchrun.")
-    # every run is scored on the same validation tokens, read once
-    tokenizer = load_tokenizer(tokenizer_folder(tc.tokenizer, tc.data, tc.cache_dir, log))
-    valid = load_token_splits(tc.data, tokenizer, tc.cache_dir, log=lambda *a, **k: None)[1]["valid"]
+    # Every run is scored on the same validation tokens, read once (each run's own train says where the text is from).
+    source = open_text_source(tc.data, log=lambda *a, **k: None)
+    tokenizer = load_tokenizer(tokenizer_folder(tc.tokenizer, source, tc.cache_dir, log))
+    valid = load_token_splits(source, tokenizer, tc.cache_dir, log=lambda *a, **k: None)[1]["valid"]
     runs = []
     for seed in seeds:
         for name, config in configs.items():
@@ -4646,7 +4651,7 @@ COMMON_FLAGS: dict[str, dict] = {
     "--data": dict(default=None, type=data_flag),
     "--tokenizer": dict(default="recorded", type=tokenizer_flag,
                         help="folder of a Hugging Face tokenizer; recorded: the one the checkpoint was trained with "
-                             "(else mistral_tokenizer/)"),
+                             "(mistral_tokenizer/ for a checkpoint that records none)"),
     "--cache-dir": dict(default=str(DEFAULT_CACHE), type=output_folder_flag, help="where tokenized splits are cached"),
     "--device": dict(default="auto", choices=CHOICES["device"]),
     "--precision": dict(default="auto", choices=CHOICES["precision"], help="auto: bf16 on CUDA, fp32 on CPU"),
@@ -4829,8 +4834,8 @@ def add_export(commands) -> None:
     p.add_argument("--out", required=True, type=output_folder_flag, help="folder to write")
     p.add_argument("--format", default="h64lm", choices=("h64lm", "hf"),
                    help="h64lm: this program's own; hf: Hugging Face transformers'")
-    common(p, "--tokenizer", help="with --format hf: the tokenizer to save beside the model; recorded: the one the "
-                                  "checkpoint was trained with (else mistral_tokenizer/)")
+    common(p, "--tokenizer", help="with --format hf, the tokenizer to save beside the model: a "
+                                  + COMMON_FLAGS["--tokenizer"]["help"])
     p.add_argument("--allow-mismatch", action="store_true", help="with --format hf: save the tokenizer although "
                    "it is not the one the checkpoint records")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
