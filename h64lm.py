@@ -1956,7 +1956,7 @@ def train_window_indices(step: int, global_batch: int, num_windows: int, seed: i
 def train_step(run: Run, step: int) -> dict:
     """Optimizer step `step`: set its learning rate, forward and backward over grad_accum micro-batches (the loss
     divided by grad_accum, so that the gradient is the mean over the whole batch; DDP averages it over the
-    processes on the last micro-batch), check that the loss and the gradient are finite before they touch the
+    processes on the last micro-batch, a sharded model on each, as it reduces each gradient to its shards), check that the loss and the gradient are finite before they touch the
     weights, clip the gradient norm, step the optimizer. Returns what it measured, averaged over all processes."""
     tc, rt, model = run.tc, run.rt, run.step_model
     lr = learning_rate(step, tc)
@@ -1972,7 +1972,8 @@ def train_step(run: Run, step: int) -> dict:
     for micro in range(tc.grad_accum):
         x, y = micro_batch(run, indices, micro)  # (B, T) each
         last = micro == tc.grad_accum - 1
-        with (model.no_sync() if rt.world_size > 1 and not last else contextlib.nullcontext()), rt.autocast():
+        with (model.no_sync() if not (last or tc.shard or rt.world_size == 1) else contextlib.nullcontext()), \
+                rt.autocast():
             out = model(x, y)
         run.scaler.scale(out.loss / tc.grad_accum).backward()
         sums += torch.stack([out.lm_loss, out.aux_loss, out.z_loss]).detach() / tc.grad_accum
@@ -1982,7 +1983,7 @@ def train_step(run: Run, step: int) -> dict:
         sums /= rt.world_size
         torch.distributed.all_reduce(load)  # the whole step's load, the same on every process
     run.scaler.unscale_(run.optimizer)
-    grad_norm = nn.utils.clip_grad_norm_(run.model.parameters(), tc.grad_clip or float("inf")).item()
+    grad_norm = whole(nn.utils.clip_grad_norm_(run.model.parameters(), tc.grad_clip or float("inf"))).item()
     lm_loss, aux_loss, z_loss = sums.tolist()
     if not all(map(math.isfinite, (lm_loss, aux_loss, z_loss))):
         raise diverged("The loss", step, run)
@@ -2103,18 +2104,29 @@ class ExpertMuon(torch.optim.Muon):
                 buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
                 buf.lerp_(p.grad, 1 - group["momentum"])
                 update = p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
-                if p.dim() == 3:
-                    batches.append(([p], update.mT))  # (E, out, in): each expert as nn.Linear holds its matrix
-                else:
-                    matrices.setdefault(p.shape, []).append((p, update))
+                if p.dim() == 3:  # sharded (--shard), a process holds whole experts: its own are enough
+                    batches.append(([p], local(update).mT))  # (E, out, in): each expert as nn.Linear holds it
+                else:  # sharded, a process holds some rows of the matrix: it needs them all
+                    matrices.setdefault(p.shape, []).append((p, whole(update)))
             batches += [([p for p, _ in pairs], torch.stack([u for _, u in pairs])) for pairs in matrices.values()]
             for params, updates in batches:  # updates (n, out, in)
                 ortho = newton_schulz(updates, group["ns_coefficients"], group["ns_steps"], group["eps"])
                 lr = muon_lr(group, *updates.shape[-2:])
                 for p, o in zip(params, [ortho.mT] if params[0].dim() == 3 else ortho):
-                    p.mul_(1 - group["lr"] * group["weight_decay"])
-                    p.add_(o, alpha=-lr)
+                    mine = local(p)
+                    mine.mul_(1 - group["lr"] * group["weight_decay"])
+                    mine.add_(o if p.dim() == 3 else local_rows(p, o), alpha=-lr)
         return loss
+
+
+def local_rows(p: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """The part of `full` (a whole update of p's shape) that this process's shard of p holds: all of it when p is
+    not sharded. Every process computed the same `full`, so it is cut, not sent."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not isinstance(p, DTensor):
+        return full
+    return distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None).to_local()
 
 
 def newton_schulz(G: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float) -> torch.Tensor:
@@ -2150,6 +2162,7 @@ class Optimizers:
 
     param_groups = property(lambda self: [group for opt in self.named.values() for group in opt.param_groups])
     state = property(lambda self: {p: s for opt in self.named.values() for p, s in opt.state.items()})
+    parts = property(lambda self: list(self.named.values()))  # the torch optimizers, for torch's checkpoint API
 
     def step(self) -> None:
         for opt in self.named.values():
@@ -2181,23 +2194,31 @@ def evaluate(model: H64LM, tokens: np.ndarray, seq_len: int, batch_size: int, rt
     starts = list(range(0, windows.count, batch_size))[: max_batches]
     total = torch.zeros(2, dtype=torch.float64, device=rt.device)  # (NLL, tokens)
     mine = starts[rt.rank::rt.world_size]
-    for start in tqdm(mine, desc="evaluating", unit="batch", leave=False, disable=not (progress and rt.master)):
+    # A sharded model's forward gathers its weights from every process: a process with no batch of its own left
+    # runs its first one again, uncounted, so that all run the same forwards.
+    sharded = any(local(p) is not p for p in model.parameters())
+    rounds = -(-len(starts) // rt.world_size) if sharded else len(mine)
+    for i in tqdm(range(rounds), desc="evaluating", unit="batch", leave=False, disable=not (progress and rt.master)):
+        start = mine[min(i, len(mine) - 1)] if mine else 0
         x, y = windows.batch(range(start, min(start + batch_size, windows.count)))
         x, y = x.to(rt.device), y.to(rt.device)
         with rt.autocast():
             logits = model(x).logits
-        total[0] += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").double()
-        total[1] += y.numel()
+        if i < len(mine):
+            total[0] += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").double()
+            total[1] += y.numel()
     # The tokens after the last full window: one more window that ends at the last token, scoring only them.
     tail = len(tokens) - 1 - windows.count * seq_len
-    if tail > 0 and max_batches is None and rt.master:
+    if tail > 0 and max_batches is None and (rt.master or sharded):
         span = min(seq_len, len(tokens) - 1)
         x = torch.from_numpy(tokens[-span - 1:-1].astype(np.int64))[None].to(rt.device)  # (1, span)
         y = torch.from_numpy(tokens[-span:].astype(np.int64))[None].to(rt.device)
         with rt.autocast():
             logits = model(x).logits[:, -tail:]
-        total[0] += F.cross_entropy(logits.float().flatten(0, 1), y[:, -tail:].flatten(), reduction="sum").double()
-        total[1] += tail
+        if rt.master:
+            total[0] += F.cross_entropy(logits.float().flatten(0, 1), y[:, -tail:].flatten(),
+                                        reduction="sum").double()
+            total[1] += tail
     if rt.world_size > 1:
         torch.distributed.all_reduce(total)
     model.train(was_training)
@@ -2405,6 +2426,8 @@ class TrainConfig:
     precision: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU), "bf16", "fp16" or "fp32"
     compile: bool = False  # torch.compile each block (compile_blocks); no faster on 2 CPU cores (README, Speed)
     gradient_checkpointing: bool = False  # recompute activations in backward to save memory
+    shard: bool = False  # under torchrun, FSDP2: each process holds 1/N of the weights, gradients and optimizer state,
+    # and saves its share (shard_model, save_shards); without it each holds them all (DistributedDataParallel)
     device: str = "auto"  # "auto", "cpu" or "cuda"
     seed: int = 1337  # seeds the weights, the data order and the router noise
 
@@ -2580,6 +2603,42 @@ def compile_blocks(model: H64LM) -> H64LM:
     return model
 
 
+def shard_model(model: H64LM, rt: Runtime) -> H64LM:
+    """FSDP2 (torch.distributed.fsdp.fully_shard, Zhao et al. 2023, as torchtitan uses it): every weight is split
+    on its first dimension over the processes, each holding 1/N of it, and of its gradient and optimizer state.
+    Before a block runs its weights are all-gathered, and freed after it; in backward each gradient is
+    reduce-scattered to the shards, averaged as DDP averages. So a process holds one block's whole weights at a
+    time, not the model's. Each block is a unit of its own, and the root takes the rest (embeddings, final norm,
+    LM head). The stacked expert tensors (E, in, out) split on their first dimension, the experts: a process holds
+    whole experts (which ExpertMuon needs). On CUDA the gathered weights are bf16 for compute and gradients are
+    reduced in float32 (MixedPrecisionPolicy); the shards, and the optimizer, stay float32. The model is changed in
+    place (its parameters become DTensors) and returned. Buffers (RoPE tables, aux_free's balance bias) are not
+    sharded: every process keeps them whole, and moves the bias alike (train_step)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(rt.device.type, (rt.world_size,))
+    policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+              if rt.device.type == "cuda" and rt.dtype == torch.bfloat16 else MixedPrecisionPolicy())
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    return fully_shard(model, mesh=mesh, mp_policy=policy)
+
+
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """A tensor as one process sees all of it: a sharded one (a DTensor) gathered from every process."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This process's part of a tensor: its shard of a sharded one (a DTensor), else all of it."""
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
 # --- Starting and resuming ----------------------------------------------------
 # start_run turns settings into a Run (data, model, optimizer), and when
 # resuming puts a checkpoint's state back into it (restore_run); save_run
@@ -2641,7 +2700,10 @@ def start_run(config: H64LMConfig, tc: TrainConfig, rt: Runtime, run_dir: Path, 
         changed = [k for k, v in config.to_dict().items() if trained.ckpt["config"].get(k) != v]
         raise H64LMError(f"The run in {trained.path} is a different model ({', '.join(changed)} differ); resume it "
                          "with its own settings, or start a new --run-name.")
-    check_fits(config, rt.device)
+    if tc.shard and rt.world_size == 1:
+        raise H64LMError("--shard splits the model over the processes torchrun starts, and this is one process; "
+                         "start it with torchrun --nproc_per_node=N (N of 2 or more), or train without --shard.")
+    check_fits(config, rt.device, rt.world_size if tc.shard else 1)
     random.seed(tc.seed)
     np.random.seed(tc.seed)
     torch.manual_seed(tc.seed + rt.rank)  # each rank its own stream: router jitter differs per rank
@@ -2652,7 +2714,6 @@ def start_run(config: H64LMConfig, tc: TrainConfig, rt: Runtime, run_dir: Path, 
     run = new_run(config, tc, rt, run_dir, splits["train"].tokens, splits["valid"].tokens, seq_len,
                   provenance(tokenizer, source), log)
     if trained is not None:
-        run.model.load_state_dict(trained.ckpt["model"])  # checked against the config by open_trained
         restore_run(run, trained.ckpt, trained.path, log)  # last: nothing above draws from the restored generators
     else:
         log(run.model.parameter_table(seq_len))
@@ -2678,8 +2739,11 @@ def new_run(config: H64LMConfig, tc: TrainConfig, rt: Runtime, run_dir: Path, tr
 
 
 def step_model_of(model: H64LM, tc: TrainConfig, rt: Runtime) -> nn.Module:
-    """What a training step calls: the model, its blocks compiled if asked, in DDP under torchrun."""
+    """What a training step calls: the model, its blocks compiled if asked, under torchrun sharded (--shard) or in
+    DDP. Sharding replaces the weights by their shards in place: build the optimizer after it."""
     step_model = compile_blocks(model) if tc.compile else model
+    if tc.shard:
+        return shard_model(step_model, rt)
     if rt.world_size > 1:
         step_model = nn.parallel.DistributedDataParallel(step_model, device_ids=None if rt.device.type == "cpu"
                                                          else [rt.device.index])
@@ -2692,15 +2756,24 @@ def grad_scaler(rt: Runtime) -> torch.amp.GradScaler:
 
 
 def restore_run(run: Run, ckpt: dict, resume: Path, log) -> None:
-    """Put a checkpoint's training state into a fresh run: the optimizer, the gradient scaler, step, best validation
-    loss, history, and every process's random generators, so that the run goes on exactly as if it had not stopped."""
+    """Put a checkpoint's state into a fresh run: the weights (checked against the config by open_trained; a
+    sharded run's shards: load_shards), the optimizer, the gradient scaler, step, best validation loss, history, and
+    every process's random generators, so that the run goes on exactly as if it had not stopped."""
     try:
         was = TrainConfig(**ckpt["train_config"])
         if was.optimizer != run.tc.optimizer:
             raise H64LMError(f"The run in {resume} was trained with --optimizer {was.optimizer}, whose state does "
                              f"not fit {run.tc.optimizer}; resume it with --optimizer {was.optimizer}, or start a "
                              "new --run-name.")
-        run.optimizer.load_state_dict(ckpt["optimizer"])
+        if was.shard != run.tc.shard:
+            raise H64LMError(f"The run in {resume} was {'' if was.shard else 'not '}trained with --shard; resume "
+                             f"it {'with' if was.shard else 'without'} it (python h64lm.py unshard makes a sharded "
+                             "checkpoint one file).")
+        if run.tc.shard:
+            load_shards(run, Path(resume).parent / ckpt["shards"])
+        else:
+            run.model.load_state_dict(ckpt["model"])
+            run.optimizer.load_state_dict(ckpt["optimizer"])
         run.scaler.load_state_dict(ckpt["scaler"])
         run.step, run.best_val, run.seconds = ckpt["step"], ckpt["best_val_loss"], ckpt.get("seconds", 0.0)
         run.history["train"] = [r for r in ckpt["history"]["train"] if r["step"] < run.step]
@@ -2725,7 +2798,11 @@ def save_run(run: Run, val_loss: float | None = None, last: bool = True) -> None
     """latest.pt (and best.pt when val_loss is the best so far), the history and, at the run's last save or when
     PLOT_SECONDS have passed since they were drawn, the plots, for the steps done. Nothing non-finite reaches the
     disk: a finite loss can be followed by a step that broke the weights."""
-    if (broken := nonfinite_state(run.model, run.optimizer)) is not None:
+    broken = [nonfinite_state(run.model, run.optimizer)]  # sharded, each process checks its own part
+    if run.tc.shard:
+        broken *= run.rt.world_size
+        torch.distributed.all_gather_object(broken, broken[0])
+    if (broken := next(filter(None, broken), None)) is not None:
         raise diverged(broken, run.step - 1, run)
     # Every process's random state travels with the checkpoint, gathered on rank 0.
     states = [None] * run.rt.world_size
@@ -2733,11 +2810,12 @@ def save_run(run: Run, val_loss: float | None = None, last: bool = True) -> None
         torch.distributed.all_gather_object(states, rng_state())
     else:
         states = [rng_state()]
-    payload = {"model": run.model.state_dict(), "config": run.config.to_dict(), "train_config": asdict(run.tc),
-               "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(), "step": run.step,
-               "tokens_seen": run.step * run.tokens_per_step, "best_val_loss": run.best_val, "val_loss": val_loss,
-               "history": run.history, "rng": states, "world_size": run.rt.world_size, "seconds": run.seconds,
-               **run.provenance}
+    payload = {"config": run.config.to_dict(), "train_config": asdict(run.tc), "scaler": run.scaler.state_dict(),
+               "step": run.step, "tokens_seen": run.step * run.tokens_per_step, "best_val_loss": run.best_val,
+               "val_loss": val_loss, "history": run.history, "rng": states, "world_size": run.rt.world_size,
+               "seconds": run.seconds, **run.provenance,
+               **({"shards": save_shards(run)} if run.tc.shard else
+                  {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict()})}
     best = val_loss is not None and val_loss <= run.best_val
     plots = last or time.monotonic() - run.plotted >= PLOT_SECONDS
     on_rank0(run.rt, lambda: write_run_files(run.run_dir, payload, run.history, best, plots))
@@ -2752,11 +2830,19 @@ PLOT_SECONDS = 30.0
 
 
 def write_run_files(run_dir: Path, payload: dict, history: dict, best: bool, plots: bool = True) -> None:
-    """latest.pt, best.pt when the validation loss is the best so far, the history and the plots (rank 0)."""
+    """latest.pt, best.pt when the validation loss is the best so far, the history and the plots (rank 0). A
+    sharded run's shards are written (save_shards) before the files that name them, and the shards no file names
+    any more are removed after."""
     run_dir.mkdir(parents=True, exist_ok=True)
     save_checkpoint(run_dir / "latest.pt", payload)
     if best:
         save_checkpoint(run_dir / "best.pt", payload)
+    if "shards" in payload:
+        named = {read_checkpoint(run_dir / name).get("shards") for name in ("latest.pt", "best.pt")
+                 if (run_dir / name).exists()}
+        for folder in run_dir.glob("shards-*"):
+            if folder.name not in named:
+                shutil.rmtree(folder)
     write_atomically(run_dir / "training_history.json", lambda tmp: tmp.write_text(json.dumps(history, indent=1)))
     if plots:
         save_plots(history, run_dir)
@@ -2783,11 +2869,7 @@ CHECKPOINT_VERSION = 1
 
 def save_checkpoint(path: Path, payload: dict) -> None:
     """Write payload atomically to path (write_atomically), after checking that the disk has room for it."""
-    tensor_bytes = sum(t.numel() * t.element_size() for t in _tensors(payload))
-    free = shutil.disk_usage(path.parent).free
-    if free < tensor_bytes * 1.1 + (64 << 20):
-        raise H64LMError(f"Only {free / 2**30:.2f} GiB are free next to {path}, and the checkpoint needs about "
-                         f"{tensor_bytes / 2**30:.2f} GiB; free disk space or choose another --out-dir.")
+    check_room(path, sum(t.numel() * t.element_size() for t in _tensors(payload)))
     try:
         write_atomically(path, lambda tmp: torch.save(
             {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **payload}, tmp))
@@ -2796,16 +2878,124 @@ def save_checkpoint(path: Path, payload: dict) -> None:
                          "another --out-dir.") from None
 
 
+def check_room(path: Path, tensor_bytes: int) -> None:
+    """Refuse to write a checkpoint of tensor_bytes beside path (a file, or a folder's shards) on a disk too full."""
+    free = shutil.disk_usage(path.parent).free
+    if free < tensor_bytes * 1.1 + (64 << 20):
+        raise H64LMError(f"Only {free / 2**30:.2f} GiB are free next to {path}, and the checkpoint needs about "
+                         f"{tensor_bytes / 2**30:.2f} GiB; free disk space or choose another --out-dir.")
+
+
+def save_shards(run: Run) -> str:
+    """A sharded run's weights and optimizer state, each process writing its own shards with PyTorch's distributed
+    checkpoint (torch.distributed.checkpoint, as torchtitan saves) into a new folder of the run, whose name it
+    returns: shards-<step>-<random tag>, never an older save's folder. The small checkpoint file that names the
+    folder is written after it, atomically (write_run_files): a save killed half-way leaves a folder that nothing
+    names, and the last checkpoint whole. The state is saved under the parameters' names, not their order, whole
+    tensors split into shards, so that it can be loaded on another number of processes (load_shards) or into one
+    (read_shards, unshard_checkpoint)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    name = [f"shards-{run.step:06d}-{os.urandom(4).hex()}"]
+    torch.distributed.broadcast_object_list(name, src=0)
+    folder = run.run_dir / name[0]
+    model_state, optimizer_state = get_state_dict(run.model, optimizer_parts(run.optimizer))
+    mine = sum(local(t).numel() * t.element_size() for t in _tensors([model_state, optimizer_state]))
+    on_rank0(run.rt, lambda: check_room(run.run_dir, mine * run.rt.world_size))
+    try:
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=folder)
+    except Exception as e:  # an OSError on some process, which DCP gathers and raises on all of them
+        raise H64LMError(f"Saving the shards in {folder} failed ({one_sentence(e)}); free disk space or choose "
+                         "another --out-dir.") from None
+    return name[0]
+
+
+def load_shards(run: Run, folder: Path) -> None:
+    """Put the weights and optimizer state that save_shards wrote into a sharded run, on as many processes as
+    saved them or another number (PyTorch's distributed checkpoint splits the tensors anew)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    parts = optimizer_parts(run.optimizer)
+    model_state, optimizer_state = get_state_dict(run.model, parts)
+    dcp.load({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=shards_folder(folder))
+    set_state_dict(run.model, parts, model_state_dict=model_state, optim_state_dict=optimizer_state)
+
+
+def optimizer_parts(optimizer) -> list[torch.optim.Optimizer]:
+    return optimizer.parts if isinstance(optimizer, Optimizers) else [optimizer]
+
+
+def shards_folder(folder: Path) -> Path:
+    """folder, once it holds a whole distributed checkpoint (its .metadata is written last)."""
+    if not (folder / ".metadata").exists():
+        raise H64LMError(f"The shards in {folder}, which the checkpoint beside it names, are gone or incomplete; "
+                         "resume or open another checkpoint of the run.")
+    return folder
+
+
+def read_shards(path: Path, ckpt: dict, config: H64LMConfig, device, read: bool = True) -> dict:
+    """The whole weights of the sharded checkpoint at path, in one process, as a single-file checkpoint holds them
+    (checked_weights first checks their names and shapes, from the shards' metadata, before anything is
+    allocated); read=False: tensors on the meta device, the shapes alone."""
+    import torch.distributed.checkpoint as dcp
+
+    folder = shards_folder(path.parent / ckpt["shards"])
+    metadata = dcp.FileSystemReader(folder).read_metadata().state_dict_metadata
+    shapes = {key.removeprefix("model."): torch.empty(m.size, dtype=m.properties.dtype, device="meta")
+              for key, m in metadata.items() if key.startswith("model.")}
+    state = checked_weights({"model": shapes}, config, path)
+    if not read:
+        return state
+    state = {name: torch.empty_like(t, device=device) for name, t in state.items()}
+    load_whole({"model": state}, folder)
+    return state
+
+
+def load_whole(state: dict, folder: Path) -> None:
+    """Fill state's tensors, whole, from the shards in folder, in this process alone (torch.distributed.checkpoint
+    without a process group, which it warns of: that is the intent here)."""
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=folder, no_dist=True)
+
+
+def unshard_checkpoint(path: str | Path, out: str | Path) -> Path:
+    """The sharded checkpoint at path as one file at out, the single-file checkpoint a run without --shard writes:
+    whole weights and optimizer state, read in one process. It resumes without --shard (its settings say so), and
+    eval, generate, analyze and export read it as any other."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    trained = open_trained(path)
+    if "shards" not in trained.ckpt:
+        raise H64LMError(f"{trained.path} is not a sharded checkpoint (it holds its weights itself); use it as it "
+                         "is.")
+    tc = TrainConfig(**{**with_defaults(trained.ckpt["train_config"]), "shard": False})
+    optimizer = make_optimizer(trained.model, tc, torch.device("cpu"))
+    parts = optimizer_parts(optimizer)
+    state = get_optimizer_state_dict(trained.model, parts)  # an empty state of the right shapes, to be filled
+    load_whole({"optimizer": state}, trained.path.parent / trained.ckpt["shards"])
+    set_optimizer_state_dict(trained.model, parts, state)
+    payload = {**{k: v for k, v in trained.ckpt.items() if k != "shards"}, "train_config": asdict(tc),
+               "model": trained.model.state_dict(), "optimizer": optimizer.state_dict()}
+    out = Path(out)
+    save_checkpoint(out, payload)
+    return out
+
+
 def nonfinite_state(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> str | None:
     """The name of the first weight (or optimizer state) holding a NaN or an infinity, or None if all are finite.
     Checked before every save: a loss can be finite while the step that followed it broke the weights."""
     for name, p in model.named_parameters():
-        if not torch.isfinite(p).all():
+        if not torch.isfinite(local(p)).all():  # sharded: this process's part (save_run asks them all)
             return f"the weight {name}"
     names = {id(p): name for name, p in model.named_parameters()}
     for p, state in (optimizer.state.items() if optimizer is not None else ()):
         for key, value in state.items():
-            if torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all():
+            if torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(local(value)).all():
                 return f"the optimizer's {key} of {names.get(id(p), 'a weight')}"
     return None
 
@@ -2862,7 +3052,8 @@ def open_trained(path: str | Path, device: torch.device | str = "cpu", *, latest
     path = resolve_checkpoint(path, latest)
     ckpt = read_checkpoint(path, device)
     config = _config_of(ckpt, path)
-    ckpt["model"] = checked_weights(ckpt, config, path)
+    ckpt["model"] = (read_shards(path, ckpt, config, device, read=build) if "shards" in ckpt else
+                     checked_weights(ckpt, config, path))  # resuming a sharded run loads its shards (load_shards)
     trained = Trained(path, config, ckpt)
     if build:
         trained.model = H64LM(config).to(device)
@@ -3202,19 +3393,30 @@ def on_rank0(rt: Runtime, fn: Callable[[], object]):
     return result
 
 
-def check_fits(config: H64LMConfig, device: torch.device) -> None:
+def check_fits(config: H64LMConfig, device: torch.device, shards: int = 1) -> None:
     """Refuse, before allocating anything, a model whose weights, gradients and AdamW moments (16 bytes a
-    parameter in float32) alone exceed the device's memory."""
+    parameter in float32) alone exceed the device's memory: all of them on each process, or with shards > 1
+    (--shard) a process's 1/shards of them (state_bytes)."""
     with torch.device("meta"):
         params = H64LM(config).num_params()
     if device.type == "cuda":
         have, where = torch.cuda.get_device_properties(device).total_memory, "GPU"
     else:
         have, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "machine"
-    if 16 * params > have:
-        raise H64LMError(f"The model has {params / 1e6:,.0f}M parameters, whose weights, gradients and AdamW state "
-                         f"alone need {16 * params / 2**30:,.1f} GiB, and this {where} has {have / 2**30:,.1f} GiB; "
-                         "choose a smaller --preset or shrink the model (--hidden-size, --num-layers, --num-experts).")
+    need = state_bytes(params, shards)
+    if need > have:
+        split = f", split over {shards} processes, need {need / 2**30:,.1f} GiB each" if shards > 1 else \
+            f" alone need {need / 2**30:,.1f} GiB"
+        raise H64LMError(f"The model has {params / 1e6:,.0f}M parameters, whose weights, gradients and AdamW state"
+                         f"{split}, and this {where} has {have / 2**30:,.1f} GiB; choose a smaller --preset or shrink "
+                         "the model (--hidden-size, --num-layers, --num-experts)"
+                         + (", or shard it over more processes." if shards > 1 else "."))
+
+
+def state_bytes(params: int, shards: int = 1) -> int:
+    """Bytes one process holds of a model's training state: float32 weights and gradients and AdamW's two float32
+    moments, 16 bytes a parameter, all of them under DDP, 1/shards of each (rounded up) when sharded."""
+    return 16 * -(-params // shards)
 
 
 def warn_if_slow(seconds_per_step: float, steps: int, device: torch.device, log) -> None:
@@ -4096,8 +4298,10 @@ def bench_report(r: dict, form: str = "", decoding: bool = True) -> str:
 #     against float32;
 #   - three training steps (train_step) at the preset's width with its recipe's
 #     optimizer: seconds per step, tokens/s, peak memory, finite losses;
-#   - under torchrun, that an all-reduce sums right, and that after those steps
-#     the aux_free balance bias and the weights are the same on every process.
+#   - under torchrun, that an all-reduce sums right, that after those steps
+#     the aux_free balance bias and the weights are the same on every process,
+#     and that the small model's steps sharded (--shard) equal its steps in DDP
+#     while each process holds its 1/N of the weights.
 # A row is a fact (passed None) or a check (passed True or False); a failed
 # check makes the exit status 1.
 
@@ -4130,6 +4334,8 @@ def doctor(rt: Runtime, preset: str = "h64lm", log=print, debug: bool = False) -
               "lower precision against float32": lambda: precision_rows(small, rt),
               "compiled decoding": lambda: [decoding_row(small, rt)],
               f"{DOCTOR_STEPS} training steps": lambda: training_rows(config, preset, rt)}
+    if rt.world_size > 1:
+        parts["sharded training (--shard)"] = lambda: sharded_rows(small, rt)
     rows, started = [], time.perf_counter()
     for what, part in parts.items():
         log(f"doctor: {what}")
@@ -4356,11 +4562,32 @@ def training_rows(config: H64LMConfig, preset: str, rt: Runtime) -> list[dict]:
 def doctor_run(config: H64LMConfig, tc: TrainConfig, rt: Runtime) -> Run:
     """What train_step needs, made by new_run as start_run makes it, for a fresh model on one step's worth of random
     tokens, with no data to read and no folder to write."""
-    check_fits(config, rt.device)
+    check_fits(config, rt.device, rt.world_size if tc.shard else 1)
     seq_len = seq_len_of(config, tc.seq_len)
     tokens = np.random.default_rng(tc.seed).integers(0, config.vocab_size,
                                                      tc.batch_size * tc.grad_accum * rt.world_size * seq_len + 1)
     return new_run(config, tc, rt, Path(tc.out_dir) / "doctor", tokens, tokens, seq_len, provenance={})
+
+
+def sharded_rows(config: H64LMConfig, rt: Runtime) -> list[dict]:
+    """Under torchrun: DOCTOR_STEPS steps of the small model sharded (--shard, FSDP2) against the same steps in DDP,
+    from the same weights on the same tokens (their losses, relative, within the tolerance of a fast path against
+    its twin: the gradients are reduced in another order, and on CUDA gathered in bf16), and the share of the
+    weights each process holds, which must be its 1/N."""
+    tc = TrainConfig(batch_size=2, grad_accum=1, seq_len=config.max_position_embeddings, optimizer="adamw")
+    losses = {}
+    for shard in (False, True):
+        run = doctor_run(config, dataclasses.replace(tc, shard=shard), rt)
+        losses[shard] = [train_step(run, step)["lm_loss"] for step in range(DOCTOR_STEPS)]
+    gap = max(abs(a - b) / abs(a) for a, b in zip(losses[False], losses[True]))
+    held = torch.tensor([sum(local(p).numel() for p in run.model.parameters())], device=rt.device)
+    torch.distributed.all_reduce(held, op=torch.distributed.ReduceOp.MAX)
+    share, fair = held.item() / run.model.num_params(), 1 / rt.world_size
+    return [_gap_row("sharded_vs_ddp_losses", f"sharded vs DDP losses ({DOCTOR_STEPS} steps)", gap,
+                     TWIN_TOLERANCE[rt.dtype]),
+            _row("sharded_share", "weights held by each process, sharded",
+                 f"at most {share:.1%} of {run.model.num_params():,} parameters, 1/{rt.world_size} = {fair:.1%}",
+                 share <= fair * 1.05, share=share)]
 
 
 def all_reduce_row(rt: Runtime) -> dict:
@@ -4668,7 +4895,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "Mixture-of-Experts language model.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add_command in (add_train, add_compare, add_eval, add_generate, add_analyze, add_bench, add_doctor,
-                        add_export):
+                        add_export, add_unshard):
         add_command(commands)
     return parser
 
@@ -4812,8 +5039,9 @@ def add_doctor(commands) -> None:
                 "attention type reaches and whether the grouped GEMM is torch's kernel or the loop; each fast path "
                 "against its readable twin on this device (attention, MoE dispatch, loss, compiled decoding, bf16 "
                 "and on CUDA fp16 against float32); three training steps at the preset's width, with seconds per "
-                "step, tokens/s and peak memory. Under torchrun also the all-reduce, and that the balance bias and "
-                "the weights stay the same on every process. Exit status 1 when a check fails, naming it.")
+                "step, tokens/s and peak memory. Under torchrun also the all-reduce, that the balance bias and the "
+                "weights stay the same on every process, and that sharded steps (--shard) equal DDP's. Exit status 1 "
+                "when a check fails, naming it.")
     common(p, "--preset", default="h64lm",
            help="the model whose width the training steps take, with its recipe's optimizer")
     common(p, "--device")
@@ -4840,6 +5068,16 @@ def add_export(commands) -> None:
                    "it is not the one the checkpoint records")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                    help="precision of the stored weights; bfloat16 halves the file")
+
+
+def add_unshard(commands) -> None:
+    p = command(commands, "unshard", cmd_unshard, "turn a sharded checkpoint (train --shard) into one file",
+                "Read the shards of a checkpoint written by train --shard in one process and write the single-file "
+                "checkpoint a run without --shard writes: the whole weights and optimizer state, the run's history "
+                "and settings. train --resume continues it without --shard, on any number of processes. (eval, "
+                "generate, analyze and export read a sharded run as it is.)")
+    common(p, "--ckpt", help="a sharded run folder (its best.pt) or its latest.pt or best.pt")
+    p.add_argument("--out", required=True, help="the .pt file to write (a new one)")
 
 
 # generate's sampling settings: its flags, and the /commands of its prompt line, checked alike (by the Range of
@@ -5272,6 +5510,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     else:
         print(f"wrote {out}: a native transformers {architecture.capitalize()} with its tokenizer; load it with "
               "AutoModelForCausalLM.from_pretrained(path)")
+    return 0
+
+
+def cmd_unshard(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if out.exists() or out.suffix != ".pt" or not out.parent.is_dir():
+        raise H64LMError(f"--out {out} must be a new .pt file in an existing folder; give another path.")
+    path = unshard_checkpoint(args.ckpt, out)
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB): the whole checkpoint in one file")
     return 0
 
 

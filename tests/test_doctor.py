@@ -1,6 +1,6 @@
 """`python h64lm.py doctor`: a CPU run passes every check and its JSON holds every row; a fast path made wrong is a
 failed check, named, with exit status 1; under torchrun the all-reduce, and the balance bias and weights of every
-process, are checked too."""
+process, and sharded steps against DDP's, are checked too."""
 
 import json
 import math
@@ -17,7 +17,7 @@ CHECKS = ["attention_rope", "attention_alibi", "attention_rope_alibi", "sdpa_vs_
           "sdpa_vs_plain_attention_gradients", "grouped_vs_loop_moe_outputs", "grouped_vs_loop_moe_gradients",
           "chunked_vs_plain_loss_value", "chunked_vs_plain_loss_gradients", "bf16_vs_float32_loss",
           "bf16_vs_float32_logits", "compiled_decoding", "training_steps"]
-DISTRIBUTED = ["all_reduce", "same_balance_bias", "same_weights"]
+DISTRIBUTED = ["all_reduce", "same_balance_bias", "same_weights", "sharded_vs_ddp_losses", "sharded_share"]
 
 
 def assert_every_check_passed(report: dict, checks: list[str]) -> None:
