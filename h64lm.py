@@ -4764,6 +4764,19 @@ def image_file_flag(text: str) -> str:
 
 
 @argument_type
+def new_checkpoint_flag(text: str) -> str:
+    """A checkpoint file to write: a new .pt file in a folder that exists (nothing the user has is replaced)."""
+    path = Path(text).expanduser()
+    if path.exists():
+        raise ValueError(f"{text} exists; give a new file name")
+    if path.suffix != ".pt":
+        raise ValueError(f"{text} should end in .pt")
+    if not path.parent.is_dir():
+        raise ValueError(f"the folder {path.parent} does not exist; create it first")
+    return text
+
+
+@argument_type
 def run_name_flag(text: str) -> str:
     check_run_name(text)  # TrainConfig's check, here too because --resume finds its run by the name
     return text
@@ -5077,7 +5090,7 @@ def add_unshard(commands) -> None:
                 "and settings. train --resume continues it without --shard, on any number of processes. (eval, "
                 "generate, analyze and export read a sharded run as it is.)")
     common(p, "--ckpt", help="a sharded run folder (its best.pt) or its latest.pt or best.pt")
-    p.add_argument("--out", required=True, help="the .pt file to write (a new one)")
+    p.add_argument("--out", required=True, type=new_checkpoint_flag, help="the .pt file to write (a new one)")
 
 
 # generate's sampling settings: its flags, and the /commands of its prompt line, checked alike (by the Range of
@@ -5514,10 +5527,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_unshard(args: argparse.Namespace) -> int:
-    out = Path(args.out)
-    if out.exists() or out.suffix != ".pt" or not out.parent.is_dir():
-        raise H64LMError(f"--out {out} must be a new .pt file in an existing folder; give another path.")
-    path = unshard_checkpoint(args.ckpt, out)
+    path = unshard_checkpoint(args.ckpt, args.out)
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB): the whole checkpoint in one file")
     return 0
 

@@ -82,6 +82,7 @@ HOSTILE = {  # by the name of the flag's type
     "run_tokenizer_flag": ["{tmp}/nowhere", "{tmp}/a_file", "bpe:12", "bpe:lots", "bpe:70000"],
     "output_folder_flag": ["{tmp}/a_file", "{tmp}/a_file/inside"],
     "image_file_flag": ["{tmp}/empty", "{tmp}/nowhere/routing.png", "{tmp}/routing.txt"],
+    "new_checkpoint_flag": ["{tmp}/empty", "{tmp}/nowhere/one.pt", "{tmp}/one.txt"],
     "run_name_flag": ["../escape", "a/b", "/absolute", ".", "..", ""],
     "data_flag": ["{tmp}/nowhere", "{tmp}/a_file"],
     "text_flag": TEXT, "variants_flag": TEXT, "custom_variant_flag": TEXT,
@@ -114,6 +115,7 @@ BASE = {
     "compare": [*TINY_FLAGS, "--data", "{corpus}", "--out-dir", "{out}", "--cache-dir", "{out}/cache",
                 "--run-name", "study", "--max-steps", "2", "--seeds", "1", "--variants", "switch"],
     "export": ["--ckpt", "{run}", "--out", "{tmp}/exported"],
+    "unshard": ["--ckpt", "{run}", "--out", "{tmp}/one.pt"],
 }
 
 

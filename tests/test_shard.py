@@ -154,7 +154,7 @@ def test_unshard_refuses_a_whole_checkpoint_and_an_existing_file(tmp_path):
     assert result.returncode == 2 and result.stderr == (f"error: {whole} is not a sharded checkpoint (it holds its "
                                                         "weights itself); use it as it is.\n")
     result = run_cli("unshard", "--ckpt", whole, "--out", whole)
-    assert result.returncode == 2 and "must be a new .pt file" in result.stderr
+    assert result.returncode == 2 and f"{whole} exists; give a new file name" in result.stderr
     assert whole.read_bytes() == before and not (tmp_path / "out.pt").exists()
 
 
