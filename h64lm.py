@@ -1956,8 +1956,9 @@ def train_window_indices(step: int, global_batch: int, num_windows: int, seed: i
 def train_step(run: Run, step: int) -> dict:
     """Optimizer step `step`: set its learning rate, forward and backward over grad_accum micro-batches (the loss
     divided by grad_accum, so that the gradient is the mean over the whole batch; DDP averages it over the
-    processes on the last micro-batch, a sharded model on each, as it reduces each gradient to its shards), check that the loss and the gradient are finite before they touch the
-    weights, clip the gradient norm, step the optimizer. Returns what it measured, averaged over all processes."""
+    processes on the last micro-batch, a sharded model on each, as it reduces each gradient to its shards), check
+    that the loss and the gradient are finite before they touch the weights, clip the gradient norm, step the
+    optimizer. Returns what it measured, averaged over all processes."""
     tc, rt, model = run.tc, run.rt, run.step_model
     lr = learning_rate(step, tc)
     for group in run.optimizer.param_groups:
@@ -2082,7 +2083,9 @@ class ExpertMuon(torch.optim.Muon):
     one shape: one batched matrix multiply per iteration instead of E, or one per layer, small ones. One at a time,
     an MoE step with Muon cost 1.8-2.6 times its dense twin's on a CPU (README, Speed). Each matrix's step is
     torch's Muon step on that matrix alone, to bfloat16's last rounding (a batched multiply may round differently
-    from a single one; tests compare them), and the state is torch's (one momentum buffer per parameter)."""
+    from a single one; tests compare them), and the state is torch's (one momentum buffer per parameter). Sharded
+    (--shard), a process holds whole experts and orthogonalises its own; a 2-D matrix, split by rows, is gathered
+    whole for its Newton-Schulz, and each process keeps its rows of the result."""
 
     def __init__(self, params, **options):
         # torch's constructor refuses anything but 2-D parameters; its checked defaults come from a stand-in.
@@ -2483,7 +2486,9 @@ TRAIN_RECIPES["lab"] = dict(TRAIN_RECIPES["tiny"], tokenizer="bpe:4096")
 # asked, float32 on CPU. Several processes are started by torchrun, which
 # sets RANK, WORLD_SIZE and LOCAL_RANK; each process takes its share of every
 # batch, DistributedDataParallel averages the gradients, and rank 0 alone
-# prints and saves. A run survives being stopped: its checkpoint holds all it
+# prints and saves. With --shard each process holds only its share of the
+# model and its state (FSDP2, shard_model), and writes its share of every
+# checkpoint (save_shards). A run survives being stopped: its checkpoint holds all it
 # needs to go on exactly, and the guards at the end of the section keep its
 # promises when things go wrong.
 
@@ -2860,6 +2865,10 @@ def write_run_files(run_dir: Path, payload: dict, history: dict, best: bool, plo
 # at any moment leaves either the old checkpoint or the new one, never half of
 # one. It holds only tensors and plain Python values, so it is read with
 # torch.load(weights_only=True), which refuses any pickle that would run code.
+#
+# A sharded run (--shard) keeps its weights and optimizer state apart, in a
+# folder of shards beside that file, which names it (save_shards); the file is
+# still written last and atomically. `h64lm.py unshard` makes the two one file.
 #
 # For sharing, `h64lm.py export` writes just the weights as safetensors plus the
 # config as JSON; open_trained reads that form too.

@@ -84,7 +84,8 @@ def test_sharded_steps_equal_ddp_and_unshard_holds_what_the_shards_hold(corpus, 
 
     # eval reads the sharded run as it is, and the one file, alike.
     scores = [json.loads(run_cli("eval", "--ckpt", ckpt, "--data", corpus, "--cache-dir", tmp_path / "cache",
-                                 "--max-batches", "2", "--json").stdout)["loss"] for ckpt in (run_dir / "latest.pt", out)]
+                                 "--max-batches", "2", "--json").stdout)["loss"]
+              for ckpt in (run_dir / "latest.pt", out)]
     assert scores[0] == scores[1]
     # The one file resumes without --shard.
     torchrun("train", "--resume", out.parent, "--max-steps", "5", "--cache-dir", tmp_path / "cache")
