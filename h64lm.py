@@ -3992,7 +3992,6 @@ def transformers_config_class():
         def __init__(self, h64lm: dict | None = None, **kwargs):
             self.h64lm = dict(h64lm or {})  # H64LMConfig.to_dict()
             kwargs.setdefault("tie_word_embeddings", self.h64lm.get("tie_word_embeddings", False))
-            kwargs["use_cache"] = False  # see H64LMForCausalLM
             super().__init__(**kwargs)
             # The usual names of the shape, which tools read (lm-evaluation-harness its context length).
             for name, ours in (("vocab_size", "vocab_size"), ("hidden_size", "hidden_size"),
@@ -4006,12 +4005,13 @@ def transformers_config_class():
 
 def transformers_model_class(config_cls):
     """H64LMForCausalLM: H64LM inside transformers' PreTrainedModel, configured by config_cls (H64LMHFConfig)."""
-    from transformers import GenerationMixin, PreTrainedModel
-    from transformers.modeling_outputs import CausalLMOutput
+    from transformers import DynamicCache, GenerationMixin, PreTrainedModel
+    from transformers.modeling_outputs import CausalLMOutputWithPast
 
     class H64LMForCausalLM(PreTrainedModel, GenerationMixin):
-        """H64LM in transformers' clothes. No KV cache is kept between generate()'s steps: each step runs the whole
-        sequence again, which is correct and, for the short prompts an evaluation harness sends, fast enough."""
+        """H64LM in transformers' clothes, with transformers' own KV cache (a Cache: generate() makes a DynamicCache,
+        or a StaticCache with cache_implementation="static"), which H64LM's layers fill as they fill a KVCache
+        (TransformersCache)."""
         config_class = config_cls
         base_model_prefix = "model"
         _tied_weights_keys = {"model.lm_head.weight": "model.embed.weight"}
@@ -4035,23 +4035,61 @@ def transformers_model_class(config_cls):
         def get_output_embeddings(self):
             return self.model.lm_head
 
-        def forward(self, input_ids, attention_mask=None, labels=None, **kwargs):
-            """transformers' calling convention: padding (0 in attention_mask), left or right, gets position -1,
-            which H64LM's masks skip; labels are the inputs (shifted here), -100 ignored."""
-            positions = None
-            if attention_mask is not None and not bool(attention_mask.all()):
+        def forward(self, input_ids, attention_mask=None, labels=None, cache=None, use_cache=None, **kwargs):
+            """transformers' calling convention: input_ids (B, T) are the tokens after the `cache`'s, and
+            attention_mask (B, cached + T) covers them all; padding (0 in it), left or right, gets position -1,
+            which H64LM's masks skip; labels are the inputs (shifted here), -100 ignored. use_cache without a
+            cache starts one, as transformers' models do."""
+            if use_cache and cache is None:
+                cache = DynamicCache(config=self.config)
+            B, T = input_ids.shape
+            cached = int(cache.get_seq_length()) if cache is not None else 0
+            positions = None  # 0..T-1: H64LM's plain causal path
+            if attention_mask is not None and not bool(attention_mask.all()) or cached:
+                if attention_mask is None:
+                    attention_mask = torch.ones(B, cached + T, dtype=torch.long, device=input_ids.device)
                 positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, -1)
-            logits = self.model(input_ids, positions=positions).logits  # (B, T, V)
+            view = None if cache is None else TransformersCache(cache, positions, cached)
+            logits = self.model(input_ids, positions=None if positions is None else positions[:, -T:],
+                                cache=view).logits  # (B, T, V)
             loss = None
             if labels is not None:
                 loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
                                        ignore_index=-100)
-            return CausalLMOutput(loss=loss, logits=logits)
+            return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)
 
         def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
-            return {"input_ids": input_ids, "attention_mask": attention_mask}
+            # transformers' own, but the attention mask stays the 2-D one (B, S) that positions are read from: for
+            # a static cache transformers would turn it into a 4-D mask of its attention's making.
+            inputs = super().prepare_inputs_for_generation(input_ids, attention_mask=attention_mask, **kwargs)
+            inputs["attention_mask"] = attention_mask
+            return inputs
 
     return H64LMForCausalLM
+
+
+class TransformersCache(KVCache):
+    """A transformers Cache as H64LM's layers use a KVCache: each layer's keys and values go into it (Cache.update,
+    which returns all of them, cached then new), and the positions of all the keys are those of the attention mask
+    that transformers extends by a column for every generated token, so the cache need not keep them. A static
+    cache returns all its slots, the empty ones last: their position is -1, which the mask hides as it hides
+    padding. No key is dropped outside a sliding window (the mask hides it too)."""
+
+    def __init__(self, cache, positions: torch.Tensor | None, cached: int):
+        super().__init__(num_layers=0)
+        self.cache, self.all_positions = cache, positions  # (B, cached + T); None: 0..T-1 and nothing cached
+        self.cached = cached
+
+    def key_positions(self, new_positions: torch.Tensor) -> torch.Tensor:
+        positions = new_positions if self.all_positions is None else self.all_positions  # (B or 1, cached + T)
+        slots = self.cache.get_mask_sizes(new_positions.shape[1], 0)[0]  # what update will return: S
+        return F.pad(positions, (0, slots - positions.shape[1]), value=-1)  # (B or 1, S)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cache.update(k, v, layer)  # (B, Hkv, S, hd)
+
+    def advance(self, new_positions: torch.Tensor) -> None:
+        pass  # the mask of the next call has them
 
 
 # What an exported remote-code folder imports: this file, copied beside it.
@@ -4083,7 +4121,6 @@ def export_transformers(path: str | Path, out: str | Path, tokenizer_path: str |
                            "AutoModelForCausalLM": "modeling_h64lm.H64LMForCausalLM"}
         hf = model_cls(config)
         hf.model.load_state_dict(model.state_dict())
-        hf.generation_config.use_cache = False
         architecture = "h64lm"
     out.mkdir(parents=True, exist_ok=True)
     hf.to(dtype).save_pretrained(out)
