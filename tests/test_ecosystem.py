@@ -214,6 +214,63 @@ def test_the_remote_code_model_handles_left_and_right_padding_like_separate_sequ
         torch.testing.assert_close(loss, model(ids[:, :-1], ids[:, 1:]).lm_loss, rtol=1e-5, atol=1e-6)
 
 
+def remote_code_model(config: h64lm.H64LMConfig):
+    """(H64LM, its transformers twin with the same weights), both in eval mode."""
+    torch.manual_seed(0)
+    model = h64lm.H64LM(config).eval()
+    config_cls, model_cls = h64lm.transformers_classes()
+    hf = model_cls(config_cls(h64lm=config.to_dict(), bos_token_id=1, eos_token_id=2, pad_token_id=0)).eval()
+    hf.model.load_state_dict(model.state_dict())
+    return model, hf
+
+
+@pytest.mark.parametrize("change", [dict(), dict(sliding_window=5, attention_type="alibi")])
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_cached_generate_equals_uncached_and_h64lm_generate(change, cache):
+    # transformers' generate() keeps its cache in a DynamicCache (or a StaticCache: every slot returned, the
+    # empty ones masked); without it, every step runs the whole sequence again.
+    model, hf = remote_code_model(small_config(**change))
+    ids = torch.randint(3, 101, (1, 7), generator=torch.Generator().manual_seed(1))
+    options = dict(max_new_tokens=20, cache_implementation=cache)
+    uncached = hf.generate(ids, do_sample=False, use_cache=False, max_new_tokens=20)
+    cached = hf.generate(ids, do_sample=False, **options)
+    assert torch.equal(cached, uncached)
+    assert cached[0, 7:].tolist() == h64lm.generate(model, [ids[0].tolist()], 20, temperature=0.0)[0]
+    draws = []
+    for use_cache in (True, False):  # seeded sampling draws the same tokens from the same distributions
+        torch.manual_seed(5)
+        draws.append(hf.generate(ids, do_sample=True, top_k=20, temperature=1.3, use_cache=use_cache,
+                                 **({"cache_implementation": cache} if use_cache else {}), max_new_tokens=20))
+    assert torch.equal(*draws) and not torch.equal(draws[0], cached)
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_cached_generate_of_a_left_padded_batch_equals_each_prompt_alone(cache):
+    _, hf = remote_code_model(small_config(attention_type="rope+alibi", sliding_window=6))
+    generator = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(3, 101, (1, n), generator=generator) for n in (4, 9, 6)]
+    width = max(p.shape[1] for p in prompts)
+    ids = torch.cat([torch.cat([torch.zeros(1, width - p.shape[1], dtype=torch.long), p], 1) for p in prompts])
+    mask = (torch.arange(width)[None] >= torch.tensor([[width - p.shape[1]] for p in prompts])).long()
+    together = hf.generate(ids, attention_mask=mask, max_new_tokens=15, do_sample=False, cache_implementation=cache)
+    for row, prompt in zip(together, prompts):
+        alone = hf.generate(prompt, max_new_tokens=15, do_sample=False, cache_implementation=cache)
+        assert row[width:].tolist() == alone[0, prompt.shape[1]:].tolist()
+
+
+def test_a_forward_with_use_cache_returns_a_cache_that_the_next_forward_continues():
+    # transformers' own convention outside generate(): the cache comes back in the output, and the next call
+    # gives only the new tokens (with the mask of all of them).
+    _, hf = remote_code_model(small_config(attention_type="rope+alibi"))
+    ids = torch.randint(3, 101, (2, 10), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        whole = hf(ids).logits
+        first = hf(ids[:, :6], use_cache=True)
+        rest = hf(ids[:, 6:], attention_mask=torch.ones(2, 10, dtype=torch.long), cache=first.cache)
+    assert type(first.cache).__name__ == "DynamicCache" and first.cache.get_seq_length() == 10
+    torch.testing.assert_close(torch.cat([first.logits, rest.logits], 1), whole, rtol=0, atol=1e-5)
+
+
 # --- The interactive prompt ----------------------------------------------------------------------------------------
 
 def test_the_prompt_line_takes_settings_between_turns_and_leaves_at_the_end_of_input():
