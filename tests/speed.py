@@ -299,6 +299,38 @@ def moe_step_report(r: dict) -> str:
     return "\n".join(lines)
 
 
+def hf_cache_speed(ckpt: str | Path = h64lm.ROOT / "checkpoints" / "demo", new_tokens: int = 200,
+                   repeats: int = 3, prompt: str = "The history of the city begins") -> dict:
+    """The model of ckpt exported for transformers (export --format hf, a temporary folder) and loaded as
+    transformers loads it, then greedy generate() of new_tokens with its KV cache and without, in alternation:
+    seconds of each and uncached over cached, and whether both wrote the same tokens."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with tempfile.TemporaryDirectory() as folder:
+        h64lm.export_transformers(ckpt, folder)
+        hf = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+        ids = AutoTokenizer.from_pretrained(folder)(prompt, return_tensors="pt").input_ids
+    options = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    times, outputs = {"cached": [], "uncached": []}, {}
+    for _ in range(repeats + 1):  # the first round warms up
+        for name in times:
+            started = time.perf_counter()
+            outputs[name] = hf.generate(ids, use_cache=name == "cached", **options)
+            times[name].append(time.perf_counter() - started)
+    times = {name: t[1:] for name, t in times.items()}
+    return {"checkpoint": str(ckpt), "prompt_tokens": ids.shape[1], "new_tokens": new_tokens,
+            "threads": torch.get_num_threads(), "seconds": {name: _median(t) for name, t in times.items()},
+            "uncached_over_cached": _ratio(times, "uncached", "cached"),
+            "same_tokens": torch.equal(outputs["cached"], outputs["uncached"])}
+
+
+def hf_cache_report(r: dict) -> str:
+    ratio, low, high = r["uncached_over_cached"]
+    return (f"{r['checkpoint']}, greedy generate() of {r['new_tokens']} tokens after {r['prompt_tokens']}, "
+            f"{r['threads']} threads: {r['seconds']['cached']:.2f} s with the cache, {r['seconds']['uncached']:.2f} s "
+            f"without: {ratio:.1f}x (repeats {low:.1f}-{high:.1f}); the same tokens: {r['same_tokens']}")
+
+
 # --- The report and the command line --------------------------------------------------------------------------------
 
 def bench_report(r: dict) -> str:
@@ -347,6 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--moe-steps", action="store_true", help="time train_step of the preset's dense twin, its MoE "
                    "(every layer) and the same experts split four ways, at equal active FLOPs, in alternation (the "
                    "preset's recipe, on the bundled sample; use --preset lab; --batch-size and --repeats apply)")
+    p.add_argument("--hf-cache", action="store_true", help="greedy generate() of the demo exported for "
+                   "transformers, --decode-tokens new tokens, with its KV cache and without (--repeats of each)")
     p.add_argument("--moe-layers", default=None,
                    help="with --optimizers: override the preset's (odd, even, all, none or indices like 1,3)")
     p.add_argument("--preset", choices=h64lm.PRESETS, default="tiny")
@@ -370,15 +404,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not (args.targets or args.compare_hf or args.tokenize or args.optimizers or args.moe_steps):
-        parser.error("say what to measure: --targets, --compare-hf, --tokenize, --optimizers or --moe-steps "
-                     "(`python h64lm.py bench` times H64LM alone)")
+    if not (args.targets or args.compare_hf or args.tokenize or args.optimizers or args.moe_steps or args.hf_cache):
+        parser.error("say what to measure: --targets, --compare-hf, --tokenize, --optimizers, --moe-steps or "
+                     "--hf-cache (`python h64lm.py bench` times H64LM alone)")
     h64lm.keep_freed_memory()  # as h64lm.py's command line does, for both models alike
     try:
         if args.targets:
             result = bench_targets(args.device, args.precision, args.repeats, args.decode_tokens,
                                    log=lambda text: print(text, file=sys.stderr))
             print(json.dumps(result) if args.json else targets_report(result))
+            return 0
+        if args.hf_cache:
+            result = hf_cache_speed(new_tokens=args.decode_tokens, repeats=args.repeats)
+            print(json.dumps(result) if args.json else hf_cache_report(result))
             return 0
         if args.moe_steps:
             result = moe_step_cost(args.preset, args.batch_size, args.repeats, args.device)
