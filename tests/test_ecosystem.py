@@ -3,6 +3,7 @@ transformers loads, and the interactive prompt."""
 
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -269,6 +270,37 @@ def test_a_forward_with_use_cache_returns_a_cache_that_the_next_forward_continue
         rest = hf(ids[:, 6:], attention_mask=torch.ones(2, 10, dtype=torch.long), cache=first.cache)
     assert type(first.cache).__name__ == "DynamicCache" and first.cache.get_seq_length() == 10
     torch.testing.assert_close(torch.cat([first.logits, rest.logits], 1), whole, rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_lm_evaluation_harness_scores_the_demo_as_h64lm_eval_does(tmp_path):
+    # lm-eval's own rolling windows, on the h64lm_stream task (tests/lm_eval_task.py) over the sample's first 12
+    # test articles, against h64lm's evaluate on the same articles' tokens with the same windows (256: the demo's
+    # context, which `h64lm.py eval` uses for an exported model). add_bos_token=False: lm-eval puts its own <s>
+    # before each text; with the tokenizer's too, the first token scored is a <s> after a <s>.
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from tests.lm_eval_task import write_tasks
+
+    counts = write_tasks("sample", "test", tmp_path / "tasks", articles=12)
+    assert run_cli("export", "--ckpt", DEMO, "--out", tmp_path / "hf", "--format", "hf").returncode == 0
+    results = lm_eval.simple_evaluate(
+        model="hf", model_args=f"pretrained={tmp_path / 'hf'},trust_remote_code=True,max_length=256,dtype=float32,"
+                               "add_bos_token=False",
+        tasks=["h64lm_stream", "h64lm_documents"], task_manager=TaskManager(include_path=str(tmp_path / "tasks")),
+        batch_size=8, device="cpu")["results"]
+    trained = h64lm.open_trained(DEMO, tokenizer="recorded")
+    source = h64lm.open_text_source("sample", log=lambda *a: None)
+    articles = list(h64lm.documents(source.read("test")))[:12]
+    tokens = h64lm.tokenize_documents(articles, trained.tokenizer, desc="tokenizing")
+    nll, _ = h64lm.evaluate(trained.model, tokens, 256, 8, h64lm.setup_runtime("cpu"))
+    ours = math.exp(nll / counts["words"])
+    assert results["h64lm_stream"]["word_perplexity,none"] == pytest.approx(ours, rel=1e-4)
+    assert results["h64lm_stream"]["byte_perplexity,none"] == pytest.approx(math.exp(nll / counts["bytes"]), rel=1e-4)
+    # lm-eval's own convention, each article alone from its <s>, is another number: close, not the same.
+    assert results["h64lm_documents"]["word_perplexity,none"] != pytest.approx(ours, rel=1e-4)
+    assert results["h64lm_documents"]["word_perplexity,none"] == pytest.approx(ours, rel=0.1)
 
 
 # --- The interactive prompt ----------------------------------------------------------------------------------------
