@@ -38,8 +38,8 @@ def process_results(doc, results):
 
 def task_yaml(name: str, data_file: Path) -> str:
     metrics = "".join(f"  - metric: {m}\n" for m in ("word_perplexity", "byte_perplexity", "bits_per_byte"))
-    return (f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {json.dumps(str(data_file))}\n"
-            "test_split: test\noutput_type: loglikelihood_rolling\ndoc_to_text: \"\"\ndoc_to_target: \"{{text}}\"\n"
+    return (f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+            f"    test: {json.dumps(str(data_file))}\ntest_split: test\noutput_type: loglikelihood_rolling\ndoc_to_text: \"\"\ndoc_to_target: \"{{text}}\"\n"
             "process_results: !function h64lm_lm_eval.process_results\n"
             f"metric_list:\n{metrics}metadata:\n  version: 1.0\n")
 

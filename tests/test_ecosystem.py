@@ -138,8 +138,15 @@ def assert_transformers_matches(out, ckpt, expected_class: str, trust_remote_cod
     assert ids[0].tolist() == h64lm.load_tokenizer()(PROMPT)["input_ids"]  # the same tokenizer, BOS included
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
-    generated = hf.generate(ids, max_new_tokens=24, do_sample=False, repetition_penalty=1.1)
+    generated = hf.generate(ids, max_new_tokens=24, do_sample=False, repetition_penalty=1.1)  # with its KV cache
     assert tokenizer.decode(generated[0], skip_special_tokens=True).strip() == greedy_cli(ckpt)
+    assert torch.equal(hf.generate(ids, max_new_tokens=24, do_sample=False, repetition_penalty=1.1,
+                                   use_cache=False), generated)
+    # transformers' pipeline, as the README calls it: the same new tokens.
+    from transformers import pipeline
+    continuation = pipeline("text-generation", model=hf, tokenizer=tokenizer)(
+        PROMPT, max_new_tokens=24, do_sample=False, repetition_penalty=1.1, return_full_text=False)
+    assert continuation[0]["generated_text"] == tokenizer.decode(generated[0, ids.shape[1]:], skip_special_tokens=True)
 
 
 @pytest.mark.slow
