@@ -37,11 +37,12 @@ def process_results(doc, results):
 
 
 def task_yaml(name: str, data_file: Path) -> str:
-    metrics = "".join(f"  - metric: {m}\n" for m in ("word_perplexity", "byte_perplexity", "bits_per_byte"))
-    return (f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
-            f"    test: {json.dumps(str(data_file))}\ntest_split: test\noutput_type: loglikelihood_rolling\ndoc_to_text: \"\"\ndoc_to_target: \"{{text}}\"\n"
-            "process_results: !function h64lm_lm_eval.process_results\n"
-            f"metric_list:\n{metrics}metadata:\n  version: 1.0\n")
+    lines = [f"task: {name}", "dataset_path: json", "dataset_kwargs:", "  data_files:",
+             f"    test: {json.dumps(str(data_file))}", "test_split: test", "output_type: loglikelihood_rolling",
+             'doc_to_text: ""', 'doc_to_target: "{{text}}"', "process_results: !function h64lm_lm_eval.process_results",
+             "metric_list:", *(f"  - metric: {m}" for m in ("word_perplexity", "byte_perplexity", "bits_per_byte")),
+             "metadata:", "  version: 1.0"]
+    return "\n".join(lines) + "\n"
 
 
 def counts(docs: list[str]) -> dict:
