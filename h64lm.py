@@ -2488,9 +2488,9 @@ TRAIN_RECIPES["lab"] = dict(TRAIN_RECIPES["tiny"], tokenizer="bpe:4096")
 # batch, DistributedDataParallel averages the gradients, and rank 0 alone
 # prints and saves. With --shard each process holds only its share of the
 # model and its state (FSDP2, shard_model), and writes its share of every
-# checkpoint (save_shards). A run survives being stopped: its checkpoint holds all it
-# needs to go on exactly, and the guards at the end of the section keep its
-# promises when things go wrong.
+# checkpoint (save_shards). A run survives being stopped: its checkpoint holds
+# all it needs to go on exactly, and the guards at the end of the section keep
+# its promises when things go wrong.
 
 
 # --- Where a run runs ---------------------------------------------------------
@@ -2904,6 +2904,7 @@ def save_shards(run: Run) -> str:
     tensors split into shards, so that it can be loaded on another number of processes (load_shards) or into one
     (read_shards, unshard_checkpoint)."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     name = [f"shards-{run.step:06d}-{os.urandom(4).hex()}"]
@@ -2911,10 +2912,11 @@ def save_shards(run: Run) -> str:
     folder = run.run_dir / name[0]
     model_state, optimizer_state = get_state_dict(run.model, optimizer_parts(run.optimizer))
     mine = sum(local(t).numel() * t.element_size() for t in _tensors([model_state, optimizer_state]))
-    on_rank0(run.rt, lambda: check_room(run.run_dir, mine * run.rt.world_size))
+    on_rank0(run.rt, lambda: (run.run_dir.mkdir(parents=True, exist_ok=True),
+                              check_room(folder, mine * run.rt.world_size)))
     try:
         dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=folder)
-    except Exception as e:  # an OSError on some process, which DCP gathers and raises on all of them
+    except (OSError, CheckpointException) as e:  # DCP gathers a process's error and raises it on all of them
         raise H64LMError(f"Saving the shards in {folder} failed ({one_sentence(e)}); free disk space or choose "
                          "another --out-dir.") from None
     return name[0]
@@ -4045,7 +4047,7 @@ def transformers_model_class(config_cls):
             B, T = input_ids.shape
             cached = int(cache.get_seq_length()) if cache is not None else 0
             positions = None  # 0..T-1: H64LM's plain causal path
-            if attention_mask is not None and not bool(attention_mask.all()) or cached:
+            if cached or (attention_mask is not None and not bool(attention_mask.all())):
                 if attention_mask is None:
                     attention_mask = torch.ones(B, cached + T, dtype=torch.long, device=input_ids.device)
                 positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, -1)

@@ -41,11 +41,13 @@ def losses(run_dir: Path) -> list[tuple[int, float]]:
 def test_sharded_steps_equal_ddp_and_unshard_holds_what_the_shards_hold(corpus, tmp_path):
     # Two micro-batches a step and the global-batch balance loss: the micro-batch loop and step_fractions run
     # sharded too.
+    # --out-dir does not exist yet: the first save makes it, before the shards go in.
+    runs = tmp_path / "runs"
     common = ["train", *TINY_FLAGS, *STEPS, "--grad-accum", "2", "--balance", "global", "--optimizer", "adamw",
-              "--data", corpus, "--out-dir", tmp_path, "--cache-dir", tmp_path / "cache"]
+              "--data", corpus, "--out-dir", runs, "--cache-dir", tmp_path / "cache"]
     torchrun(*common, "--run-name", "ddp")
     torchrun(*common, "--run-name", "sharded", "--shard")
-    ddp, sharded = history(tmp_path / "ddp"), history(tmp_path / "sharded")
+    ddp, sharded = history(runs / "ddp"), history(runs / "sharded")
     for a, b in zip(ddp["train"], sharded["train"], strict=True):
         # The gradients are reduced in another order (FSDP2 reduce-scatters each micro-batch's, divided before
         # the sum): float32 rounding, which the norm over a million weights shows most (2e-5 relative seen).
@@ -53,7 +55,7 @@ def test_sharded_steps_equal_ddp_and_unshard_holds_what_the_shards_hold(corpus, 
             assert b[key] == pytest.approx(a[key], rel=rel), (a["step"], key)
     assert [v["loss"] for v in sharded["val"]] == pytest.approx([v["loss"] for v in ddp["val"]], rel=1e-5)
     # The run folder holds the small files and one folder of shards, the one latest.pt and best.pt name.
-    run_dir = tmp_path / "sharded"
+    run_dir = runs / "sharded"
     latest = h64lm.read_checkpoint(run_dir / "latest.pt")
     assert "model" not in latest and latest["step"] == 4 and latest["world_size"] == 2
     assert [p.name for p in run_dir.glob("shards-*")] == [latest["shards"]]
@@ -79,7 +81,7 @@ def test_sharded_steps_equal_ddp_and_unshard_holds_what_the_shards_hold(corpus, 
             assert torch.equal(state[key], reference["optimizer"]["state"][names[index]][key]), (names[index], key)
     assert one["train_config"]["shard"] is False and one["step"] == 4
     # ... and DDP's weights, up to the order of the reductions.
-    for name, tensor in h64lm.read_checkpoint(tmp_path / "ddp" / "latest.pt")["model"].items():
+    for name, tensor in h64lm.read_checkpoint(runs / "ddp" / "latest.pt")["model"].items():
         torch.testing.assert_close(one["model"][name], tensor, rtol=1e-4, atol=1e-5)
 
     # eval reads the sharded run as it is, and the one file, alike.
