@@ -136,6 +136,21 @@ def test_a_sharded_checkpoint_resumes_on_three_processes_as_its_one_file_does_in
     assert [loss for _, loss in sharded[2:]] == pytest.approx([loss for _, loss in ddp[2:]], rel=1e-5)
 
 
+@pytest.mark.slow
+def test_a_diverging_sharded_run_saves_nothing_non_finite(corpus, tmp_path):
+    # test_guards.py's learning rate of 1e30: each process checks its own shards before a save, and all of them
+    # stop, naming the same weight, if any process finds a NaN.
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "h64lm.py",
+               "train", *map(str, [*TINY_FLAGS, *STEPS, "--max-steps", "8", "--save-every", "1", "--eval-every", "1",
+                                   "--lr", "1e30", "--warmup-steps", "0", "--shard", "--data", corpus,
+                                   "--out-dir", tmp_path, "--cache-dir", tmp_path / "cache", "--run-name", "diverged"])]
+    result = subprocess.run(command, cwd=REPO, env=PROCESS_ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "became NaN or infinite at step" in result.stderr and "nothing from that step on was saved" in result.stderr
+    ckpt = h64lm.open_trained(tmp_path / "diverged" / "latest.pt").ckpt  # the shards, read whole
+    assert 0 < ckpt["step"] < 8 and all(torch.isfinite(t).all() for t in ckpt["model"].values())
+
+
 def test_shard_needs_torchrun_and_changes_nothing(corpus, tmp_path):
     result = run_cli("train", *TINY_FLAGS, *STEPS, "--shard", "--data", corpus, "--out-dir", tmp_path,
                      "--cache-dir", tmp_path / "cache")
