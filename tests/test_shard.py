@@ -4,13 +4,15 @@ one file holds what the shards hold, as PyTorch's own converter reads them; chec
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import PROCESS_ENV, REPO, TINY_FLAGS, run_cli
+from conftest import PROCESS_ENV, REPO, TINY_FLAGS, run_cli, wait_until
 
 import h64lm
 
@@ -149,6 +151,31 @@ def test_a_diverging_sharded_run_saves_nothing_non_finite(corpus, tmp_path):
     assert "became NaN or infinite at step" in result.stderr and "nothing from that step on was saved" in result.stderr
     ckpt = h64lm.open_trained(tmp_path / "diverged" / "latest.pt").ckpt  # the shards, read whole
     assert 0 < ckpt["step"] < 8 and all(torch.isfinite(t).all() for t in ckpt["model"].values())
+
+
+@pytest.mark.slow
+def test_sigterm_to_torchrun_saves_the_sharded_run_which_resumes(corpus, tmp_path):
+    # torchrun passes the SIGTERM on to its processes; they agree on it, finish the step in flight, write their
+    # shards and stop, and the command the run prints continues it.
+    common = [*TINY_FLAGS, *STEPS, "--max-steps", "400", "--eval-every", "200", "--save-every", "200", "--shard",
+              "--data", corpus, "--out-dir", tmp_path, "--cache-dir", tmp_path / "cache", "--run-name", "signalled"]
+    log = tmp_path / "stderr.log"
+    with open(log, "w") as stderr:
+        process = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                    "--nproc_per_node=2", "h64lm.py", "train", *map(str, common)], cwd=REPO,
+                                   env=PROCESS_ENV, stdout=subprocess.PIPE, stderr=stderr, text=True)
+    # After a step, when every process is in the loop and has its handler (rank 0 alone draws the bar).
+    wait_until(lambda: "loss=" in log.read_text(), process)
+    time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    out, _ = process.communicate(timeout=120)
+    assert "stopped after SIGTERM" in out, log.read_text()[-3000:]
+    step = h64lm.open_trained(tmp_path / "signalled" / "latest.pt").ckpt["step"]
+    assert 0 < step < 400
+    assert f"continue with: torchrun --nproc_per_node=2 h64lm.py train --resume {tmp_path / 'signalled'}" in out
+    torchrun("train", "--resume", tmp_path / "signalled", "--max-steps", str(step + 2), "--cache-dir",
+             tmp_path / "cache")
+    assert [s for s, _ in losses(tmp_path / "signalled")] == list(range(step + 2))
 
 
 def test_shard_needs_torchrun_and_changes_nothing(corpus, tmp_path):
