@@ -5,11 +5,11 @@ memory").
     python -m tests.memory --measure-ddp-vs-shard [--preset small]   # two CPU processes, DDP against --shard
 
 The table's activations are measured, not guessed: one dense and one MoE block of each shape, with bfloat16 weights
-(as --shard gathers them on CUDA), run forward on real tokens while autograd's saved-tensor hooks count the bytes it
-keeps for backward (each storage once, the weights left out); per token they are the same at any sequence length
-up to the attention's T x T tensors, which are counted apart (CUDA's flash and memory-efficient kernels keep none).
-The rest is arithmetic, written out below: 16 bytes a parameter for float32 weights, gradients and AdamW's two
-moments (h64lm.state_bytes), split N ways when sharded."""
+(as --shard gathers them on CUDA), run forward on random tokens at 1 and 2 sequences of the context's length while
+autograd's saved-tensor hooks count the bytes it keeps for backward (each storage once, the weights left out): what
+doubles with the batch is per token, the rest is one forward's fixed part (the LM head's gradient, ALiBi's T x T
+bias, RoPE's tables). The rest is arithmetic, written out below: 16 bytes a parameter for float32 weights, gradients
+and AdamW's two moments (h64lm.state_bytes), split N ways when sharded."""
 
 import argparse
 import dataclasses
