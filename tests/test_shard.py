@@ -1,4 +1,4 @@
-"""train --shard (FSDP2) on two gloo processes: its steps equal DDP's; its checkpoints (torch.distributed.checkpoint)
+"""train --shard (FSDP2) on two (and three) gloo processes: its steps equal DDP's; its checkpoints (torch.distributed.checkpoint)
 survive a kill in the middle of a save and resume exactly, on the same or another number of processes; unshard's
 one file holds what the shards hold, as PyTorch's own converter reads them; check_fits counts a process's share."""
 
@@ -19,14 +19,13 @@ import h64lm
 STEPS = ["--batch-size", "4", "--max-steps", "4", "--eval-every", "2", "--save-every", "2", "--device", "cpu"]
 
 
-def torchrun(*args, processes: int = 2, script: Path = REPO / "h64lm.py", restarts: int = 0, env=None,
-             log: Path | None = None) -> subprocess.CompletedProcess:
+def torchrun(*args, processes: int = 2, script: Path = REPO / "h64lm.py", restarts: int = 0,
+             env=None) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node=processes script ARGS`, which must succeed."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
                f"--max-restarts={restarts}", str(script), *map(str, args)]
     result = subprocess.run(command, cwd=REPO, env={**PROCESS_ENV, **(env or {})}, capture_output=True, text=True,
                             timeout=300)
-    if log is not None:
-        log.write_text(result.stdout + result.stderr)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -42,8 +41,7 @@ def losses(run_dir: Path) -> list[tuple[int, float]]:
 @pytest.mark.slow
 def test_sharded_steps_equal_ddp_and_unshard_holds_what_the_shards_hold(corpus, tmp_path):
     # Two micro-batches a step and the global-batch balance loss: the micro-batch loop and step_fractions run
-    # sharded too.
-    # --out-dir does not exist yet: the first save makes it, before the shards go in.
+    # sharded too. --out-dir does not exist yet: the first save makes it, before the shards go in.
     runs = tmp_path / "runs"
     common = ["train", *TINY_FLAGS, *STEPS, "--grad-accum", "2", "--balance", "global", "--optimizer", "adamw",
               "--data", corpus, "--out-dir", runs, "--cache-dir", tmp_path / "cache"]
