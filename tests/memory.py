@@ -18,6 +18,7 @@ import os
 import resource
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -150,7 +151,7 @@ def expert_parallel(name: str, config: h64lm.H64LMConfig) -> str:
             f"the layer's experts compute for {compute * 1e3:.1f} ms at an H100's peak")
 
 
-def measure_ddp_vs_shard(preset: str, steps: int = 3) -> None:
+def measure_ddp_vs_shard(preset: str, steps: int = 6) -> None:
     """Run this file under torchrun on 2 CPU processes, DDP then --shard, and print what each process held."""
     for shard in (False, True):
         result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -163,14 +164,18 @@ def measure_ddp_vs_shard(preset: str, steps: int = 3) -> None:
 
 def inner(preset: str, steps: int, shard: bool) -> None:
     """One process of measure_ddp_vs_shard: a few train_steps of the preset at 2 x 512 tokens, then the bytes of
-    its weights, gradients and optimizer state (its shards, when sharded) and its peak resident memory."""
+    its weights, gradients and optimizer state (its shards, when sharded), its peak resident memory, and the median
+    seconds of a step after the first."""
     rt = h64lm.setup_runtime("cpu")
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     config = h64lm.H64LMConfig.from_preset(preset)
     tc = h64lm.TrainConfig(batch_size=2, grad_accum=1, seq_len=512, optimizer="adamw", shard=shard)
     run = h64lm.doctor_run(config, tc, rt)
+    seconds = []
     for step in range(steps):
+        started = time.perf_counter()
         h64lm.train_step(run, step)
+        seconds.append(time.perf_counter() - started)
         if step == steps - 2:  # gradients are freed by the step: the last one keeps them, for counting
             run.optimizer.zero_grad = lambda set_to_none=True: None
     size = lambda t: h64lm.local(t).numel() * t.element_size()  # noqa: E731
@@ -179,7 +184,8 @@ def inner(preset: str, steps: int, shard: bool) -> None:
             "gradients": sum(size(p.grad) for p in parameters if p.grad is not None),
             "optimizer": sum(size(v) for s in run.optimizer.state.values() for v in s.values()
                              if torch.is_tensor(v) and v.dim() > 0),
-            "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "rss_before_model": before}
+            "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "rss_before_model": before,
+            "seconds_per_step": h64lm._median(seconds[1:])}
     every = [None] * rt.world_size
     torch.distributed.all_gather_object(every, held)
     if rt.master:
