@@ -4620,8 +4620,8 @@ def doctor_run(config: H64LMConfig, tc: TrainConfig, rt: Runtime) -> Run:
 def sharded_rows(config: H64LMConfig, rt: Runtime) -> list[dict]:
     """Under torchrun: DOCTOR_STEPS steps of the small model sharded (--shard, FSDP2) against the same steps in DDP,
     from the same weights on the same tokens (their losses, relative, within the tolerance of a fast path against
-    its twin: the gradients are reduced in another order, and on CUDA gathered in bf16), and the share of the
-    weights each process holds, which must be its 1/N."""
+    its twin: the gradients are reduced in another order, and on CUDA gathered in bf16), the share of the weights
+    each process holds, which must be its 1/N, and the aux_free bias, which must be the same on every process."""
     tc = TrainConfig(batch_size=2, grad_accum=1, seq_len=config.max_position_embeddings, optimizer="adamw")
     losses = {}
     for shard in (False, True):
@@ -4635,7 +4635,7 @@ def sharded_rows(config: H64LMConfig, rt: Runtime) -> list[dict]:
                      TWIN_TOLERANCE[rt.dtype]),
             _row("sharded_share", "weights held by each process, sharded",
                  f"at most {share:.1%} of {run.model.num_params():,} parameters, 1/{rt.world_size} = {fair:.1%}",
-                 share <= fair * 1.05, share=share)]
+                 share <= fair * 1.05, share=share), *same_state_rows(run)]
 
 
 def all_reduce_row(rt: Runtime) -> dict:
@@ -4650,17 +4650,21 @@ def all_reduce_row(rt: Runtime) -> dict:
 
 def same_state_rows(run: Run) -> list[dict]:
     """Whether every process holds the same aux_free balance bias (which train_step moves by the all-reduced load)
-    and the same weights (which DDP's averaged gradients move alike): a digest of each from every process."""
+    and, unless sharded, the same weights (which DDP's averaged gradients move alike): a digest of each from every
+    process. A sharded run's bias is compared under keys and names of its own."""
     biases = [m.balance_bias for m in run.model.moe_layers().values() if m.balance_bias is not None]
+    compared = [("same_balance_bias", "balance bias", biases)]
+    if not run.tc.shard:  # a sharded process holds its own part of the weights
+        compared.append(("same_weights", "weights", list(run.model.parameters())))
     rows = []
-    for key, what, tensors in (("same_balance_bias", "balance bias", biases),
-                               ("same_weights", "weights", list(run.model.parameters()))):
+    for key, what, tensors in compared:
         digests = [None] * run.rt.world_size
         torch.distributed.all_gather_object(digests, _digest(tensors))
         same = len(set(digests)) == 1
         value = (f"no bias to compare (balance {run.config.balance})" if not tensors else
                  f"the same on all {len(digests)} processes" if same else
                  f"{len(set(digests))} different versions on {len(digests)} processes")
+        key, what = (f"{key}_sharded", f"{what}, sharded,") if run.tc.shard else (key, what)
         rows.append(_row(key, f"{what} identical on every process", value, same if tensors else None))
     return rows
 

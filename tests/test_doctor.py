@@ -17,7 +17,8 @@ CHECKS = ["attention_rope", "attention_alibi", "attention_rope_alibi", "sdpa_vs_
           "sdpa_vs_plain_attention_gradients", "grouped_vs_loop_moe_outputs", "grouped_vs_loop_moe_gradients",
           "chunked_vs_plain_loss_value", "chunked_vs_plain_loss_gradients", "bf16_vs_float32_loss",
           "bf16_vs_float32_logits", "compiled_decoding", "training_steps"]
-DISTRIBUTED = ["all_reduce", "same_balance_bias", "same_weights", "sharded_vs_ddp_losses", "sharded_share"]
+DISTRIBUTED = ["all_reduce", "same_balance_bias", "same_weights", "sharded_vs_ddp_losses", "sharded_share",
+               "same_balance_bias_sharded"]
 
 
 def assert_every_check_passed(report: dict, checks: list[str]) -> None:
