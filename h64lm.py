@@ -2705,6 +2705,10 @@ def start_run(config: H64LMConfig, tc: TrainConfig, rt: Runtime, run_dir: Path, 
         changed = [k for k, v in config.to_dict().items() if trained.ckpt["config"].get(k) != v]
         raise H64LMError(f"The run in {trained.path} is a different model ({', '.join(changed)} differ); resume it "
                          "with its own settings, or start a new --run-name.")
+    if tc.shard and rt.world_size == 1 and trained is not None:
+        raise H64LMError(f"The run in {trained.path.parent} is sharded (--shard) and this is one process; resume "
+                         f"it with torchrun --nproc_per_node={trained.ckpt.get('world_size', 'N')} h64lm.py train "
+                         "--resume ..., or make it one file with python h64lm.py unshard and resume that.")
     if tc.shard and rt.world_size == 1:
         raise H64LMError("--shard splits the model over the processes torchrun starts, and this is one process; "
                          "start it with torchrun --nproc_per_node=N (N of 2 or more), or train without --shard.")

@@ -1,6 +1,7 @@
-"""train --shard (FSDP2) on two (and three) gloo processes: its steps equal DDP's; its checkpoints (torch.distributed.checkpoint)
-survive a kill in the middle of a save and resume exactly, on the same or another number of processes; unshard's
-one file holds what the shards hold, as PyTorch's own converter reads them; check_fits counts a process's share."""
+"""train --shard (FSDP2) on two (and three) gloo processes: its steps equal DDP's; its checkpoints
+(torch.distributed.checkpoint) survive a kill in the middle of a save and resume exactly, on the same or another
+number of processes; unshard's one file holds what the shards hold, as PyTorch's own converter reads them; a signal
+and a divergence keep their guards; check_fits counts a process's share."""
 
 import json
 import os
@@ -126,6 +127,11 @@ def test_a_sharded_checkpoint_resumes_on_three_processes_as_its_one_file_does_in
     common = ["train", *TINY_FLAGS, *STEPS, "--optimizer", "muon", "--data", corpus, "--out-dir", tmp_path,
               "--cache-dir", tmp_path / "cache"]
     torchrun(*common, "--run-name", "sharded", "--shard", "--stop-at", "2")
+    alone = run_cli("train", "--resume", tmp_path / "sharded", "--cache-dir", tmp_path / "cache")
+    assert alone.returncode == 2 and alone.stderr == (
+        f"error: The run in {tmp_path / 'sharded'} is sharded (--shard) and this is one process; resume it with "
+        "torchrun --nproc_per_node=2 h64lm.py train --resume ..., or make it one file with python h64lm.py unshard "
+        "and resume that.\n")
     (tmp_path / "ddp").mkdir()
     assert run_cli("unshard", "--ckpt", tmp_path / "sharded" / "latest.pt",
                    "--out", tmp_path / "ddp" / "latest.pt").returncode == 0
