@@ -241,8 +241,12 @@ def test_cached_generate_equals_uncached_and_h64lm_generate(change, cache):
     ids = torch.randint(3, 101, (1, 7), generator=torch.Generator().manual_seed(1))
     options = dict(max_new_tokens=20, cache_implementation=cache)
     uncached = hf.generate(ids, do_sample=False, use_cache=False, max_new_tokens=20)
+    lengths, forward = [], hf.model.forward
+    hf.model.forward = lambda idx, *args, **kwargs: lengths.append(idx.shape[1]) or forward(idx, *args, **kwargs)
     cached = hf.generate(ids, do_sample=False, **options)
+    del hf.model.forward
     assert torch.equal(cached, uncached)
+    assert lengths == [7] + [1] * 19  # the prompt once, then each new token alone: the cache holds the rest
     assert cached[0, 7:].tolist() == h64lm.generate(model, [ids[0].tolist()], 20, temperature=0.0)[0]
     draws = []
     for use_cache in (True, False):  # seeded sampling draws the same tokens from the same distributions
