@@ -2779,7 +2779,7 @@ def restore_run(run: Run, ckpt: dict, resume: Path, log) -> None:
                              f"it {'with' if was.shard else 'without'} it (python h64lm.py unshard makes a sharded "
                              "checkpoint one file).")
         if run.tc.shard:
-            load_shards(run, Path(resume).parent / ckpt["shards"])
+            load_shards(run, shards_folder(resume, ckpt))
         else:
             run.model.load_state_dict(ckpt["model"])
             run.optimizer.load_state_dict(ckpt["optimizer"])
@@ -2846,9 +2846,9 @@ def write_run_files(run_dir: Path, payload: dict, history: dict, best: bool, plo
     save_checkpoint(run_dir / "latest.pt", payload)
     if best:
         save_checkpoint(run_dir / "best.pt", payload)
-    if "shards" in payload:
-        named = {read_checkpoint(run_dir / name).get("shards") for name in ("latest.pt", "best.pt")
-                 if (run_dir / name).exists()}
+    if "shards" in payload:  # latest.pt names this save's folder; best.pt this one or an earlier one
+        named = {payload["shards"]} | ({read_checkpoint(run_dir / "best.pt").get("shards")}
+                                       if not best and (run_dir / "best.pt").exists() else set())
         for folder in run_dir.glob("shards-*"):
             if folder.name not in named:
                 shutil.rmtree(folder)
@@ -2934,7 +2934,7 @@ def load_shards(run: Run, folder: Path) -> None:
 
     parts = optimizer_parts(run.optimizer)
     model_state, optimizer_state = get_state_dict(run.model, parts)
-    dcp.load({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=shards_folder(folder))
+    dcp.load({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=folder)
     set_state_dict(run.model, parts, model_state_dict=model_state, optim_state_dict=optimizer_state)
 
 
@@ -2942,8 +2942,10 @@ def optimizer_parts(optimizer) -> list[torch.optim.Optimizer]:
     return optimizer.parts if isinstance(optimizer, Optimizers) else [optimizer]
 
 
-def shards_folder(folder: Path) -> Path:
-    """folder, once it holds a whole distributed checkpoint (its .metadata is written last)."""
+def shards_folder(path: Path, ckpt: dict) -> Path:
+    """The folder of shards that the sharded checkpoint ckpt, read from path, names, once it holds a whole
+    distributed checkpoint (its .metadata is written last)."""
+    folder = Path(path).parent / ckpt["shards"]
     if not (folder / ".metadata").exists():
         raise H64LMError(f"The shards in {folder}, which the checkpoint beside it names, are gone or incomplete; "
                          "resume or open another checkpoint of the run.")
@@ -2956,7 +2958,7 @@ def read_shards(path: Path, ckpt: dict, config: H64LMConfig, device, read: bool 
     allocated); read=False: tensors on the meta device, the shapes alone."""
     import torch.distributed.checkpoint as dcp
 
-    folder = shards_folder(path.parent / ckpt["shards"])
+    folder = shards_folder(path, ckpt)
     metadata = dcp.FileSystemReader(folder).read_metadata().state_dict_metadata
     shapes = {key.removeprefix("model."): torch.empty(m.size, dtype=m.properties.dtype, device="meta")
               for key, m in metadata.items() if key.startswith("model.")}
@@ -2992,7 +2994,7 @@ def unshard_checkpoint(path: str | Path, out: str | Path) -> Path:
     optimizer = make_optimizer(trained.model, tc, torch.device("cpu"))
     parts = optimizer_parts(optimizer)
     state = get_optimizer_state_dict(trained.model, parts)  # an empty state of the right shapes, to be filled
-    load_whole({"optimizer": state}, trained.path.parent / trained.ckpt["shards"])
+    load_whole({"optimizer": state}, shards_folder(trained.path, trained.ckpt))
     set_optimizer_state_dict(trained.model, parts, state)
     payload = {**{k: v for k, v in trained.ckpt.items() if k != "shards"}, "train_config": asdict(tc),
                "model": trained.model.state_dict(), "optimizer": optimizer.state_dict()}
@@ -4055,7 +4057,7 @@ def transformers_model_class(config_cls):
                 if attention_mask is None:
                     attention_mask = torch.ones(B, cached + T, dtype=torch.long, device=input_ids.device)
                 positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, -1)
-            view = None if cache is None else TransformersCache(cache, positions, cached)
+            view = None if cache is None else TransformersCache(cache, positions)
             logits = self.model(input_ids, positions=None if positions is None else positions[:, -T:],
                                 cache=view).logits  # (B, T, V)
             loss = None
@@ -4081,10 +4083,9 @@ class TransformersCache(KVCache):
     cache returns all its slots, the empty ones last: their position is -1, which the mask hides as it hides
     padding. No key is dropped outside a sliding window (the mask hides it too)."""
 
-    def __init__(self, cache, positions: torch.Tensor | None, cached: int):
+    def __init__(self, cache, positions: torch.Tensor | None):
         super().__init__(num_layers=0)
         self.cache, self.all_positions = cache, positions  # (B, cached + T); None: 0..T-1 and nothing cached
-        self.cached = cached
 
     def key_positions(self, new_positions: torch.Tensor) -> torch.Tensor:
         positions = new_positions if self.all_positions is None else self.all_positions  # (B or 1, cached + T)
