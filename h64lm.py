@@ -29,30 +29,21 @@ As a program: python h64lm.py {train,eval,generate,analyze,bench,doctor,export} 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import ctypes
-import dataclasses
 import datetime
 import functools
 import gzip
 import hashlib
-import importlib
 import json
 import math
 import os
-import platform
 import random
 import re
-import shutil
-import signal
 import socket
-import sys
-import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import ClassVar
 
@@ -278,38 +269,7 @@ PRESETS: dict[str, dict] = {
                   intermediate_size=1536, expert_intermediate_size=1536),
     # The H64LM model: 6 layers, 768 wide, 12 query / 4 KV heads of 64, 8 experts of 3072, untied: 250M parameters.
     "h64lm": dict(),
-    # The routing lab's model: tiny's cost per token with the compute in the blocks, where MoE acts. Its own
-    # 4,096-token BPE (the lab recipe's tokenizer, section 14) shrinks the embedding and LM head (the LM head is 77%
-    # of tiny's training FLOPs); every layer is MoE, 8 experts of 512 top-2, so its dense twin is a 1,024-wide SwiGLU.
-    "lab": dict(vocab_size=4096, max_position_embeddings=256, hidden_size=256, num_layers=4, num_heads=8,
-                num_kv_heads=4, intermediate_size=1024, moe_layers="all", expert_intermediate_size=512),
 }
-
-
-def fine_grained(config: H64LMConfig, g: int, shared: int = 0) -> H64LMConfig:
-    """DeepSeekMoE's expert shape (Dai et al. 2024, section 3): split every expert into g of 1/g the width and
-    route to g times as many, then make `shared` of the narrow experts always-on and route to that many fewer.
-    Parameters and active FLOPs per token stay those of `config` (the router, g times wider, aside); what grows is
-    the number of ways to combine experts: C(8, 2) = 28 for Mixtral's shape, C(31, 7) = 2.6 million for g = 4 with
-    one shared expert."""
-    E, k, width = config.num_experts, config.num_experts_per_tok, config.expert_intermediate_size
-    if g < 1 or width % g:
-        raise ValueError(f"granularity {g} must be a whole divisor of expert_intermediate_size ({width}).")
-    if config.num_shared_experts or not 0 <= shared < k * g:
-        raise ValueError(f"shared ({shared}) must be below the {k * g} routed experts per token, and the config "
-                         "must not have shared experts already.")
-    return dataclasses.replace(config, num_experts=E * g - shared, num_experts_per_tok=k * g - shared,
-                               expert_intermediate_size=width // g, num_shared_experts=shared)
-
-
-def dense_twin(config: H64LMConfig) -> H64LMConfig:
-    """The dense model that spends the same FLOPs per token as the all-MoE `config`: every layer one SwiGLU as wide
-    as the expert width a token passes through (k routed experts plus the shared ones)."""
-    if len(config.moe_layer_ids) != config.num_layers:
-        raise ValueError("a dense twin of equal FLOPs needs every layer MoE (moe_layers='all'): a dense layer's "
-                         "width cannot match an MoE layer's active width and the other dense layers' at once.")
-    active = (config.num_experts_per_tok + config.num_shared_experts) * config.expert_intermediate_size
-    return dataclasses.replace(config, moe_layers="none", intermediate_size=active, num_shared_experts=0)
 
 
 # -----------------------------------------------------------------------------
@@ -1732,63 +1692,18 @@ def check_tokenizer_folder(path: Path) -> None:
         raise H64LMError(f"No tokenizer in {path}; point --tokenizer at a folder with tokenizer.json.")
 
 
-# A tokenizer of the run's own. At the lab preset's width (section 1) a 32,000-token vocabulary would put most
-# of the parameters and FLOPs in the embedding and the LM head, which MoE does not touch. "bpe:N" names a
-# byte-level BPE of N tokens (GPT-2's kind: every byte is a token, so no text is unknown; Sennrich et al. 2016)
-# trained with Hugging Face's tokenizers on the training split of --data. It is trained the first time it is
-# asked for (about a second on the sample), then read from --cache-dir, where its folder's name holds the text's
-# fingerprint; a checkpoint records its folder and fingerprint like any tokenizer's.
-BPE_VOCAB = Range(259, 65536, integer=True)  # 256 bytes and <unk>, <s>, </s>; the token cache stores uint16 ids
-
-
-def bpe_vocab(spec: str) -> int | None:
-    """N of a "bpe:N" tokenizer, None for a folder; ValueError when N is not a vocabulary size."""
-    if not spec.startswith("bpe:"):
-        return None
-    try:
-        vocab = int(spec[4:])
-    except ValueError:
-        raise ValueError(f"{spec!r} should be bpe:N with N the number of tokens, e.g. bpe:4096") from None
-    if why := BPE_VOCAB.refuse(vocab):
-        raise ValueError(f"the BPE's vocabulary {why}")
-    return vocab
+# The seam for tokenizers that a run makes from its own text (section 21 adds "bpe", for --tokenizer bpe:N): the
+# part of --tokenizer before its colon names the maker, which returns the folder it made (or cached) the tokenizer in.
+TOKENIZER_MAKERS: dict[str, Callable[[str, TextSource, Path, Callable], Path]] = {}
 
 
 def tokenizer_folder(spec: str, data: str | TextSource, cache_dir: str | Path = DEFAULT_CACHE, log=print) -> Path:
-    """The folder of the tokenizer a run's --tokenizer names: a folder is itself; bpe:N is the BPE of N tokens
-    trained on data's training split, trained here if the cache does not hold it yet."""
-    if (vocab := bpe_vocab(spec)) is None:
+    """The folder of the tokenizer a run's --tokenizer names: a folder is itself; a spec with a maker's name before
+    its colon (bpe:N) is made by that maker from data's text, or read from cache_dir where the maker keeps it."""
+    maker = TOKENIZER_MAKERS.get(spec.split(":", 1)[0]) if ":" in spec else None
+    if maker is None:
         return Path(spec)
-    source = open_text_source(data, log)
-    folder = Path(cache_dir) / f"bpe{vocab}-{source.fingerprint[:16]}"
-    if not (folder / "tokenizer.json").exists():
-        log(f"training a byte-level BPE of {vocab:,} tokens on the training split of {source.name} into {folder} "
-            "(once)")
-        train_bpe(source.read("train"), vocab, folder)
-    return folder
-
-
-def train_bpe(lines: list[str], vocab_size: int, folder: Path) -> None:
-    """Train a byte-level BPE on the documents of lines and save it in folder as a transformers tokenizer that
-    encodes as Mistral's does: <s> before the text, <unk>, <s> and </s> at ids 0, 1 and 2."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    bpe.train_from_iterator(documents(lines), trainer)  # the same text gives the same merges
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                        clean_up_tokenization_spaces=False)
-    tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
-    tokenizer.save_pretrained(tmp)
-    try:
-        os.replace(tmp, folder)  # whole or not at all; a folder another process finished first is as good
-    except OSError:
-        shutil.rmtree(tmp)
+    return maker(spec, open_text_source(data, log), Path(cache_dir), log)
 
 
 def check_vocab(tokenizer, config: H64LMConfig) -> None:
@@ -2132,6 +2047,20 @@ def local_rows(p: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
     return distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None).to_local()
 
 
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """A tensor as one process sees all of it: a sharded one (a DTensor) gathered from every process."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This process's part of a tensor: its shard of a sharded one (a DTensor), else all of it."""
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
 def newton_schulz(G: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float) -> torch.Tensor:
     """torch.optim.Muon's orthogonalisation of a matrix (Jordan et al. 2024: the quintic Newton-Schulz iteration
     X <- aX + (bXX^T + c(XX^T)^2)X in bfloat16, from G scaled to norm 1, wide side last), over a batch of matrices
@@ -2240,159 +2169,25 @@ def validate(run: Run) -> float:
     return val_loss
 
 
-# --- The whole run ------------------------------------------------------------
-# train claims the run folder and starts or resumes the run (section 16);
-# train_loop steps it to max_steps, logging, validating and saving as the
-# settings say, and stops early, saved, on a signal or at --stop-at.
+def diverged(what: str, step: int, run: Run) -> H64LMError:
+    """The error that stops a run whose loss, gradient or weights stopped being finite."""
+    then = (f"continue from it with a lower --lr (or start again with a longer --warmup-steps), e.g. "
+            f"{resume_command(run.run_dir, run.rt)} --lr {run.tc.lr / 10:.2g}" if run.saved
+            else "start again with a lower --lr or a longer --warmup-steps")
+    return H64LMError(f"{what} became NaN or infinite at step {step}, so nothing from that step on was saved; "
+                      f"{last_good(run.saved)}; {then}.")
 
 
-@dataclass
-class Run:
-    """What a training run holds from one step to the next (start_run makes it; train_step and save_run use it)."""
-    config: H64LMConfig
-    tc: TrainConfig
-    rt: Runtime
-    run_dir: Path
-    model: H64LM  # the plain model, whose weights are saved
-    step_model: nn.Module  # what a step calls: the model, compiled and/or wrapped in DDP as asked
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
-    windows: PackedWindows  # the training split's windows
-    valid_tokens: np.ndarray
-    seq_len: int
-    provenance: dict  # the tokenizer and text it trains on (see check_trained_with)
-    history: dict
-    step: int = 0  # optimizer steps done
-    best_val: float = float("inf")
-    saved: tuple[Path, int] | None = None  # (path, step) of the last checkpoint written or resumed from
-    seconds: float = 0.0  # wall-clock of the training loop (steps, validations, saves), resumed runs included
-    plotted: float = -math.inf  # time.monotonic() when save_run last drew the plots
-
-    @property
-    def global_batch(self) -> int:  # sequences per optimizer step, over every process
-        return self.tc.batch_size * self.tc.grad_accum * self.rt.world_size
-
-    @property
-    def tokens_per_step(self) -> int:
-        return self.global_batch * self.seq_len
+def last_good(checkpoint: tuple[Path, int] | None) -> str:
+    """What stays on disk if the run stops now: (path, step) of its last checkpoint, or None."""
+    if checkpoint is None:
+        return "no checkpoint of this run was saved before"
+    return f"the last checkpoint, {checkpoint[0]} (step {checkpoint[1]}, every number in it finite), is kept"
 
 
-def train(config: H64LMConfig, tc: TrainConfig, preset: str = "custom", resume: str | Path | None = None,
-          allow_mismatch: bool = False, trained: Trained | None = None,
-          on_step: Callable[[dict], None] | None = None) -> dict:
-    """Pretrain a model, or continue the run saved at `resume` (trained: that checkpoint, if the caller has opened
-    it already; train empties it once the run holds its state); return the run's history. Writes <out_dir>/<run>/
-    (rank 0 only), the folder at the first save. allow_mismatch: resume although the tokenizer or the text differ
-    from the checkpoint's. on_step(history) is called after every step, e.g. to draw the loss as it falls."""
-    rt = setup_runtime(tc.device, tc.precision)
-    log = print if rt.master else (lambda *a, **k: None)
-    run_dir = Path(tc.out_dir) / (tc.run_name or preset)
-    with contextlib.ExitStack() as cleanup:  # the run folder's lock, released however train() ends
-        held = on_rank0(rt, lambda: claim_run_dir(run_dir, resume, tc.overwrite, cleanup))
-        if resume is not None and trained is None:
-            trained = open_trained(resume, rt.device, latest=True, build=False)
-        run = start_run(config, tc, rt, run_dir, trained, allow_mismatch, log)
-        if trained is not None:  # consumed: its tensors are copied into the run; at h64lm size they are 3 GB
-            trained.ckpt.clear()
-        if rt.master and resume is None:
-            for name in held:  # --overwrite: the old run's files go, so none is mistaken for this run's
-                (run_dir / name).unlink()
-        train_loop(run, log, on_step)
-    if rt.world_size > 1:
-        torch.distributed.barrier()  # no process tears down gloo while another still uses it
-        torch.distributed.destroy_process_group()
-    return run.history
-
-
-def train_loop(run: Run, log, on_step: Callable[[dict], None] | None = None) -> None:
-    """Steps until max_steps or a stop, each one logged, and validated and saved as often as the TrainConfig
-    says; a SIGINT or SIGTERM, agreed on by all processes, saves and stops at the end of the step in flight."""
-    from tqdm.auto import tqdm
-
-    tc, rt = run.tc, run.rt
-    flops_per_token = run.model.flops_per_token(run.seq_len)
-    peak = peak_flops(rt.device) * rt.world_size  # every process's device, alike under torchrun
-    run.history["peak_flops"] = peak
-    warn_if_slow(flops_per_token * run.tokens_per_step / peak, tc.max_steps - run.step, rt.device, log)
-    quiet = {} if rt.master else {"disable": True}  # on rank 0 the bar obeys tqdm's own TQDM_DISABLE
-    bar = tqdm(range(run.step, tc.max_steps), desc="training", unit="step", dynamic_ncols=True, initial=run.step,
-               total=tc.max_steps, **quiet)
-    run.step_model.train()
-    t_last, window_load = time.perf_counter(), None  # window_load: (L, E) summed since the last validation
-    with stop_request(speak=rt.master) as stop:
-        stop.kept = last_good(run.saved)
-        for step in bar:
-            started = time.perf_counter()
-            stats = train_step(run, step)
-            now = time.perf_counter()
-            run.seconds, t_last = run.seconds + now - t_last, now  # validations and saves included
-            tokens_per_s = run.tokens_per_step / (now - started)  # the step alone: every process's tokens
-            mfu = tokens_per_s * flops_per_token / peak
-            load = stats.pop("load")  # (L, E)
-            balance = ({} if not len(load) else {"aux": f"{stats['aux_loss']:.3f}"} if stats["aux_loss"]
-                       else {"maxvio": f"{max_violation(load).mean():.2f}"})  # without a loss: how even the load is
-            bar.set_postfix(loss=f"{stats['lm_loss']:.3f}", **balance, lr=f"{stats['lr']:.2e}",
-                            tok_s=f"{tokens_per_s:,.0f}", mfu=f"{mfu:.1%}")
-            window_load = load if window_load is None else window_load + load
-            if step % tc.log_every == 0 or step == tc.max_steps - 1:
-                run.history["train"].append(history_record(run, stats, load, tokens_per_s=tokens_per_s, mfu=mfu))
-            stopping = signal_agreed(stop, rt) or run.step == tc.stop_at
-            val_loss = None
-            if run.step % tc.eval_every == 0 or run.step == tc.max_steps:
-                val_loss, window_load = validate_and_flag(run, window_load), None
-            if val_loss is not None or stopping or run.step % tc.save_every == 0:
-                save_run(run, val_loss, last=stopping or run.step == tc.max_steps)
-                stop.kept = last_good(run.saved)
-            if on_step is not None:
-                on_step(run.history)
-            if stopping:
-                bar.close()
-                report_stop(run, stop.signum, log)
-                break
-    bar.close()
-
-
-def signal_agreed(stop: StopRequest, rt: Runtime) -> bool:
-    """Whether any process was sent a SIGINT or SIGTERM: all of them then stop after the same step."""
-    signalled = torch.tensor(float(stop.signum is not None), device=rt.device)
-    if rt.world_size > 1:
-        torch.distributed.all_reduce(signalled)
-    return bool(signalled)
-
-
-def validate_and_flag(run: Run, window_load: torch.Tensor | None) -> float:
-    """validate, and flag the experts nearly dead or overloaded since the last validation (window_load (L, E): the
-    load summed over those steps) in the validation's history entry; rank 0 writes both under the progress bar."""
-    from tqdm.auto import tqdm
-
-    val_loss = validate(run)
-    flags = unbalanced_experts(window_load, run.config.moe_layer_ids)
-    run.history["val"][-1]["routing_flags"] = flags
-    if run.rt.master:
-        tqdm.write(f"step {run.step}: validation loss {val_loss:.4f}, perplexity {math.exp(min(val_loss, 50)):.2f}")
-        for flag in flags:
-            tqdm.write(f"  warning: {flag}")
-    return val_loss
-
-
-def report_stop(run: Run, signum: int | None, log) -> None:
-    """Say why the run stopped before max_steps (a signal, or --stop-at) and how to continue it; the history keeps
-    the why."""
-    why = f"after {signal.Signals(signum).name}" if signum is not None else f"at --stop-at {run.tc.stop_at}"
-    log(f"stopped {why}, step {run.step} of {run.tc.max_steps}, saved in {run.run_dir / 'latest.pt'}; "
-        f"continue with: {resume_command(run.run_dir, run.rt)}")
-    run.history["stopped"] = why
-
-
-def history_record(run: Run, stats: dict, load: torch.Tensor, **speed) -> dict:
-    """One entry of training_history.json: what train_step measured, the tokens and time so far, and per MoE layer
-    the step's load (each expert's share of the tokens), its MaxVio and the router's entropy (nats, on the step's
-    last micro-batch). load (L, E)."""
-    layers = [str(i) for i in run.config.moe_layer_ids]
-    return {**stats, "tokens": run.step * run.tokens_per_step, "seconds": run.seconds, **speed,
-            "expert_load": dict(zip(layers, (load / load.sum(-1, keepdim=True).clamp_min(1)).tolist())),
-            "max_vio": dict(zip(layers, max_violation(load).tolist())),
-            "router_entropy": {str(i): s.router_entropy.item() for i, s in run.model.routing_stats().items()}}
+def resume_command(run_dir: Path, rt: Runtime) -> str:
+    launcher = f"torchrun --nproc_per_node={rt.world_size} h64lm.py" if rt.world_size > 1 else "python h64lm.py"
+    return f"{launcher} train --resume {run_dir}"
 
 
 # --- Settings -----------------------------------------------------------------
@@ -2473,8 +2268,6 @@ TRAIN_RECIPES: dict[str, dict] = {
     "small": dict(batch_size=16, grad_accum=2, max_steps=3000, lr=1e-3, min_lr=1e-4, warmup_steps=100),
     "h64lm": dict(),
 }
-# The lab: tiny's recipe with its own BPE (section 14).
-TRAIN_RECIPES["lab"] = dict(TRAIN_RECIPES["tiny"], tokenizer="bpe:4096")
 
 
 # -----------------------------------------------------------------------------
@@ -2486,22 +2279,18 @@ TRAIN_RECIPES["lab"] = dict(TRAIN_RECIPES["tiny"], tokenizer="bpe:4096")
 # asked, float32 on CPU. Several processes are started by torchrun, which
 # sets RANK, WORLD_SIZE and LOCAL_RANK; each process takes its share of every
 # batch, DistributedDataParallel averages the gradients, and rank 0 alone
-# prints and saves. With --shard each process holds only its share of the
-# model and its state (FSDP2, shard_model), and writes its share of every
-# checkpoint (save_shards). A run survives being stopped: its checkpoint holds
-# all it needs to go on exactly, and the guards at the end of the section keep
-# its promises when things go wrong.
+# prints and saves. A run survives being stopped: its checkpoint holds all it
+# needs to go on exactly, written so that a crash at any moment leaves a whole
+# one, and nothing non-finite is ever saved.
+#
+# The workshop (Part II) acts inside a run only through the seams that this
+# section defines, each harmless by default: train's should_stop, on_start and
+# on_save (signals, the run folder's lock, plots, MFU: section 19), SHARDING
+# (--shard's FSDP2 and its sharded checkpoints: section 20) and SAVE_CHECKS
+# (the free-disk check before a save).
 
 
 # --- Where a run runs ---------------------------------------------------------
-
-
-# Dense bf16 peak of common GPUs, in FLOP/s, for model FLOP utilisation (vendor data sheets, without sparsity).
-# The first name found in the device's name wins, so the PCIe and NVL cards, which run at lower clocks and power
-# than the SXM ones of the same name, come first.
-GPU_PEAK_FLOPS = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H200 NVL", 835e12), ("H100", 989e12),
-                  ("H200", 989e12), ("A100", 312e12), ("L40S", 362e12), ("A10G", 125e12), ("L4", 121e12),
-                  ("RTX 4090", 165e12), ("RTX 3090", 71e12), ("V100", 125e12))
 
 
 @dataclass
@@ -2520,26 +2309,6 @@ class Runtime:
         if self.dtype == torch.float32:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.dtype)
-
-
-def keep_freed_memory() -> bool:
-    """Ask glibc's malloc to keep the memory of freed tensors for reuse instead of handing it back to the OS.
-
-    By default glibc serves a big block (over a threshold that starts at 128 KiB and adapts up to 32 MiB) with a
-    fresh mmap and unmaps it when freed, and gives the top of its heap back to the OS once more than twice that is
-    free. So each training step's big activations arrive as untouched pages and fault in one 4 KiB page at a time,
-    which costs kernel time in every step (README, Speed). With no mmap threshold and no trimming the heap keeps its
-    peak size, as PyTorch's CUDA caching allocator does on a GPU. (jemalloc or tcmalloc through LD_PRELOAD, which
-    PyTorch's CPU tuning guide recommends, do the same; this needs nothing installed.) It is process-wide, so the
-    program's entry point calls it, not the library. Returns whether the setting took, False off glibc."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # from glibc's malloc.h
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30) and libc.mallopt(M_TRIM_THRESHOLD, (1 << 31) - 1))
 
 
 def setup_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
@@ -2563,91 +2332,204 @@ def setup_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
     return Runtime(device=dev, rank=rank, world_size=world_size, dtype=dtypes[precision])
 
 
-def peak_flops(device: torch.device) -> float:
-    """The FLOP/s of one device that utilisation is measured against: a GPU's dense bf16 peak from its data sheet
-    (NaN for a GPU not in GPU_PEAK_FLOPS), or on CPU the float32 matmul rate this process actually reaches (one
-    2048 x 2048 torch.mm, best of 5). peak_flops_source says which."""
-    if device.type == "cuda":
-        return next((flops for key, flops in GPU_PEAK_FLOPS if key in torch.cuda.get_device_name(device)), math.nan)
-    return cpu_matmul_rate(torch.get_num_threads())
+# --- The whole run ------------------------------------------------------------
+# train starts or resumes the run (start_run, below); train_loop steps it to
+# max_steps, logging, validating and saving as the settings say, and stops
+# early, saved, at --stop-at or when should_stop asks.
 
 
-@functools.cache  # measured once per process and thread count: it takes about a second
-def cpu_matmul_rate(threads: int) -> float:
-    generator = torch.Generator().manual_seed(0)  # its own, so measuring draws nothing from the run's generators
-    a, b = torch.randn(2048, 2048, generator=generator), torch.randn(2048, 2048, generator=generator)
-    a @ b  # warm-up
-    best = min(_timed(lambda: a @ b) for _ in range(5))
-    return 2 * 2048 ** 3 / best
+@dataclass
+class Run:
+    """What a training run holds from one step to the next (start_run makes it; train_step and save_run use it)."""
+    config: H64LMConfig
+    tc: TrainConfig
+    rt: Runtime
+    run_dir: Path
+    model: H64LM  # the plain model, whose weights are saved
+    step_model: nn.Module  # what a step calls: the model, compiled and/or wrapped in DDP as asked
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    windows: PackedWindows  # the training split's windows
+    valid_tokens: np.ndarray
+    seq_len: int
+    provenance: dict  # the tokenizer and text it trains on (see check_trained_with)
+    history: dict
+    step: int = 0  # optimizer steps done
+    best_val: float = float("inf")
+    saved: tuple[Path, int] | None = None  # (path, step) of the last checkpoint written or resumed from
+    seconds: float = 0.0  # wall-clock of the training loop (steps, validations, saves), resumed runs included
+    peak_flops: float | None = None  # FLOP/s of all the devices together, for MFU (section 19 measures it)
+
+    @property
+    def global_batch(self) -> int:  # sequences per optimizer step, over every process
+        return self.tc.batch_size * self.tc.grad_accum * self.rt.world_size
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch * self.seq_len
 
 
-def peak_flops_source(device: torch.device) -> str:
-    """Where peak_flops(device) comes from, in words."""
-    if device.type != "cuda":
-        return "measured: float32 2048 x 2048 matmul on this CPU, best of 5"
-    name = torch.cuda.get_device_name(device)
-    key = next((key for key, _ in GPU_PEAK_FLOPS if key in name), None)
-    return f"data sheet, {key} dense bf16" if key else f"unknown: {name} is not in GPU_PEAK_FLOPS (MFU is NaN)"
+def train(config: H64LMConfig, tc: TrainConfig, preset: str = "custom", resume: str | Path | None = None,
+          allow_mismatch: bool = False, trained: Trained | None = None,
+          on_step: Callable[[dict], None] | None = None, should_stop: Callable[[], str | None] = lambda: None,
+          on_start: Callable[[Run], None] | None = None,
+          on_save: Callable[[Run, bool], None] | None = None) -> dict:
+    """Pretrain a model, or continue the run saved at `resume` (trained: that checkpoint, if the caller has opened
+    it already; train empties it once the run holds its state); return the run's history. Writes <out_dir>/<run>/
+    (rank 0 only), the folder at the first save. allow_mismatch: resume although the tokenizer or the text differ
+    from the checkpoint's. on_step(history) is called after every step, e.g. to draw the loss as it falls.
+
+    The seams: should_stop() is asked after every step and returns why the run should stop there, saved, or None;
+    on_start(run) is called once the run is built or resumed, before its first step; on_save(run, last) after every
+    save (last: the run's final one). `h64lm.py train` fills them with its guards (train_guarded, section 19)."""
+    rt = setup_runtime(tc.device, tc.precision)
+    log = print if rt.master else (lambda *a, **k: None)
+    if resume is not None and trained is None:
+        trained = open_trained(resume, rt.device, latest=True, build=False)
+    run = start_run(config, tc, rt, Path(tc.out_dir) / (tc.run_name or preset), trained, allow_mismatch, log)
+    if trained is not None:  # consumed: its tensors are copied into the run; at h64lm size they are 3 GB
+        trained.ckpt.clear()
+    if on_start is not None:
+        on_start(run)
+    train_loop(run, log, on_step, should_stop, on_save)
+    if rt.world_size > 1:
+        torch.distributed.barrier()  # no process tears down gloo while another still uses it
+        torch.distributed.destroy_process_group()
+    return run.history
 
 
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+def train_loop(run: Run, log, on_step: Callable[[dict], None] | None = None,
+               should_stop: Callable[[], str | None] = lambda: None,
+               on_save: Callable[[Run, bool], None] | None = None) -> None:
+    """Steps until max_steps or a stop (--stop-at, or should_stop on any process), each one logged, and validated
+    and saved as often as the TrainConfig says; a stop saves at the end of the step in flight."""
+    from tqdm.auto import tqdm
+
+    tc, rt = run.tc, run.rt
+    flops_per_token = run.model.flops_per_token(run.seq_len)
+    if run.peak_flops:
+        run.history["peak_flops"] = run.peak_flops
+    quiet = {} if rt.master else {"disable": True}  # on rank 0 the bar obeys tqdm's own TQDM_DISABLE
+    bar = tqdm(range(run.step, tc.max_steps), desc="training", unit="step", dynamic_ncols=True, initial=run.step,
+               total=tc.max_steps, **quiet)
+    run.step_model.train()
+    t_last, window_load = time.perf_counter(), None  # window_load: (L, E) summed since the last validation
+    for step in bar:
+        started = time.perf_counter()
+        stats = train_step(run, step)
+        now = time.perf_counter()
+        run.seconds, t_last = run.seconds + now - t_last, now  # validations and saves included
+        speed = {"tokens_per_s": run.tokens_per_step / (now - started)}  # the step alone: every process's tokens
+        if run.peak_flops:  # model FLOP utilisation: the share of the devices' peak that the model's FLOPs use
+            speed["mfu"] = speed["tokens_per_s"] * flops_per_token / run.peak_flops
+        load = stats.pop("load")  # (L, E)
+        balance = ({} if not len(load) else {"aux": f"{stats['aux_loss']:.3f}"} if stats["aux_loss"]
+                   else {"maxvio": f"{max_violation(load).mean():.2f}"})  # without a loss: how even the load is
+        bar.set_postfix(loss=f"{stats['lm_loss']:.3f}", **balance, lr=f"{stats['lr']:.2e}",
+                        tok_s=f"{speed['tokens_per_s']:,.0f}", **{k: f"{v:.1%}" for k, v in speed.items() if k == "mfu"})
+        window_load = load if window_load is None else window_load + load
+        if step % tc.log_every == 0 or step == tc.max_steps - 1:
+            run.history["train"].append(history_record(run, stats, load, **speed))
+        stopping = stop_reason(run, should_stop())
+        val_loss = None
+        if run.step % tc.eval_every == 0 or run.step == tc.max_steps:
+            val_loss, window_load = validate_and_flag(run, window_load), None
+        if val_loss is not None or stopping or run.step % tc.save_every == 0:
+            last = bool(stopping) or run.step == tc.max_steps
+            save_run(run, val_loss, last)
+            if on_save is not None:
+                on_save(run, last)
+        if on_step is not None:
+            on_step(run.history)
+        if stopping:
+            bar.close()
+            report_stop(run, stopping, log)
+            break
+    bar.close()
 
 
-def compile_blocks(model: H64LM) -> H64LM:
-    """Regional compilation: torch.compile each block in place, not the whole model. The blocks of one kind share
-    one compiled program, so compiling takes seconds, and what it can buy is the fusion of the elementwise work
-    around the matrix multiplies (RMSNorm, RoPE, SiLU and the gating product, the router's softmax and top-k),
-    which runs as a few hundred separate operators otherwise. On 2 CPU cores it buys nothing: `python -m
-    tests.speed --targets` measures 0.99-1.01x a step at the small shape (README, Speed). The weights keep their
-    names: checkpoints are the same."""
-    for block in model.blocks:
-        block.compile()
-    return model
+def stop_reason(run: Run, asked: str | None) -> str | None:
+    """Why the run stops after this step, or None: what should_stop said on any process (all of them then stop
+    after the same step), or --stop-at."""
+    if run.rt.world_size > 1:
+        anyone = torch.tensor(float(asked is not None), device=run.rt.device)
+        torch.distributed.all_reduce(anyone)
+        asked = asked or ("at another process's request" if anyone else None)
+    return asked or (f"at --stop-at {run.tc.stop_at}" if run.step == run.tc.stop_at else None)
 
 
-def shard_model(model: H64LM, rt: Runtime) -> H64LM:
-    """FSDP2 (torch.distributed.fsdp.fully_shard, Zhao et al. 2023, as torchtitan uses it): every weight is split
-    on its first dimension over the processes, each holding 1/N of it, and of its gradient and optimizer state.
-    Before a block runs its weights are all-gathered, and freed after it; in backward each gradient is
-    reduce-scattered to the shards, averaged as DDP averages. So a process holds one block's whole weights at a
-    time, not the model's. Each block is a unit of its own, and the root takes the rest (embeddings, final norm,
-    LM head). The stacked expert tensors (E, in, out) split on their first dimension, the experts: a process holds
-    whole experts (which ExpertMuon needs). On CUDA the gathered weights are bf16 for compute and gradients are
-    reduced in float32 (MixedPrecisionPolicy); the shards, and the optimizer, stay float32. The model is changed in
-    place (its parameters become DTensors) and returned. Buffers (RoPE tables, aux_free's balance bias) are not
-    sharded: every process keeps them whole, and moves the bias alike (train_step)."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+def validate_and_flag(run: Run, window_load: torch.Tensor | None) -> float:
+    """validate, and flag the experts nearly dead or overloaded since the last validation (window_load (L, E): the
+    load summed over those steps) in the validation's history entry; rank 0 writes both under the progress bar."""
+    from tqdm.auto import tqdm
 
-    mesh = init_device_mesh(rt.device.type, (rt.world_size,))
-    policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-              if rt.device.type == "cuda" and rt.dtype == torch.bfloat16 else MixedPrecisionPolicy())
-    for block in model.blocks:
-        fully_shard(block, mesh=mesh, mp_policy=policy)
-    return fully_shard(model, mesh=mesh, mp_policy=policy)
+    val_loss = validate(run)
+    flags = unbalanced_experts(window_load, run.config.moe_layer_ids)
+    run.history["val"][-1]["routing_flags"] = flags
+    if run.rt.master:
+        tqdm.write(f"step {run.step}: validation loss {val_loss:.4f}, perplexity {math.exp(min(val_loss, 50)):.2f}")
+        for flag in flags:
+            tqdm.write(f"  warning: {flag}")
+    return val_loss
 
 
-def whole(t: torch.Tensor) -> torch.Tensor:
-    """A tensor as one process sees all of it: a sharded one (a DTensor) gathered from every process."""
-    from torch.distributed.tensor import DTensor
+def report_stop(run: Run, why: str, log) -> None:
+    """Say why the run stopped before max_steps and how to continue it; the history keeps the why."""
+    log(f"stopped {why}, step {run.step} of {run.tc.max_steps}, saved in {run.run_dir / 'latest.pt'}; "
+        f"continue with: {resume_command(run.run_dir, run.rt)}")
+    run.history["stopped"] = why
 
-    return t.full_tensor() if isinstance(t, DTensor) else t
 
-
-def local(t: torch.Tensor) -> torch.Tensor:
-    """This process's part of a tensor: its shard of a sharded one (a DTensor), else all of it."""
-    from torch.distributed.tensor import DTensor
-
-    return t.to_local() if isinstance(t, DTensor) else t
+def history_record(run: Run, stats: dict, load: torch.Tensor, **speed) -> dict:
+    """One entry of training_history.json: what train_step measured, the tokens and time so far, and per MoE layer
+    the step's load (each expert's share of the tokens), its MaxVio and the router's entropy (nats, on the step's
+    last micro-batch). load (L, E)."""
+    layers = [str(i) for i in run.config.moe_layer_ids]
+    return {**stats, "tokens": run.step * run.tokens_per_step, "seconds": run.seconds, **speed,
+            "expert_load": dict(zip(layers, (load / load.sum(-1, keepdim=True).clamp_min(1)).tolist())),
+            "max_vio": dict(zip(layers, max_violation(load).tolist())),
+            "router_entropy": {str(i): s.router_entropy.item() for i, s in run.model.routing_stats().items()}}
 
 
 # --- Starting and resuming ----------------------------------------------------
 # start_run turns settings into a Run (data, model, optimizer), and when
 # resuming puts a checkpoint's state back into it (restore_run); save_run
 # writes it out.
+
+
+def start_run(config: H64LMConfig, tc: TrainConfig, rt: Runtime, run_dir: Path, trained: Trained | None = None,
+              allow_mismatch: bool = False, log=print) -> Run:
+    """Everything a run needs before its first step: data, model, optimizer, and, when resuming, the state of the
+    checkpoint trained (opened once, by the caller, without building its model). Seeds so that a run is a function
+    of its settings."""
+    seq_len = seq_len_of(config, tc.seq_len)
+    check_seq_len(seq_len, config, remedy="lower it or raise --max-position-embeddings")
+    if trained is not None and trained.config.to_dict() != config.to_dict():
+        changed = [k for k, v in config.to_dict().items() if trained.ckpt["config"].get(k) != v]
+        raise H64LMError(f"The run in {trained.path} is a different model ({', '.join(changed)} differ); resume it "
+                         "with its own settings, or start a new --run-name.")
+    if tc.shard and SHARDING is None:
+        raise H64LMError("--shard needs the whole h64lm.py (its sharding is in Part II, section 20); train without "
+                         "--shard here.")
+    if tc.shard:
+        SHARDING.refuse(tc, rt, trained)
+    random.seed(tc.seed)
+    np.random.seed(tc.seed)
+    torch.manual_seed(tc.seed + rt.rank)  # each rank its own stream: router jitter differs per rank
+    tokenizer, source, splits = load_run_data(config, tc, rt, seq_len, log)
+    if trained is not None and not allow_mismatch:
+        check_trained_with(trained.ckpt, trained.path, tokenizer, source)
+
+    run = new_run(config, tc, rt, run_dir, splits["train"].tokens, splits["valid"].tokens, seq_len,
+                  provenance(tokenizer, source), log)
+    if trained is not None:
+        restore_run(run, trained.ckpt, trained.path, log)  # last: nothing above draws from the restored generators
+    else:
+        log(run.model.parameter_table(seq_len))
+    if run.step >= tc.max_steps:
+        raise H64LMError(f"The run in {run_dir} already finished its {tc.max_steps} steps; raise --max-steps to "
+                         "train it further.")
+    return run
 
 
 def load_run_data(config: H64LMConfig, tc: TrainConfig, rt: Runtime, seq_len: int, log):
@@ -2694,44 +2576,6 @@ def rank0_first(rt: Runtime, fn: Callable[[], object]):
     return result
 
 
-def start_run(config: H64LMConfig, tc: TrainConfig, rt: Runtime, run_dir: Path, trained: Trained | None = None,
-              allow_mismatch: bool = False, log=print) -> Run:
-    """Everything a run needs before its first step: data, model, optimizer, and, when resuming, the state of the
-    checkpoint trained (opened once, by the caller, without building its model). Seeds so that a run is a function
-    of its settings."""
-    seq_len = seq_len_of(config, tc.seq_len)
-    check_seq_len(seq_len, config, remedy="lower it or raise --max-position-embeddings")
-    if trained is not None and trained.config.to_dict() != config.to_dict():
-        changed = [k for k, v in config.to_dict().items() if trained.ckpt["config"].get(k) != v]
-        raise H64LMError(f"The run in {trained.path} is a different model ({', '.join(changed)} differ); resume it "
-                         "with its own settings, or start a new --run-name.")
-    if tc.shard and rt.world_size == 1 and trained is not None:
-        raise H64LMError(f"The run in {trained.path.parent} is sharded (--shard) and this is one process; resume "
-                         f"it with torchrun --nproc_per_node={trained.ckpt.get('world_size', 'N')} h64lm.py train "
-                         "--resume ..., or make it one file with python h64lm.py unshard and resume that.")
-    if tc.shard and rt.world_size == 1:
-        raise H64LMError("--shard splits the model over the processes torchrun starts, and this is one process; "
-                         "start it with torchrun --nproc_per_node=N (N of 2 or more), or train without --shard.")
-    check_fits(config, rt.device, rt.world_size if tc.shard else 1)
-    random.seed(tc.seed)
-    np.random.seed(tc.seed)
-    torch.manual_seed(tc.seed + rt.rank)  # each rank its own stream: router jitter differs per rank
-    tokenizer, source, splits = load_run_data(config, tc, rt, seq_len, log)
-    if trained is not None and not allow_mismatch:
-        check_trained_with(trained.ckpt, trained.path, tokenizer, source)
-
-    run = new_run(config, tc, rt, run_dir, splits["train"].tokens, splits["valid"].tokens, seq_len,
-                  provenance(tokenizer, source), log)
-    if trained is not None:
-        restore_run(run, trained.ckpt, trained.path, log)  # last: nothing above draws from the restored generators
-    else:
-        log(run.model.parameter_table(seq_len))
-    if run.step >= tc.max_steps:
-        raise H64LMError(f"The run in {run_dir} already finished its {tc.max_steps} steps; raise --max-steps to "
-                         "train it further.")
-    return run
-
-
 def new_run(config: H64LMConfig, tc: TrainConfig, rt: Runtime, run_dir: Path, train_tokens: np.ndarray,
             valid_tokens: np.ndarray, seq_len: int, provenance: dict, log=None) -> Run:
     """A run at step 0 on these tokens: the model with its initial weights, the same on every rank, then what a
@@ -2752,11 +2596,23 @@ def step_model_of(model: H64LM, tc: TrainConfig, rt: Runtime) -> nn.Module:
     DDP. Sharding replaces the weights by their shards in place: build the optimizer after it."""
     step_model = compile_blocks(model) if tc.compile else model
     if tc.shard:
-        return shard_model(step_model, rt)
+        return SHARDING.wrap(step_model, rt)
     if rt.world_size > 1:
         step_model = nn.parallel.DistributedDataParallel(step_model, device_ids=None if rt.device.type == "cpu"
                                                          else [rt.device.index])
     return step_model
+
+
+def compile_blocks(model: H64LM) -> H64LM:
+    """Regional compilation: torch.compile each block in place, not the whole model. The blocks of one kind share
+    one compiled program, so compiling takes seconds, and what it can buy is the fusion of the elementwise work
+    around the matrix multiplies (RMSNorm, RoPE, SiLU and the gating product, the router's softmax and top-k),
+    which runs as a few hundred separate operators otherwise. On 2 CPU cores it buys nothing: `python -m
+    tests.speed --targets` measures 0.99-1.01x a step at the small shape (README, Speed). The weights keep their
+    names: checkpoints are the same."""
+    for block in model.blocks:
+        block.compile()
+    return model
 
 
 def grad_scaler(rt: Runtime) -> torch.amp.GradScaler:
@@ -2766,7 +2622,7 @@ def grad_scaler(rt: Runtime) -> torch.amp.GradScaler:
 
 def restore_run(run: Run, ckpt: dict, resume: Path, log) -> None:
     """Put a checkpoint's state into a fresh run: the weights (checked against the config by open_trained; a
-    sharded run's shards: load_shards), the optimizer, the gradient scaler, step, best validation loss, history, and
+    sharded run's shards: SHARDING.load), the optimizer, the gradient scaler, step, best validation loss, history, and
     every process's random generators, so that the run goes on exactly as if it had not stopped."""
     try:
         was = TrainConfig(**ckpt["train_config"])
@@ -2779,7 +2635,7 @@ def restore_run(run: Run, ckpt: dict, resume: Path, log) -> None:
                              f"it {'with' if was.shard else 'without'} it (python h64lm.py unshard makes a sharded "
                              "checkpoint one file).")
         if run.tc.shard:
-            load_shards(run, shards_folder(resume, ckpt))
+            SHARDING.load(run, resume, ckpt)
         else:
             run.model.load_state_dict(ckpt["model"])
             run.optimizer.load_state_dict(ckpt["optimizer"])
@@ -2804,9 +2660,9 @@ def restore_run(run: Run, ckpt: dict, resume: Path, log) -> None:
 
 
 def save_run(run: Run, val_loss: float | None = None, last: bool = True) -> None:
-    """latest.pt (and best.pt when val_loss is the best so far), the history and, at the run's last save or when
-    PLOT_SECONDS have passed since they were drawn, the plots, for the steps done. Nothing non-finite reaches the
-    disk: a finite loss can be followed by a step that broke the weights."""
+    """latest.pt (and best.pt when val_loss is the best so far) and the history, for the steps done. Nothing
+    non-finite reaches the disk: a finite loss can be followed by a step that broke the weights. last: the run's
+    final save (train_loop tells on_save)."""
     broken = [nonfinite_state(run.model, run.optimizer)]  # sharded, each process checks its own part
     if run.tc.shard:
         broken *= run.rt.world_size
@@ -2823,38 +2679,57 @@ def save_run(run: Run, val_loss: float | None = None, last: bool = True) -> None
                "step": run.step, "tokens_seen": run.step * run.tokens_per_step, "best_val_loss": run.best_val,
                "val_loss": val_loss, "history": run.history, "rng": states, "world_size": run.rt.world_size,
                "seconds": run.seconds, **run.provenance,
-               **({"shards": save_shards(run)} if run.tc.shard else
+               **({"shards": SHARDING.save(run)} if run.tc.shard else
                   {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict()})}
     best = val_loss is not None and val_loss <= run.best_val
-    plots = last or time.monotonic() - run.plotted >= PLOT_SECONDS
-    on_rank0(run.rt, lambda: write_run_files(run.run_dir, payload, run.history, best, plots))
+    on_rank0(run.rt, lambda: write_run_files(run.run_dir, payload, run.history, best))
     run.saved = (run.run_dir / "latest.pt", run.step)
-    if plots:
-        run.plotted = time.monotonic()
 
 
-# Drawing the three plots takes seconds on a CPU (README, Training): a run that saves every step would spend most of
-# its time drawing, so between its first and last saves they are redrawn at most this often (seconds).
-PLOT_SECONDS = 30.0
-
-
-def write_run_files(run_dir: Path, payload: dict, history: dict, best: bool, plots: bool = True) -> None:
-    """latest.pt, best.pt when the validation loss is the best so far, the history and the plots (rank 0). A
-    sharded run's shards are written (save_shards) before the files that name them, and the shards no file names
-    any more are removed after."""
+def write_run_files(run_dir: Path, payload: dict, history: dict, best: bool) -> None:
+    """latest.pt, best.pt when the validation loss is the best so far, and the history (rank 0). A sharded run's
+    shards are written before the files that name them, and those that no file names any more go after."""
     run_dir.mkdir(parents=True, exist_ok=True)
     save_checkpoint(run_dir / "latest.pt", payload)
     if best:
         save_checkpoint(run_dir / "best.pt", payload)
-    if "shards" in payload:  # latest.pt names this save's folder; best.pt this one or an earlier one
-        named = {payload["shards"]} | ({read_checkpoint(run_dir / "best.pt").get("shards")}
-                                       if not best and (run_dir / "best.pt").exists() else set())
-        for folder in run_dir.glob("shards-*"):
-            if folder.name not in named:
-                shutil.rmtree(folder)
+    if "shards" in payload:
+        SHARDING.prune(run_dir, payload, best)
     write_atomically(run_dir / "training_history.json", lambda tmp: tmp.write_text(json.dumps(history, indent=1)))
-    if plots:
-        save_plots(history, run_dir)
+
+
+@dataclass
+class Sharding:
+    """The seam for --shard, which Part I alone refuses: section 20 fills SHARDING with FSDP2 and PyTorch's
+    distributed checkpoints. A sharded run splits its model over the processes, and its checkpoint file names a
+    folder of shards instead of holding the weights and optimizer state."""
+    refuse: Callable[[TrainConfig, Runtime, Trained | None], None]  # raises H64LMError where a run cannot shard
+    wrap: Callable[[H64LM, Runtime], nn.Module]  # shards the model in place; the optimizer is built after it
+    save: Callable[[Run], str]  # every process writes its shards; returns their folder's name, for the checkpoint
+    load: Callable[[Run, Path, dict], None]  # (run, path, ckpt): the checkpoint's shards into a fresh sharded run
+    read: Callable[[Path, dict, H64LMConfig, torch.device, bool], dict]  # whole weights in one process (open_trained)
+    prune: Callable[[Path, dict, bool], None]  # (run_dir, payload, best): removes the shards no file names any more
+
+
+SHARDING: Sharding | None = None
+
+
+def on_rank0(rt: Runtime, fn: Callable[[], object]):
+    """fn() on rank 0 alone (the process that owns the run folder). An H64LMError or OSError it raises is raised,
+    as an H64LMError, on every process, which would otherwise wait for rank 0 at their next collective call."""
+    result, message = None, None
+    if rt.master:
+        try:
+            result = fn()
+        except (H64LMError, OSError) as e:
+            message = one_sentence(e)
+    if rt.world_size > 1:
+        box = [message]
+        torch.distributed.broadcast_object_list(box, src=0)
+        message = box[0]
+    if message is not None:
+        raise H64LMError(message)
+    return result
 
 
 # --- Checkpoints --------------------------------------------------------------
@@ -2871,136 +2746,28 @@ def write_run_files(run_dir: Path, payload: dict, history: dict, best: bool, plo
 # torch.load(weights_only=True), which refuses any pickle that would run code.
 #
 # A sharded run (--shard) keeps its weights and optimizer state apart, in a
-# folder of shards beside that file, which names it (save_shards); the file is
-# still written last and atomically. `h64lm.py unshard` makes the two one file.
+# folder of shards beside that file, which names it (SHARDING.save); the file is
+# still written last and atomically.
 #
 # For sharing, `h64lm.py export` writes just the weights as safetensors plus the
 # config as JSON; open_trained reads that form too.
 CHECKPOINT_FORMAT = "h64lm-checkpoint"
 CHECKPOINT_VERSION = 1
+# The seam for checks before a checkpoint is written: each is called with its path and the bytes of its tensors,
+# and raises H64LMError to refuse (section 19 adds the free-disk check).
+SAVE_CHECKS: list[Callable[[Path, int], None]] = []
 
 
 def save_checkpoint(path: Path, payload: dict) -> None:
-    """Write payload atomically to path (write_atomically), after checking that the disk has room for it."""
-    check_room(path, sum(t.numel() * t.element_size() for t in _tensors(payload)))
+    """Write payload atomically to path (write_atomically), after SAVE_CHECKS."""
+    for check in SAVE_CHECKS:
+        check(path, sum(t.numel() * t.element_size() for t in _tensors(payload)))
     try:
         write_atomically(path, lambda tmp: torch.save(
             {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **payload}, tmp))
     except OSError as e:
         raise H64LMError(f"Saving the checkpoint {path} failed ({e.strerror or e}); free disk space or choose "
                          "another --out-dir.") from None
-
-
-def check_room(path: Path, tensor_bytes: int) -> None:
-    """Refuse to write a checkpoint of tensor_bytes beside path (a file, or a folder's shards) on a disk too full."""
-    free = shutil.disk_usage(path.parent).free
-    if free < tensor_bytes * 1.1 + (64 << 20):
-        raise H64LMError(f"Only {free / 2**30:.2f} GiB are free next to {path}, and the checkpoint needs about "
-                         f"{tensor_bytes / 2**30:.2f} GiB; free disk space or choose another --out-dir.")
-
-
-def save_shards(run: Run) -> str:
-    """A sharded run's weights and optimizer state, each process writing its own shards with PyTorch's distributed
-    checkpoint (torch.distributed.checkpoint, as torchtitan saves) into a new folder of the run, whose name it
-    returns: shards-<step>-<random tag>, never an older save's folder. The small checkpoint file that names the
-    folder is written after it, atomically (write_run_files): a save killed half-way leaves a folder that nothing
-    names, and the last checkpoint whole. The state is saved under the parameters' names, not their order, whole
-    tensors split into shards, so that it can be loaded on another number of processes (load_shards) or into one
-    (read_shards, unshard_checkpoint)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.api import CheckpointException
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    name = [f"shards-{run.step:06d}-{os.urandom(4).hex()}"]
-    torch.distributed.broadcast_object_list(name, src=0)
-    folder = run.run_dir / name[0]
-    model_state, optimizer_state = get_state_dict(run.model, optimizer_parts(run.optimizer))
-    mine = sum(local(t).numel() * t.element_size() for t in _tensors([model_state, optimizer_state]))
-    on_rank0(run.rt, lambda: (run.run_dir.mkdir(parents=True, exist_ok=True),
-                              check_room(folder, mine * run.rt.world_size)))
-    try:
-        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=folder)
-    except (OSError, CheckpointException) as e:  # DCP gathers a process's error and raises it on all of them
-        raise H64LMError(f"Saving the shards in {folder} failed ({one_sentence(e)}); free disk space or choose "
-                         "another --out-dir.") from None
-    return name[0]
-
-
-def load_shards(run: Run, folder: Path) -> None:
-    """Put the weights and optimizer state that save_shards wrote into a sharded run, on as many processes as
-    saved them or another number (PyTorch's distributed checkpoint splits the tensors anew)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-    parts = optimizer_parts(run.optimizer)
-    model_state, optimizer_state = get_state_dict(run.model, parts)
-    dcp.load({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=folder)
-    set_state_dict(run.model, parts, model_state_dict=model_state, optim_state_dict=optimizer_state)
-
-
-def optimizer_parts(optimizer) -> list[torch.optim.Optimizer]:
-    return optimizer.parts if isinstance(optimizer, Optimizers) else [optimizer]
-
-
-def shards_folder(path: Path, ckpt: dict) -> Path:
-    """The folder of shards that the sharded checkpoint ckpt, read from path, names, once it holds a whole
-    distributed checkpoint (its .metadata is written last)."""
-    folder = Path(path).parent / ckpt["shards"]
-    if not (folder / ".metadata").exists():
-        raise H64LMError(f"The shards in {folder}, which the checkpoint beside it names, are gone or incomplete; "
-                         "resume or open another checkpoint of the run.")
-    return folder
-
-
-def read_shards(path: Path, ckpt: dict, config: H64LMConfig, device, read: bool = True) -> dict:
-    """The whole weights of the sharded checkpoint at path, in one process, as a single-file checkpoint holds them
-    (checked_weights first checks their names and shapes, from the shards' metadata, before anything is
-    allocated); read=False: tensors on the meta device, the shapes alone."""
-    import torch.distributed.checkpoint as dcp
-
-    folder = shards_folder(path, ckpt)
-    metadata = dcp.FileSystemReader(folder).read_metadata().state_dict_metadata
-    shapes = {key.removeprefix("model."): torch.empty(m.size, dtype=m.properties.dtype, device="meta")
-              for key, m in metadata.items() if key.startswith("model.")}
-    state = checked_weights({"model": shapes}, config, path)
-    if not read:
-        return state
-    state = {name: torch.empty_like(t, device=device) for name, t in state.items()}
-    load_whole({"model": state}, folder)
-    return state
-
-
-def load_whole(state: dict, folder: Path) -> None:
-    """Fill state's tensors, whole, from the shards in folder, in this process alone (torch.distributed.checkpoint
-    without a process group, which it warns of: that is the intent here)."""
-    import torch.distributed.checkpoint as dcp
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, checkpoint_id=folder, no_dist=True)
-
-
-def unshard_checkpoint(path: str | Path, out: str | Path) -> Path:
-    """The sharded checkpoint at path as one file at out, the single-file checkpoint a run without --shard writes:
-    whole weights and optimizer state, read in one process. It resumes without --shard (its settings say so), and
-    eval, generate, analyze and export read it as any other."""
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
-
-    trained = open_trained(path)
-    if "shards" not in trained.ckpt:
-        raise H64LMError(f"{trained.path} is not a sharded checkpoint (it holds its weights itself); use it as it "
-                         "is.")
-    tc = TrainConfig(**{**with_defaults(trained.ckpt["train_config"]), "shard": False})
-    optimizer = make_optimizer(trained.model, tc, torch.device("cpu"))
-    parts = optimizer_parts(optimizer)
-    state = get_optimizer_state_dict(trained.model, parts)  # an empty state of the right shapes, to be filled
-    load_whole({"optimizer": state}, shards_folder(trained.path, trained.ckpt))
-    set_optimizer_state_dict(trained.model, parts, state)
-    payload = {**{k: v for k, v in trained.ckpt.items() if k != "shards"}, "train_config": asdict(tc),
-               "model": trained.model.state_dict(), "optimizer": optimizer.state_dict()}
-    out = Path(out)
-    save_checkpoint(out, payload)
-    return out
 
 
 def nonfinite_state(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> str | None:
@@ -3069,8 +2836,11 @@ def open_trained(path: str | Path, device: torch.device | str = "cpu", *, latest
     path = resolve_checkpoint(path, latest)
     ckpt = read_checkpoint(path, device)
     config = _config_of(ckpt, path)
-    ckpt["model"] = (read_shards(path, ckpt, config, device, read=build) if "shards" in ckpt else
-                     checked_weights(ckpt, config, path))  # resuming a sharded run loads its shards (load_shards)
+    if "shards" in ckpt and SHARDING is None:
+        raise H64LMError(f"{path} is a sharded checkpoint, which the whole h64lm.py reads (Part II, section 20); "
+                         "open it with that, or make it one file with its unshard command.")
+    ckpt["model"] = (SHARDING.read(path, ckpt, config, device, build) if "shards" in ckpt else
+                     checked_weights(ckpt, config, path))  # resuming a sharded run loads its shards (SHARDING.load)
     trained = Trained(path, config, ckpt)
     if build:
         trained.model = H64LM(config).to(device)
@@ -3205,24 +2975,6 @@ def check_trained_with(ckpt: dict, path, tokenizer=None, source: TextSource | No
                          "--allow-mismatch to go on with this one.")
 
 
-def export_checkpoint(path: str | Path, out: str | Path, dtype: torch.dtype = torch.float32) -> Path:
-    """Write the weights of a checkpoint as out/model.safetensors (in dtype; bfloat16 halves the size) and its
-    config as out/config.json. Loading converts the weights back to the model's float32."""
-    from safetensors.torch import save_file
-
-    trained = open_trained(path)
-    model, ckpt = trained.model, trained.ckpt
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    metadata = {"format": CHECKPOINT_FORMAT, "step": str(ckpt.get("step", "")),
-                "val_loss": str(ckpt.get("val_loss", "")), **{k: str(ckpt[k]) for k in PROVENANCE_KEYS if k in ckpt}}
-    weights = {k: v.to(dtype).contiguous() for k, v in model.state_dict().items()}
-    write_atomically(out / "model.safetensors", lambda tmp: save_file(weights, str(tmp), metadata=metadata))
-    write_atomically(out / "config.json", lambda tmp: tmp.write_text(json.dumps(model.config.to_dict(), indent=1)
-                                                                     + "\n"))
-    return out / "model.safetensors"
-
-
 def rng_state() -> dict:
     """Every random-number generator a run draws from, as tensors and plain values (weights_only-loadable)."""
     name, keys, pos, has_gauss, cached = np.random.get_state()
@@ -3240,246 +2992,6 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
-# --- Plots --------------------------------------------------------------------
-
-def save_figure(fig, path: Path) -> None:
-    """A matplotlib Figure to path, atomically; the format follows the file's extension."""
-    write_atomically(Path(path), lambda tmp: fig.savefig(tmp, format=Path(path).suffix[1:] or "png", dpi=110,
-                                                         bbox_inches="tight"))
-
-
-def save_plots(history: dict, folder: Path) -> None:
-    """loss.png (train and validation), lr.png and expert_load.png (share of tokens per expert over time, and its
-    maximal violation, per MoE layer)."""
-    # Figure objects, not pyplot: they draw straight to files and leave pyplot's backend and state alone
-    # (a notebook that calls train() keeps its inline plots). layout="tight" spaces the parts when the file is drawn.
-    from matplotlib.figure import Figure
-
-    train, val = history["train"], history["val"]
-    if not train:
-        return
-    steps = [r["step"] for r in train]
-    ax = Figure(figsize=(7, 4), layout="tight").subplots()
-    ax.plot(steps, [r["lm_loss"] for r in train], label="train")
-    if val:
-        ax.plot([r["step"] for r in val], [r["loss"] for r in val], "o-", label="validation")
-    ax.set(xlabel="step", ylabel="cross-entropy (nats/token)", title="Loss")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    save_figure(ax.figure, folder / "loss.png")
-
-    ax = Figure(figsize=(7, 3), layout="tight").subplots()
-    ax.plot(steps, [r["lr"] for r in train])
-    ax.set(xlabel="step", ylabel="learning rate", title="Learning rate")
-    ax.grid(alpha=0.3)
-    save_figure(ax.figure, folder / "lr.png")
-
-    layers = sorted(train[-1].get("expert_load", {}), key=int)
-    if not layers:  # a dense model
-        return
-    fig = Figure(figsize=(4 * len(layers), 5.6), layout="tight")
-    axes = fig.subplots(2, len(layers), squeeze=False, sharex=True, height_ratios=[2, 1])
-    for ax, vio, layer in zip(axes[0], axes[1], layers):
-        load = np.array([r["expert_load"][layer] for r in train])  # (records, E) shares of assignments
-        ax.stackplot(steps, load.T, labels=[f"expert {i}" for i in range(load.shape[1])])
-        ax.set(title=f"layer {layer}", ylim=(0, 1))
-        vio.plot(steps, [r.get("max_vio", {}).get(layer, float("nan")) for r in train])
-        vio.set(xlabel="step", ylim=(0, None))
-        vio.grid(alpha=0.3)
-    axes[0][0].set_ylabel("share of token assignments")
-    axes[1][0].set_ylabel("MaxVio")
-    if len(train[-1]["expert_load"][layers[0]]) <= 16:  # a legend of 64 experts hides the plot
-        axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1, 0.5))
-    fig.suptitle("Expert load per MoE layer, and its maximal violation (max load / mean load - 1)")
-    save_figure(fig, folder / "expert_load.png")
-
-
-# --- Guards -------------------------------------------------------------------
-# What keeps a run's promises when things go wrong: one process per run
-# folder, a signal answered at once and saved on, errors agreed on by every
-# process, a model refused when it cannot fit, and a run that stops, naming
-# its last good checkpoint, before a non-finite number reaches the disk.
-RUN_FILES = ("latest.pt", "best.pt", "training_history.json", "loss.png", "lr.png", "expert_load.png")
-
-
-@dataclass
-class StopRequest:
-    signum: int | None = None  # the first SIGINT or SIGTERM, once one arrived
-    kept: str = "no checkpoint of this run was saved"  # what a second signal leaves behind (see last_good)
-
-
-@contextlib.contextmanager
-def stop_request(speak: bool = True):
-    """Remember a SIGINT (Ctrl-C) or SIGTERM so that the loop saves and stops when the step in flight ends, and say
-    so at once (speak: rank 0 speaks for every process); a second signal stops the process at once (the last
-    checkpoint stays: saves are atomic).
-
-    A Python signal handler runs only when the main thread is between two bytecodes, which can be minutes away
-    while a big model's step runs on a CPU. So the signal is also written, by the interpreter's C-level handler,
-    to a pipe (signal.set_wakeup_fd) that a small thread watches: it answers the moment the signal arrives."""
-    stop = StopRequest()
-    if threading.current_thread() is not threading.main_thread():  # signal handlers belong to the main thread
-        yield stop
-        return
-
-    def watch(read_fd: int) -> None:
-        while data := os.read(read_fd, 1):  # b"" once the write end is closed
-            if (signum := data[0]) not in (signal.SIGINT, signal.SIGTERM):
-                continue
-            name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-            if stop.signum is not None:
-                say(f"{name} again: stopped at once; {stop.kept}.")
-                os._exit(128 + signum)
-            stop.signum = signum
-            say(f"{name}: saving and stopping when the step in flight ends; {name} again stops at once, without "
-                "saving.")
-        os.close(read_fd)
-
-    def say(text: str) -> None:
-        if speak:
-            print(f"\n{text}", file=sys.stderr, flush=True)
-
-    read_fd, write_fd = os.pipe()
-    os.set_blocking(write_fd, False)
-    previous = {sig: signal.signal(sig, lambda signum, frame: None)  # the watcher does the work
-                for sig in (signal.SIGINT, signal.SIGTERM)}
-    previous_wakeup = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
-    threading.Thread(target=watch, args=(read_fd,), daemon=True).start()
-    try:
-        yield stop
-    finally:
-        signal.set_wakeup_fd(previous_wakeup)
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        os.close(write_fd)
-
-
-@contextlib.contextmanager
-def run_lock(run_dir: Path):
-    """One writer per run folder: an exclusive lock (flock) on the file .<run>.lock beside the folder, held while
-    a process trains into it, so that a second process is refused, told the holder's pid, instead of writing the
-    same checkpoints. The kernel releases the lock however its holder ends (SIGKILL too), so a lock is never stale;
-    the holder removes the file when it ends normally."""
-    try:
-        import fcntl  # Unix only; imported here so that importing h64lm works everywhere
-    except ImportError:
-        yield
-        return
-    path = run_dir.with_name(f".{run_dir.name}.lock")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        lock = open(path, "a+")
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.seek(0)
-            holder = lock.read().strip() or "another process"
-            lock.close()
-            raise H64LMError(f"{run_dir} is being trained into by {holder}; wait for that run to end (or stop it), "
-                             "or choose another --run-name.") from None
-        if os.fstat(lock.fileno()).st_nlink:  # the file is still there, not removed by the previous holder
-            break
-        lock.close()  # it was removed between our open and our lock: lock the file now at that path
-    with lock:
-        lock.truncate(0)
-        lock.write(f"process {os.getpid()}")
-        lock.flush()  # now, for a second process to read
-        for stale in run_dir.glob(".*.tmp"):  # left by a process killed mid-save; nobody else writes here
-            stale.unlink()
-        try:
-            yield
-        finally:
-            path.unlink(missing_ok=True)  # while the lock is held, so that it is never another process's file
-
-
-def on_rank0(rt: Runtime, fn: Callable[[], object]):
-    """fn() on rank 0 alone (the process that owns the run folder). An H64LMError or OSError it raises is raised,
-    as an H64LMError, on every process, which would otherwise wait for rank 0 at their next collective call."""
-    result, message = None, None
-    if rt.master:
-        try:
-            result = fn()
-        except (H64LMError, OSError) as e:
-            message = one_sentence(e)
-    if rt.world_size > 1:
-        box = [message]
-        torch.distributed.broadcast_object_list(box, src=0)
-        message = box[0]
-    if message is not None:
-        raise H64LMError(message)
-    return result
-
-
-def check_fits(config: H64LMConfig, device: torch.device, shards: int = 1) -> None:
-    """Refuse, before allocating anything, a model whose weights, gradients and AdamW moments (16 bytes a
-    parameter in float32) alone exceed the device's memory: all of them on each process, or with shards > 1
-    (--shard) a process's 1/shards of them (state_bytes)."""
-    with torch.device("meta"):
-        params = H64LM(config).num_params()
-    if device.type == "cuda":
-        have, where = torch.cuda.get_device_properties(device).total_memory, "GPU"
-    else:
-        have, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "machine"
-    need = state_bytes(params, shards)
-    if need > have:
-        split = f", split over {shards} processes, need {need / 2**30:,.1f} GiB each" if shards > 1 else \
-            f" alone need {need / 2**30:,.1f} GiB"
-        raise H64LMError(f"The model has {params / 1e6:,.0f}M parameters, whose weights, gradients and AdamW state"
-                         f"{split}, and this {where} has {have / 2**30:,.1f} GiB; choose a smaller --preset or shrink "
-                         "the model (--hidden-size, --num-layers, --num-experts)"
-                         + (", or shard it over more processes." if shards > 1 else "."))
-
-
-def state_bytes(params: int, shards: int = 1) -> int:
-    """Bytes one process holds of a model's training state: float32 weights and gradients and AdamW's two float32
-    moments, 16 bytes a parameter, all of them under DDP, 1/shards of each (rounded up) when sharded."""
-    return 16 * -(-params // shards)
-
-
-def warn_if_slow(seconds_per_step: float, steps: int, device: torch.device, log) -> None:
-    """Say up front when a run will take hours even at the device's full speed: the first step of a big model on
-    a CPU can take minutes, and until it ends the progress bar has no estimate to show."""
-    total = seconds_per_step * steps
-    if total < 3600:
-        return
-    log(f"warning: even at this {device.type.upper()}'s full measured speed a step takes at least "
-        f"{seconds_per_step:,.1f} s, so {steps:,} steps take at least {total / 3600:,.1f} hours"
-        + ("; for a run of minutes on a CPU: python h64lm.py train --preset tiny --data sample"
-           if device.type == "cpu" else ""))
-
-
-def resume_command(run_dir: Path, rt: Runtime) -> str:
-    launcher = f"torchrun --nproc_per_node={rt.world_size} h64lm.py" if rt.world_size > 1 else "python h64lm.py"
-    return f"{launcher} train --resume {run_dir}"
-
-
-def claim_run_dir(run_dir: Path, resume, overwrite: bool, cleanup: contextlib.ExitStack) -> list[str]:
-    """Lock the run folder for this process (released by cleanup) and return the run files it holds; refuse a
-    folder that holds another run."""
-    cleanup.enter_context(run_lock(run_dir))
-    held = [name for name in RUN_FILES if (run_dir / name).exists()]
-    if resume is None and held and not overwrite:
-        raise H64LMError(f"{run_dir} already holds a run; pass --resume to continue it, --overwrite to replace it, "
-                         "or --run-name NAME for a new one.")
-    return held
-
-
-def last_good(checkpoint: tuple[Path, int] | None) -> str:
-    """What stays on disk if the run stops now: (path, step) of its last checkpoint, or None."""
-    if checkpoint is None:
-        return "no checkpoint of this run was saved before"
-    return f"the last checkpoint, {checkpoint[0]} (step {checkpoint[1]}, every number in it finite), is kept"
-
-
-def diverged(what: str, step: int, run: Run) -> H64LMError:
-    """The error that stops a run whose loss, gradient or weights stopped being finite."""
-    then = (f"continue from it with a lower --lr (or start again with a longer --warmup-steps), e.g. "
-            f"{resume_command(run.run_dir, run.rt)} --lr {run.tc.lr / 10:.2g}" if run.saved
-            else "start again with a lower --lr or a longer --warmup-steps")
-    return H64LMError(f"{what} became NaN or infinite at step {step}, so nothing from that step on was saved; "
-                      f"{last_good(run.saved)}; {then}.")
-
-
 # -----------------------------------------------------------------------------
 # 17. Evaluation
 # -----------------------------------------------------------------------------
@@ -3490,6 +3002,7 @@ def diverged(what: str, step: int, run: Run) -> H64LMError:
 # once, in non-overlapping windows of seq_len tokens, so a token sees on
 # average seq_len / 2 tokens of context; the NLL includes the <s> that starts
 # each article, the model's guess that an article ends there.
+
 
 def evaluate_checkpoint(ckpt: str | Path, data: str | None = None, split: str = "test", *,
                         tokenizer: str | Path = "recorded", cache_dir: str | Path = DEFAULT_CACHE,
@@ -3536,6 +3049,7 @@ def scored_text(trained: Trained, data: str | None, cache_dir: str | Path, allow
 # sends each kind to a few; an expert that gets almost nothing is dead weight.
 # (Mixtral's authors found little specialisation by topic and more by syntax:
 # Jiang et al. 2024, section 5.)
+
 
 ANALYSIS_TEXTS: dict[str, list[str]] = {
     "prose": [
@@ -3623,6 +3137,619 @@ def routing_table(profile: dict) -> str:
     return "\n".join(lines)
 
 
+# =============================================================================
+# Part II. The workshop
+# =============================================================================
+# Everything above is the book: a complete program that trains, resumes,
+# evaluates and generates, with the same numbers as the whole file. What follows
+# is the workshop, which a learner may skip: the guards a long run needs, FSDP2
+# sharding, the routing lab and its studies, the transformers export, the
+# benchmark and the doctor, and the command line. It changes no number of Part I:
+# it calls Part I, and acts inside a run only through the seams Part I defines
+# (train's should_stop, on_start and on_save; SHARDING; SAVE_CHECKS;
+# TOKENIZER_MAKERS). Part I names nothing of it (tests/test_book.py checks both).
+
+import argparse  # noqa: E402  (the workshop's own imports: Part I needs none of them)
+import ctypes  # noqa: E402
+import dataclasses  # noqa: E402
+import importlib  # noqa: E402
+import platform  # noqa: E402
+import shutil  # noqa: E402
+import signal  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
+from dataclasses import MISSING  # noqa: E402
+
+
+# -----------------------------------------------------------------------------
+# 19. Guards
+# -----------------------------------------------------------------------------
+# What keeps a long run's promises when things go wrong, around the story of
+# section 16: one process per run folder (run_lock), a signal answered at once
+# and saved on (stop_request), a model refused before it is allocated when it
+# cannot fit (check_fits), a save refused when the disk is too full
+# (check_room), a warning when a run will take hours; and what a real run shows
+# besides its numbers: its model FLOP utilisation against the device's peak,
+# and the plots of its history. train_guarded is `h64lm.py train`: section 16's
+# train with all of them, through its seams.
+
+def train_guarded(config: H64LMConfig, tc: TrainConfig, preset: str = "custom", resume: Path | None = None,
+                  allow_mismatch: bool = False, trained: Trained | None = None) -> dict:
+    """train, as `h64lm.py train` and compare run it: the run folder locked, and refused while it holds another
+    run (--overwrite removes that run's files once this one has started); the model refused if it cannot fit;
+    from the first step on, SIGINT and SIGTERM saved on and stopped at; MFU against the device's peak; a warning
+    for a run of hours; the plots drawn at the last save, and between saves at most every PLOT_SECONDS."""
+    rt = setup_runtime(tc.device, tc.precision)
+    run_dir = Path(tc.out_dir) / (tc.run_name or preset)
+    with contextlib.ExitStack() as cleanup:  # the folder's lock and the signal handlers, released however it ends
+        held = on_rank0(rt, lambda: claim_run_dir(run_dir, resume, tc.overwrite, cleanup))
+        check_fits(config, rt.device, rt.world_size if tc.shard else 1)
+        stop, plotted = StopRequest(), -math.inf  # plotted: time.monotonic() when the plots were last drawn
+
+        def on_start(run: Run) -> None:
+            nonlocal stop
+            if rt.master and resume is None:
+                for name in held:  # --overwrite: the old run's files go, so none is mistaken for this run's
+                    (run_dir / name).unlink()
+            run.peak_flops = peak_flops(rt.device) * rt.world_size  # every process's device, alike under torchrun
+            warn_if_slow(run.model.flops_per_token(run.seq_len) * run.tokens_per_step / run.peak_flops,
+                         tc.max_steps - run.step, rt.device, print if rt.master else lambda *a: None)
+            stop = cleanup.enter_context(stop_request(speak=rt.master))
+            stop.kept = last_good(run.saved)
+
+        def on_save(run: Run, last: bool) -> None:
+            nonlocal plotted
+            stop.kept = last_good(run.saved)
+            if last or time.monotonic() - plotted >= PLOT_SECONDS:
+                on_rank0(rt, lambda: save_plots(run.history, run.run_dir))
+                plotted = time.monotonic()
+
+        return train(config, tc, preset, resume, allow_mismatch, trained, should_stop=lambda: stop.reason(),
+                     on_start=on_start, on_save=on_save)
+
+
+RUN_FILES = ("latest.pt", "best.pt", "training_history.json", "loss.png", "lr.png", "expert_load.png")
+
+
+@dataclass
+class StopRequest:
+    signum: int | None = None  # the first SIGINT or SIGTERM, once one arrived
+    kept: str = "no checkpoint of this run was saved"  # what a second signal leaves behind (see last_good)
+
+    def reason(self) -> str | None:
+        """Why the run stops (train's should_stop): after the first signal, or None before one."""
+        return None if self.signum is None else f"after {signal.Signals(self.signum).name}"
+
+
+@contextlib.contextmanager
+def stop_request(speak: bool = True):
+    """Remember a SIGINT (Ctrl-C) or SIGTERM so that the loop saves and stops when the step in flight ends, and say
+    so at once (speak: rank 0 speaks for every process); a second signal stops the process at once (the last
+    checkpoint stays: saves are atomic).
+
+    A Python signal handler runs only when the main thread is between two bytecodes, which can be minutes away
+    while a big model's step runs on a CPU. So the signal is also written, by the interpreter's C-level handler,
+    to a pipe (signal.set_wakeup_fd) that a small thread watches: it answers the moment the signal arrives."""
+    stop = StopRequest()
+    if threading.current_thread() is not threading.main_thread():  # signal handlers belong to the main thread
+        yield stop
+        return
+
+    def watch(read_fd: int) -> None:
+        while data := os.read(read_fd, 1):  # b"" once the write end is closed
+            if (signum := data[0]) not in (signal.SIGINT, signal.SIGTERM):
+                continue
+            name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+            if stop.signum is not None:
+                say(f"{name} again: stopped at once; {stop.kept}.")
+                os._exit(128 + signum)
+            stop.signum = signum
+            say(f"{name}: saving and stopping when the step in flight ends; {name} again stops at once, without "
+                "saving.")
+        os.close(read_fd)
+
+    def say(text: str) -> None:
+        if speak:
+            print(f"\n{text}", file=sys.stderr, flush=True)
+
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    previous = {sig: signal.signal(sig, lambda signum, frame: None)  # the watcher does the work
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous_wakeup = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    threading.Thread(target=watch, args=(read_fd,), daemon=True).start()
+    try:
+        yield stop
+    finally:
+        signal.set_wakeup_fd(previous_wakeup)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        os.close(write_fd)
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path):
+    """One writer per run folder: an exclusive lock (flock) on the file .<run>.lock beside the folder, held while
+    a process trains into it, so that a second process is refused, told the holder's pid, instead of writing the
+    same checkpoints. The kernel releases the lock however its holder ends (SIGKILL too), so a lock is never stale;
+    the holder removes the file when it ends normally."""
+    try:
+        import fcntl  # Unix only; imported here so that importing h64lm works everywhere
+    except ImportError:
+        yield
+        return
+    path = run_dir.with_name(f".{run_dir.name}.lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        lock = open(path, "a+")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            lock.close()
+            raise H64LMError(f"{run_dir} is being trained into by {holder}; wait for that run to end (or stop it), "
+                             "or choose another --run-name.") from None
+        if os.fstat(lock.fileno()).st_nlink:  # the file is still there, not removed by the previous holder
+            break
+        lock.close()  # it was removed between our open and our lock: lock the file now at that path
+    with lock:
+        lock.truncate(0)
+        lock.write(f"process {os.getpid()}")
+        lock.flush()  # now, for a second process to read
+        for stale in run_dir.glob(".*.tmp"):  # left by a process killed mid-save; nobody else writes here
+            stale.unlink()
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)  # while the lock is held, so that it is never another process's file
+
+
+def claim_run_dir(run_dir: Path, resume, overwrite: bool, cleanup: contextlib.ExitStack) -> list[str]:
+    """Lock the run folder for this process (released by cleanup) and return the run files it holds; refuse a
+    folder that holds another run."""
+    cleanup.enter_context(run_lock(run_dir))
+    held = [name for name in RUN_FILES if (run_dir / name).exists()]
+    if resume is None and held and not overwrite:
+        raise H64LMError(f"{run_dir} already holds a run; pass --resume to continue it, --overwrite to replace it, "
+                         "or --run-name NAME for a new one.")
+    return held
+
+
+def check_fits(config: H64LMConfig, device: torch.device, shards: int = 1) -> None:
+    """Refuse, before allocating anything, a model whose weights, gradients and AdamW moments (16 bytes a
+    parameter in float32) alone exceed the device's memory: all of them on each process, or with shards > 1
+    (--shard) a process's 1/shards of them (state_bytes)."""
+    with torch.device("meta"):
+        params = H64LM(config).num_params()
+    if device.type == "cuda":
+        have, where = torch.cuda.get_device_properties(device).total_memory, "GPU"
+    else:
+        have, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "machine"
+    need = state_bytes(params, shards)
+    if need > have:
+        split = f", split over {shards} processes, need {need / 2**30:,.1f} GiB each" if shards > 1 else \
+            f" alone need {need / 2**30:,.1f} GiB"
+        raise H64LMError(f"The model has {params / 1e6:,.0f}M parameters, whose weights, gradients and AdamW state"
+                         f"{split}, and this {where} has {have / 2**30:,.1f} GiB; choose a smaller --preset or shrink "
+                         "the model (--hidden-size, --num-layers, --num-experts)"
+                         + (", or shard it over more processes." if shards > 1 else "."))
+
+
+def state_bytes(params: int, shards: int = 1) -> int:
+    """Bytes one process holds of a model's training state: float32 weights and gradients and AdamW's two float32
+    moments, 16 bytes a parameter, all of them under DDP, 1/shards of each (rounded up) when sharded."""
+    return 16 * -(-params // shards)
+
+
+def check_room(path: Path, tensor_bytes: int) -> None:
+    """Refuse to write a checkpoint of tensor_bytes beside path (a file, or a folder's shards) on a disk too full."""
+    free = shutil.disk_usage(path.parent).free
+    if free < tensor_bytes * 1.1 + (64 << 20):
+        raise H64LMError(f"Only {free / 2**30:.2f} GiB are free next to {path}, and the checkpoint needs about "
+                         f"{tensor_bytes / 2**30:.2f} GiB; free disk space or choose another --out-dir.")
+
+
+SAVE_CHECKS.append(check_room)
+
+
+def warn_if_slow(seconds_per_step: float, steps: int, device: torch.device, log) -> None:
+    """Say up front when a run will take hours even at the device's full speed: the first step of a big model on
+    a CPU can take minutes, and until it ends the progress bar has no estimate to show."""
+    total = seconds_per_step * steps
+    if total < 3600:
+        return
+    log(f"warning: even at this {device.type.upper()}'s full measured speed a step takes at least "
+        f"{seconds_per_step:,.1f} s, so {steps:,} steps take at least {total / 3600:,.1f} hours"
+        + ("; for a run of minutes on a CPU: python h64lm.py train --preset tiny --data sample"
+           if device.type == "cpu" else ""))
+
+
+# Dense bf16 peak of common GPUs, in FLOP/s, for model FLOP utilisation (vendor data sheets, without sparsity).
+# The first name found in the device's name wins, so the PCIe and NVL cards, which run at lower clocks and power
+# than the SXM ones of the same name, come first.
+GPU_PEAK_FLOPS = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H200 NVL", 835e12), ("H100", 989e12),
+                  ("H200", 989e12), ("A100", 312e12), ("L40S", 362e12), ("A10G", 125e12), ("L4", 121e12),
+                  ("RTX 4090", 165e12), ("RTX 3090", 71e12), ("V100", 125e12))
+
+
+def peak_flops(device: torch.device) -> float:
+    """The FLOP/s of one device that utilisation is measured against: a GPU's dense bf16 peak from its data sheet
+    (NaN for a GPU not in GPU_PEAK_FLOPS), or on CPU the float32 matmul rate this process actually reaches (one
+    2048 x 2048 torch.mm, best of 5). peak_flops_source says which."""
+    if device.type == "cuda":
+        return next((flops for key, flops in GPU_PEAK_FLOPS if key in torch.cuda.get_device_name(device)), math.nan)
+    return cpu_matmul_rate(torch.get_num_threads())
+
+
+@functools.cache  # measured once per process and thread count: it takes about a second
+def cpu_matmul_rate(threads: int) -> float:
+    generator = torch.Generator().manual_seed(0)  # its own, so measuring draws nothing from the run's generators
+    a, b = torch.randn(2048, 2048, generator=generator), torch.randn(2048, 2048, generator=generator)
+    a @ b  # warm-up
+    best = min(_timed(lambda: a @ b) for _ in range(5))
+    return 2 * 2048 ** 3 / best
+
+
+def peak_flops_source(device: torch.device) -> str:
+    """Where peak_flops(device) comes from, in words."""
+    if device.type != "cuda":
+        return "measured: float32 2048 x 2048 matmul on this CPU, best of 5"
+    name = torch.cuda.get_device_name(device)
+    key = next((key for key, _ in GPU_PEAK_FLOPS if key in name), None)
+    return f"data sheet, {key} dense bf16" if key else f"unknown: {name} is not in GPU_PEAK_FLOPS (MFU is NaN)"
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+# Drawing the three plots takes seconds on a CPU (README, Training): a run that saves every step would spend most of
+# its time drawing, so between its first and last saves they are redrawn at most this often (seconds).
+PLOT_SECONDS = 30.0
+
+
+def save_figure(fig, path: Path) -> None:
+    """A matplotlib Figure to path, atomically; the format follows the file's extension."""
+    write_atomically(Path(path), lambda tmp: fig.savefig(tmp, format=Path(path).suffix[1:] or "png", dpi=110,
+                                                         bbox_inches="tight"))
+
+
+def save_plots(history: dict, folder: Path) -> None:
+    """loss.png (train and validation), lr.png and expert_load.png (share of tokens per expert over time, and its
+    maximal violation, per MoE layer)."""
+    # Figure objects, not pyplot: they draw straight to files and leave pyplot's backend and state alone
+    # (a notebook that calls train() keeps its inline plots). layout="tight" spaces the parts when the file is drawn.
+    from matplotlib.figure import Figure
+
+    train, val = history["train"], history["val"]
+    if not train:
+        return
+    steps = [r["step"] for r in train]
+    ax = Figure(figsize=(7, 4), layout="tight").subplots()
+    ax.plot(steps, [r["lm_loss"] for r in train], label="train")
+    if val:
+        ax.plot([r["step"] for r in val], [r["loss"] for r in val], "o-", label="validation")
+    ax.set(xlabel="step", ylabel="cross-entropy (nats/token)", title="Loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    save_figure(ax.figure, folder / "loss.png")
+
+    ax = Figure(figsize=(7, 3), layout="tight").subplots()
+    ax.plot(steps, [r["lr"] for r in train])
+    ax.set(xlabel="step", ylabel="learning rate", title="Learning rate")
+    ax.grid(alpha=0.3)
+    save_figure(ax.figure, folder / "lr.png")
+
+    layers = sorted(train[-1].get("expert_load", {}), key=int)
+    if not layers:  # a dense model
+        return
+    fig = Figure(figsize=(4 * len(layers), 5.6), layout="tight")
+    axes = fig.subplots(2, len(layers), squeeze=False, sharex=True, height_ratios=[2, 1])
+    for ax, vio, layer in zip(axes[0], axes[1], layers):
+        load = np.array([r["expert_load"][layer] for r in train])  # (records, E) shares of assignments
+        ax.stackplot(steps, load.T, labels=[f"expert {i}" for i in range(load.shape[1])])
+        ax.set(title=f"layer {layer}", ylim=(0, 1))
+        vio.plot(steps, [r.get("max_vio", {}).get(layer, float("nan")) for r in train])
+        vio.set(xlabel="step", ylim=(0, None))
+        vio.grid(alpha=0.3)
+    axes[0][0].set_ylabel("share of token assignments")
+    axes[1][0].set_ylabel("MaxVio")
+    if len(train[-1]["expert_load"][layers[0]]) <= 16:  # a legend of 64 experts hides the plot
+        axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1, 0.5))
+    fig.suptitle("Expert load per MoE layer, and its maximal violation (max load / mean load - 1)")
+    save_figure(fig, folder / "expert_load.png")
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc's malloc to keep the memory of freed tensors for reuse instead of handing it back to the OS.
+
+    By default glibc serves a big block (over a threshold that starts at 128 KiB and adapts up to 32 MiB) with a
+    fresh mmap and unmaps it when freed, and gives the top of its heap back to the OS once more than twice that is
+    free. So each training step's big activations arrive as untouched pages and fault in one 4 KiB page at a time,
+    which costs kernel time in every step (README, Speed). With no mmap threshold and no trimming the heap keeps its
+    peak size, as PyTorch's CUDA caching allocator does on a GPU. (jemalloc or tcmalloc through LD_PRELOAD, which
+    PyTorch's CPU tuning guide recommends, do the same; this needs nothing installed.) It is process-wide, so the
+    program's entry point calls it, not the library. Returns whether the setting took, False off glibc."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # from glibc's malloc.h
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30) and libc.mallopt(M_TRIM_THRESHOLD, (1 << 31) - 1))
+
+
+# -----------------------------------------------------------------------------
+# 20. Sharding: FSDP2 and distributed checkpoints
+# -----------------------------------------------------------------------------
+# Past one device's memory. Under torchrun with --shard each process holds
+# only its share of the model and its state (FSDP2, shard_model) and writes its
+# share of every checkpoint (save_shards), into a folder that the checkpoint
+# file names; `h64lm.py unshard` makes the two one file again. Part I refuses
+# --shard on its own; this section fills its seam, SHARDING, at the end.
+
+
+def check_shardable(tc: TrainConfig, rt: Runtime, trained: Trained | None) -> None:
+    """--shard splits the model over the processes torchrun starts: refuse it, in one sentence, on one."""
+    if rt.world_size == 1 and trained is not None:
+        raise H64LMError(f"The run in {trained.path.parent} is sharded (--shard) and this is one process; resume "
+                         f"it with torchrun --nproc_per_node={trained.ckpt.get('world_size', 'N')} h64lm.py train "
+                         "--resume ..., or make it one file with python h64lm.py unshard and resume that.")
+    if rt.world_size == 1:
+        raise H64LMError("--shard splits the model over the processes torchrun starts, and this is one process; "
+                         "start it with torchrun --nproc_per_node=N (N of 2 or more), or train without --shard.")
+
+
+def shard_model(model: H64LM, rt: Runtime) -> H64LM:
+    """FSDP2 (torch.distributed.fsdp.fully_shard, Zhao et al. 2023, as torchtitan uses it): every weight is split
+    on its first dimension over the processes, each holding 1/N of it, and of its gradient and optimizer state.
+    Before a block runs its weights are all-gathered, and freed after it; in backward each gradient is
+    reduce-scattered to the shards, averaged as DDP averages. So a process holds one block's whole weights at a
+    time, not the model's. Each block is a unit of its own, and the root takes the rest (embeddings, final norm,
+    LM head). The stacked expert tensors (E, in, out) split on their first dimension, the experts: a process holds
+    whole experts (which ExpertMuon needs). On CUDA the gathered weights are bf16 for compute and gradients are
+    reduced in float32 (MixedPrecisionPolicy); the shards, and the optimizer, stay float32. The model is changed in
+    place (its parameters become DTensors) and returned. Buffers (RoPE tables, aux_free's balance bias) are not
+    sharded: every process keeps them whole, and moves the bias alike (train_step)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(rt.device.type, (rt.world_size,))
+    policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+              if rt.device.type == "cuda" and rt.dtype == torch.bfloat16 else MixedPrecisionPolicy())
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    return fully_shard(model, mesh=mesh, mp_policy=policy)
+
+
+def save_shards(run: Run) -> str:
+    """A sharded run's weights and optimizer state, each process writing its own shards with PyTorch's distributed
+    checkpoint (torch.distributed.checkpoint, as torchtitan saves) into a new folder of the run, whose name it
+    returns: shards-<step>-<random tag>, never an older save's folder. The small checkpoint file that names the
+    folder is written after it, atomically (write_run_files): a save killed half-way leaves a folder that nothing
+    names, and the last checkpoint whole. The state is saved under the parameters' names, not their order, whole
+    tensors split into shards, so that it can be loaded on another number of processes (load_shards) or into one
+    (read_shards, unshard_checkpoint)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    name = [f"shards-{run.step:06d}-{os.urandom(4).hex()}"]
+    torch.distributed.broadcast_object_list(name, src=0)
+    folder = run.run_dir / name[0]
+    model_state, optimizer_state = get_state_dict(run.model, optimizer_parts(run.optimizer))
+    mine = sum(local(t).numel() * t.element_size() for t in _tensors([model_state, optimizer_state]))
+    on_rank0(run.rt, lambda: (run.run_dir.mkdir(parents=True, exist_ok=True),
+                              check_room(folder, mine * run.rt.world_size)))
+    try:
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=folder)
+    except (OSError, CheckpointException) as e:  # DCP gathers a process's error and raises it on all of them
+        raise H64LMError(f"Saving the shards in {folder} failed ({one_sentence(e)}); free disk space or choose "
+                         "another --out-dir.") from None
+    return name[0]
+
+
+def load_shards(run: Run, path: Path, ckpt: dict) -> None:
+    """Put the weights and optimizer state that save_shards wrote for the checkpoint ckpt, read from path, into a
+    sharded run, on as many processes as saved them or another number (PyTorch's distributed checkpoint splits
+    the tensors anew)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    folder = shards_folder(path, ckpt)
+    parts = optimizer_parts(run.optimizer)
+    model_state, optimizer_state = get_state_dict(run.model, parts)
+    dcp.load({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=folder)
+    set_state_dict(run.model, parts, model_state_dict=model_state, optim_state_dict=optimizer_state)
+
+
+def optimizer_parts(optimizer) -> list[torch.optim.Optimizer]:
+    return optimizer.parts if isinstance(optimizer, Optimizers) else [optimizer]
+
+
+def shards_folder(path: Path, ckpt: dict) -> Path:
+    """The folder of shards that the sharded checkpoint ckpt, read from path, names, once it holds a whole
+    distributed checkpoint (its .metadata is written last)."""
+    folder = Path(path).parent / ckpt["shards"]
+    if not (folder / ".metadata").exists():
+        raise H64LMError(f"The shards in {folder}, which the checkpoint beside it names, are gone or incomplete; "
+                         "resume or open another checkpoint of the run.")
+    return folder
+
+
+def read_shards(path: Path, ckpt: dict, config: H64LMConfig, device, read: bool = True) -> dict:
+    """The whole weights of the sharded checkpoint at path, in one process, as a single-file checkpoint holds them
+    (checked_weights first checks their names and shapes, from the shards' metadata, before anything is
+    allocated); read=False: tensors on the meta device, the shapes alone."""
+    import torch.distributed.checkpoint as dcp
+
+    folder = shards_folder(path, ckpt)
+    metadata = dcp.FileSystemReader(folder).read_metadata().state_dict_metadata
+    shapes = {key.removeprefix("model."): torch.empty(m.size, dtype=m.properties.dtype, device="meta")
+              for key, m in metadata.items() if key.startswith("model.")}
+    state = checked_weights({"model": shapes}, config, path)
+    if not read:
+        return state
+    state = {name: torch.empty_like(t, device=device) for name, t in state.items()}
+    load_whole({"model": state}, folder)
+    return state
+
+
+def load_whole(state: dict, folder: Path) -> None:
+    """Fill state's tensors, whole, from the shards in folder, in this process alone (torch.distributed.checkpoint
+    without a process group, which it warns of: that is the intent here)."""
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=folder, no_dist=True)
+
+
+def unshard_checkpoint(path: str | Path, out: str | Path) -> Path:
+    """The sharded checkpoint at path as one file at out, the single-file checkpoint a run without --shard writes:
+    whole weights and optimizer state, read in one process. It resumes without --shard (its settings say so), and
+    eval, generate, analyze and export read it as any other."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    trained = open_trained(path)
+    if "shards" not in trained.ckpt:
+        raise H64LMError(f"{trained.path} is not a sharded checkpoint (it holds its weights itself); use it as it "
+                         "is.")
+    tc = TrainConfig(**{**with_defaults(trained.ckpt["train_config"]), "shard": False})
+    optimizer = make_optimizer(trained.model, tc, torch.device("cpu"))
+    parts = optimizer_parts(optimizer)
+    state = get_optimizer_state_dict(trained.model, parts)  # an empty state of the right shapes, to be filled
+    load_whole({"optimizer": state}, shards_folder(trained.path, trained.ckpt))
+    set_optimizer_state_dict(trained.model, parts, state)
+    payload = {**{k: v for k, v in trained.ckpt.items() if k != "shards"}, "train_config": asdict(tc),
+               "model": trained.model.state_dict(), "optimizer": optimizer.state_dict()}
+    out = Path(out)
+    save_checkpoint(out, payload)
+    return out
+
+
+def prune_shards(run_dir: Path, payload: dict, best: bool) -> None:
+    """After a save (rank 0): remove the shard folders that no checkpoint file names any more. latest.pt names this
+    save's folder; best.pt this one or an earlier one."""
+    named = {payload["shards"]} | ({read_checkpoint(run_dir / "best.pt").get("shards")}
+                                   if not best and (run_dir / "best.pt").exists() else set())
+    for folder in run_dir.glob("shards-*"):
+        if folder.name not in named:
+            shutil.rmtree(folder)
+
+
+SHARDING = Sharding(refuse=check_shardable, wrap=shard_model, save=save_shards, load=load_shards, read=read_shards,
+                    prune=prune_shards)
+
+
+# -----------------------------------------------------------------------------
+# 21. The routing lab
+# -----------------------------------------------------------------------------
+# The lab where MoE is studied at equal compute on a laptop: the `lab` model
+# and its recipe, with a byte-level BPE of its own (so that the embedding and
+# LM head do not hold most of its parameters); the expert shapes a study
+# compares (fine_grained, dense_twin); the routing figures of `analyze`
+# (heatmaps, drop-one-expert); and `compare`, which trains the variants of a
+# study and draws its table and curve.
+
+# A tokenizer of the run's own. At the lab preset's width (section 1) a 32,000-token vocabulary would put most
+# of the parameters and FLOPs in the embedding and the LM head, which MoE does not touch. "bpe:N" names a
+# byte-level BPE of N tokens (GPT-2's kind: every byte is a token, so no text is unknown; Sennrich et al. 2016)
+# trained with Hugging Face's tokenizers on the training split of --data. It is trained the first time it is
+# asked for (about a second on the sample), then read from --cache-dir, where its folder's name holds the text's
+# fingerprint; a checkpoint records its folder and fingerprint like any tokenizer's.
+BPE_VOCAB = Range(259, 65536, integer=True)  # 256 bytes and <unk>, <s>, </s>; the token cache stores uint16 ids
+
+
+def bpe_vocab(spec: str) -> int | None:
+    """N of a "bpe:N" tokenizer, None for a folder; ValueError when N is not a vocabulary size."""
+    if not spec.startswith("bpe:"):
+        return None
+    try:
+        vocab = int(spec[4:])
+    except ValueError:
+        raise ValueError(f"{spec!r} should be bpe:N with N the number of tokens, e.g. bpe:4096") from None
+    if why := BPE_VOCAB.refuse(vocab):
+        raise ValueError(f"the BPE's vocabulary {why}")
+    return vocab
+
+
+def train_bpe(lines: list[str], vocab_size: int, folder: Path) -> None:
+    """Train a byte-level BPE on the documents of lines and save it in folder as a transformers tokenizer that
+    encodes as Mistral's does: <s> before the text, <unk>, <s> and </s> at ids 0, 1 and 2."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    bpe.train_from_iterator(documents(lines), trainer)  # the same text gives the same merges
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                        clean_up_tokenization_spaces=False)
+    tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
+    tokenizer.save_pretrained(tmp)
+    try:
+        os.replace(tmp, folder)  # whole or not at all; a folder another process finished first is as good
+    except OSError:
+        shutil.rmtree(tmp)
+
+
+def bpe_folder(spec: str, source: TextSource, cache_dir: Path, log=print) -> Path:
+    """TOKENIZER_MAKERS["bpe"] (section 14): the folder of the BPE that spec ("bpe:N") names, trained on source's
+    training split here if the cache does not hold it yet."""
+    vocab = bpe_vocab(spec)
+    folder = cache_dir / f"bpe{vocab}-{source.fingerprint[:16]}"
+    if not (folder / "tokenizer.json").exists():
+        log(f"training a byte-level BPE of {vocab:,} tokens on the training split of {source.name} into {folder} "
+            "(once)")
+        train_bpe(source.read("train"), vocab, folder)
+    return folder
+
+
+TOKENIZER_MAKERS["bpe"] = bpe_folder
+
+
+# The routing lab's model: tiny's cost per token with the compute in the blocks, where MoE acts. Its own 4,096-token
+# BPE (its recipe's tokenizer, above) shrinks the embedding and LM head (the LM head is 77% of tiny's training
+# FLOPs); every layer is MoE, 8 experts of 512 top-2, so its dense twin is a 1,024-wide SwiGLU. Its recipe is tiny's.
+PRESETS["lab"] = dict(vocab_size=4096, max_position_embeddings=256, hidden_size=256, num_layers=4, num_heads=8,
+                      num_kv_heads=4, intermediate_size=1024, moe_layers="all", expert_intermediate_size=512)
+TRAIN_RECIPES["lab"] = dict(TRAIN_RECIPES["tiny"], tokenizer="bpe:4096")
+
+
+def fine_grained(config: H64LMConfig, g: int, shared: int = 0) -> H64LMConfig:
+    """DeepSeekMoE's expert shape (Dai et al. 2024, section 3): split every expert into g of 1/g the width and
+    route to g times as many, then make `shared` of the narrow experts always-on and route to that many fewer.
+    Parameters and active FLOPs per token stay those of `config` (the router, g times wider, aside); what grows is
+    the number of ways to combine experts: C(8, 2) = 28 for Mixtral's shape, C(31, 7) = 2.6 million for g = 4 with
+    one shared expert."""
+    E, k, width = config.num_experts, config.num_experts_per_tok, config.expert_intermediate_size
+    if g < 1 or width % g:
+        raise ValueError(f"granularity {g} must be a whole divisor of expert_intermediate_size ({width}).")
+    if config.num_shared_experts or not 0 <= shared < k * g:
+        raise ValueError(f"shared ({shared}) must be below the {k * g} routed experts per token, and the config "
+                         "must not have shared experts already.")
+    return dataclasses.replace(config, num_experts=E * g - shared, num_experts_per_tok=k * g - shared,
+                               expert_intermediate_size=width // g, num_shared_experts=shared)
+
+
+def dense_twin(config: H64LMConfig) -> H64LMConfig:
+    """The dense model that spends the same FLOPs per token as the all-MoE `config`: every layer one SwiGLU as wide
+    as the expert width a token passes through (k routed experts plus the shared ones)."""
+    if len(config.moe_layer_ids) != config.num_layers:
+        raise ValueError("a dense twin of equal FLOPs needs every layer MoE (moe_layers='all'): a dense layer's "
+                         "width cannot match an MoE layer's active width and the other dense layers' at once.")
+    active = (config.num_experts_per_tok + config.num_shared_experts) * config.expert_intermediate_size
+    return dataclasses.replace(config, moe_layers="none", intermediate_size=active, num_shared_experts=0)
+
+
 @torch.no_grad()
 def drop_one_expert(model: H64LM, tokens: np.ndarray, seq_len: int, batch_size: int, rt: Runtime,
                     max_batches: int | None = 4) -> np.ndarray:
@@ -3688,6 +3815,7 @@ def save_coactivation_heatmap(profile: dict, path: str | Path) -> None:
 # so a study that was stopped goes on from its runs' checkpoints, and a run
 # that finished is not trained again.
 
+
 STUDY_VARIANTS: dict[str, dict] = {  # name -> H64LMConfig fields to change, or dense / granularity / shared
     "dense": dict(dense=True),
     "switch": dict(balance="switch"),
@@ -3726,10 +3854,10 @@ def study_run(config: H64LMConfig, tc: TrainConfig, log=print) -> Trained | str:
         settings(ckpt.get("train_config", {})) == settings(asdict(tc))
     history = {}
     if not same:
-        history = train(config, dataclasses.replace(tc, overwrite=True))
+        history = train_guarded(config, dataclasses.replace(tc, overwrite=True))
     elif ckpt["step"] < tc.max_steps:
         log(f"{tc.run_name}: going on from step {ckpt['step']}")
-        history = train(config, dataclasses.replace(tc, overwrite=False), resume=path, trained=trained)
+        history = train_guarded(config, dataclasses.replace(tc, overwrite=False), resume=path, trained=trained)
     return history["stopped"] if "stopped" in history else open_trained(path)
 
 
@@ -3893,7 +4021,7 @@ def save_study_plot(result: dict, path: Path) -> None:
 
 
 # -----------------------------------------------------------------------------
-# 19. Sharing the model: transformers
+# 22. Sharing the model: transformers
 # -----------------------------------------------------------------------------
 # The tools that evaluate and serve language models (lm-evaluation-harness, a
 # plain transformers script, vLLM) load a folder with
@@ -3915,6 +4043,25 @@ def save_study_plot(result: dict, path: Path) -> None:
 #
 # Either way the tokenizer is saved beside the weights, so that
 # AutoTokenizer.from_pretrained reads the same folder.
+
+
+def export_checkpoint(path: str | Path, out: str | Path, dtype: torch.dtype = torch.float32) -> Path:
+    """Write the weights of a checkpoint as out/model.safetensors (in dtype; bfloat16 halves the size) and its
+    config as out/config.json. Loading converts the weights back to the model's float32."""
+    from safetensors.torch import save_file
+
+    trained = open_trained(path)
+    model, ckpt = trained.model, trained.ckpt
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    metadata = {"format": CHECKPOINT_FORMAT, "step": str(ckpt.get("step", "")),
+                "val_loss": str(ckpt.get("val_loss", "")), **{k: str(ckpt[k]) for k in PROVENANCE_KEYS if k in ckpt}}
+    weights = {k: v.to(dtype).contiguous() for k, v in model.state_dict().items()}
+    write_atomically(out / "model.safetensors", lambda tmp: save_file(weights, str(tmp), metadata=metadata))
+    write_atomically(out / "config.json", lambda tmp: tmp.write_text(json.dumps(model.config.to_dict(), indent=1)
+                                                                     + "\n"))
+    return out / "model.safetensors"
+
 
 def native_architecture(model: H64LM) -> str | None:
     """"mixtral" or "mistral" when a transformers architecture computes exactly this model, else None."""
@@ -4139,7 +4286,7 @@ def export_transformers(path: str | Path, out: str | Path, tokenizer_path: str |
 
 
 # -----------------------------------------------------------------------------
-# 20. Benchmark
+# 23. Benchmark and doctor
 # -----------------------------------------------------------------------------
 # `h64lm.py bench` times what matters for pretraining and serving:
 #   - a training step (forward, backward, AdamW): tokens/s, model FLOPs per
@@ -4157,6 +4304,7 @@ def export_transformers(path: str | Path, out: str | Path, tokenizer_path: str |
 # far one number on a busy machine can be trusted. How the developers check
 # their speed against transformers' Mixtral and the speed targets lives with
 # the tests (`python -m tests.speed --help`), built on the timing below.
+
 
 def _median(values: list[float]) -> float:
     return float(np.median(values))
@@ -4336,6 +4484,7 @@ def bench_report(r: dict, form: str = "", decoding: bool = True) -> str:
                      + (f", compiled {compiled:,.0f}" if compiled is not None else "") + " tokens/s")
     return "\n".join(lines)
 
+
 # --- The doctor ---------------------------------------------------------------
 # `h64lm.py doctor` is what to run first on a new machine, as `accelerate test`
 # and `flutter doctor` are for theirs: in about a minute, before hours go into a
@@ -4358,14 +4507,21 @@ def bench_report(r: dict, form: str = "", decoding: bool = True) -> str:
 # A row is a fact (passed None) or a check (passed True or False); a failed
 # check makes the exit status 1.
 
+
 # How far a fast path may stray from its twin: the largest difference over the twin's largest magnitude (_gap), by
 # the dtype training computes in here. float32 differs by summation order alone (the tests allow 1e-4 relative);
 # bfloat16 keeps 8 bits of mantissa, so one rounding moves a value by up to 4e-3 and two layers of them add up.
 TWIN_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
+
+
 # The loss and the logits under bf16 or fp16 autocast against float32's, relative (_gap). At initialisation the loss
 # is about ln(vocabulary) whatever the precision, so the logits, each rounded a few times, are compared too.
 PRECISION_TOLERANCE = {"loss": 1e-2, "logits": 3e-2}
+
+
 DOCTOR_STEPS = 3  # training steps; the first warms up, the others are timed
+
+
 SDPA_KERNELS = {"FLASH_ATTENTION": "flash", "EFFICIENT_ATTENTION": "memory-efficient", "CUDNN_ATTENTION": "cuDNN",
                 "MATH": "unfused math"}  # torch.nn.attention.SDPBackend's names, in words
 
@@ -4701,7 +4857,7 @@ def doctor_verdict(report: dict) -> str:
 
 
 # -----------------------------------------------------------------------------
-# 21. Command line
+# 24. Command line
 # -----------------------------------------------------------------------------
 #   python h64lm.py train    [--preset tiny] [--data sample] [--max-steps 200] [--resume] ...
 #   python h64lm.py eval     --ckpt checkpoints/tiny [--split test] [--json]
@@ -4719,18 +4875,13 @@ def doctor_verdict(report: dict) -> str:
 # anything runs. Problems found later (H64LMError), and whatever else escapes,
 # print one sentence too and exit with status 2; --debug shows the traceback.
 
+
 class Parser(argparse.ArgumentParser):
     """argparse, with its errors as one line (not the usage, which for `train` is a screenful) and exit status 2."""
 
     def error(self, message: str):
         self.exit(2, f"error: {message.rstrip('.')}; see `{self.prog} --help`.\n")
 
-
-# Every flag that takes a value checks it as it is parsed: a text setting against CHOICES (argparse's choices=),
-# a number against the Range of its name (NUMBER_RANGES), anything else with one of the types below. Where the
-# code that uses a value checks it already (check_data_folder, check_tokenizer_folder, check_run_name), the type
-# calls that check, so a bad value fails before anything runs, with the same sentence; a checkpoint is looked
-# for, and checked, only where it is read (resolve_checkpoint, read_checkpoint).
 
 def argument_type(check):
     """Turn check(text) -> value, which raises ValueError or H64LMError with the reason, into an argparse type
@@ -4767,6 +4918,8 @@ FLAG_RANGES: dict[str, Range] = dict(
     seeds=COUNT, max_batches=COUNT, drop_one=COUNT, repeats=COUNT, decode_tokens=COUNT, max_new_tokens=COUNT,
     temperature=NON_NEGATIVE, top_k=Range(0, integer=True), top_p=Range(0, 1, low_open=True),
     repetition_penalty=POSITIVE)
+
+
 NUMBER_RANGES: dict[str, Range] = {**H64LMConfig.RANGES, **TrainConfig.RANGES, **FLAG_RANGES}
 
 
@@ -5286,7 +5439,8 @@ def flag_text(name: str, value) -> str:
 
 def cmd_train(args: argparse.Namespace) -> int:
     config, tc, preset, resume, trained = train_settings(args)
-    history = train(config, tc, preset=preset, resume=resume, allow_mismatch=args.allow_mismatch, trained=trained)
+    history = train_guarded(config, tc, preset=preset, resume=resume, allow_mismatch=args.allow_mismatch,
+                            trained=trained)
     return exit_status(history.get("stopped", ""))
 
 
