@@ -1,30 +1,30 @@
 """H64LM: a Mixture-of-Experts language model, from scratch, in one file.
 
-Read it top to bottom: every part of a modern sparse transformer is built
-before the whole that uses it, and each section is mirrored, with the same
-number and title, by a section of the notebook H64LM.ipynb.
+The file is a book and a workshop. Part I, the book (sections 1-18, lines 1 to
+2981: everything above the line that begins "# Part II"), is a complete program
+that builds every part of a modern sparse transformer before the whole that uses
+it, then trains, resumes, evaluates and generates. Part II, the workshop, is
+what a reader may skip: it adds guards, sharding, the routing lab, export,
+speed tools and the command line through a few seams that Part I defines, and
+changes none of its numbers. The notebook H64LM.ipynb mirrors every section.
 
-   The model                       The program
-     1. Configuration               14. Data
-     2. RMSNorm                     15. Training
-     3. Rotary position embedding   16. Runs and checkpoints
-     4. ALiBi                       17. Evaluation
-     5. Attention masks             18. Routing analysis
-     6. The KV cache                19. Sharing the model: transformers
-     7. Grouped-query attention     20. Benchmark
-     8. SwiGLU feed-forward         21. Command line
-     9. The router and its losses
-    10. The Mixture-of-Experts layer
-    11. The transformer block
-    12. The H64LM model
-    13. Generation
+   Part I, the book                                                Part II, the workshop
+     1. Configuration               10. The Mixture-of-Experts layer   19. Guards
+     2. RMSNorm                     11. The transformer block          20. Sharding: FSDP2 and distributed checkpoints
+     3. Rotary position embedding   12. The H64LM model                21. The routing lab
+     4. ALiBi                       13. Generation                     22. Sharing the model: transformers
+     5. Attention masks             14. Data                           23. Speed: compiled decoding, the benchmark
+     6. The KV cache                15. Training                           and the doctor
+     7. Grouped-query attention     16. Runs and checkpoints           24. Command line
+     8. SwiGLU feed-forward         17. Evaluation
+     9. The router and its losses   18. Routing analysis
 
 The default model (the `h64lm` preset) is a 6-layer, 768-wide decoder whose odd
 layers are top-2-of-8 Mixture-of-Experts layers: 250M parameters, of which
 122M are active for any one token.
 
-Importing this file only defines things; nothing runs until you call it.
-As a program: python h64lm.py {train,eval,generate,analyze,bench,doctor,export} --help.
+Importing this file only defines things; nothing runs until you call it. As a
+program: python h64lm.py {train,compare,eval,generate,analyze,bench,doctor,export,unshard} --help.
 """
 
 from __future__ import annotations
@@ -52,6 +52,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
+
+if not hasattr(torch.optim, "Muon"):  # ExpertMuon (section 15) builds on it, as this file is imported
+    raise ImportError(f"h64lm.py needs PyTorch 2.9 or later (for torch.optim.Muon), and this is {torch.__version__}; "
+                      "upgrade it: pip install 'torch>=2.9'.")
 
 # -----------------------------------------------------------------------------
 # 1. Configuration
@@ -432,61 +436,6 @@ class KVCache:
         return 0 if self.positions is None else self.positions.shape[1]
 
 
-# The same cache in preallocated tensors (gpt-fast's static cache): a fixed
-# number of slots per layer, written in place, so that every decoding step has
-# the same shapes and torch.compile captures it once (section 13). Position p
-# goes to slot p % slots. With a window of W there are W slots, a ring: the
-# new key overwrites the one W positions back, which no query can see any
-# more; without a window, one slot per position of the context. Empty slots
-# have position -1, which the mask hides like padding, and attention reads
-# the slots in any order: the mask and ALiBi come from the positions, and RoPE
-# was applied before caching. A prompt of several tokens attends to the slots
-# and its own keys side by side (it may be longer than the ring), then its
-# last keys are written.
-
-class StaticKVCache(KVCache):
-    def __init__(self, num_layers: int, batch: int, context: int, sliding_window: int | None = None,
-                 device: torch.device | str = "cpu"):
-        super().__init__(num_layers, sliding_window)
-        self.slots = min(sliding_window or context, context)
-        # keys and values are allocated at the first update, with the shape and dtype attention gives them
-        self.positions = torch.full((batch, self.slots), -1, device=device)  # (B, slots) each slot's position
-        self.slot_of_new: torch.Tensor | None = None  # (B, T') the slots the new tokens' keys go to
-
-    def key_positions(self, new_positions: torch.Tensor) -> torch.Tensor:
-        B, T = self.positions.shape[0], new_positions.shape[1]
-        new_positions = new_positions.expand(B, -1)
-        if T == 1:  # decoding: the new key is written first, then attention reads the slots
-            self.slot_of_new = new_positions % self.slots  # (B, 1)
-            return self.positions.scatter(1, self.slot_of_new, new_positions)  # (B, slots)
-        self.slot_of_new = new_positions[:, -self.slots:] % self.slots  # (B, min(T, slots)): padding (-1) goes to
-        return torch.cat((self.positions, new_positions), dim=1)  # the last slot, and stays masked; (B, slots + T)
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.keys[layer] is None:
-            shape = (k.shape[0], k.shape[1], self.slots, k.shape[3])  # (B, Hkv, slots, hd)
-            self.keys[layer], self.values[layer] = k.new_zeros(shape), v.new_zeros(shape)
-        keys, values = self.keys[layer], self.values[layer]
-        slot = self.slot_of_new[:, None, :, None]  # (B, 1, T', 1)
-        T = slot.shape[2]
-        if k.shape[2] == 1:
-            keys.scatter_(2, slot.expand_as(k), k)
-            values.scatter_(2, slot.expand_as(v), v)
-            return keys, values  # (B, Hkv, slots, hd)
-        all_k, all_v = torch.cat((keys, k), dim=2), torch.cat((values, v), dim=2)  # (B, Hkv, slots + T, hd)
-        keys.scatter_(2, slot.expand(-1, k.shape[1], -1, k.shape[3]), k[:, :, -T:])
-        values.scatter_(2, slot.expand(-1, v.shape[1], -1, v.shape[3]), v[:, :, -T:])
-        return all_k, all_v
-
-    def advance(self, new_positions: torch.Tensor) -> None:
-        T = self.slot_of_new.shape[1]
-        self.positions.scatter_(1, self.slot_of_new, new_positions.expand(self.positions.shape[0], -1)[:, -T:])
-        self.next_position = new_positions.amax(dim=1, keepdim=True) + 1
-
-    def __len__(self) -> int:
-        return int((self.positions >= 0).sum(dim=1).max())
-
-
 # -----------------------------------------------------------------------------
 # 7. Grouped-query attention
 # -----------------------------------------------------------------------------
@@ -683,11 +632,17 @@ def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits, dim=-1).pow(2).mean()
 
 
-def max_violation(load: torch.Tensor) -> torch.Tensor:
-    """MaxVio (Wang et al. 2024, eq. 4): max_i load_i / mean load - 1; 0 when perfectly even. load (..., E), counted
-    in float32 at least (float64 stays float64)."""
+def relative_load(load: torch.Tensor) -> torch.Tensor:
+    """Each expert's load over the mean load, (..., E): 1 is an even share, 0 a dead expert. The one measure of
+    balance that MaxVio, the flags under the progress bar and `analyze`'s dead experts read. Counted in float32
+    at least (float64 stays float64)."""
     load = load.to(torch.promote_types(load.dtype, torch.float32))
-    return load.amax(dim=-1) / load.mean(dim=-1).clamp_min(1e-9) - 1
+    return load / load.mean(dim=-1, keepdim=True).clamp_min(1e-9)
+
+
+def max_violation(load: torch.Tensor) -> torch.Tensor:
+    """MaxVio (Wang et al. 2024, eq. 4): max_i load_i / mean load - 1; 0 when perfectly even. load (..., E)."""
+    return relative_load(load).amax(dim=-1) - 1
 
 
 DEAD_SHARE, OVERLOADED_SHARE = 0.1, 2.0  # an expert's load as a multiple of the uniform share that is flagged
@@ -698,9 +653,8 @@ def unbalanced_experts(load: torch.Tensor | None, layers: Sequence[int]) -> list
     share. load (L, E): tokens choosing each expert in each layer (None: nothing counted)."""
     if load is None:
         return []
-    share = load.float() / load.float().mean(dim=-1, keepdim=True).clamp_min(1e-9)  # (L, E), 1 = uniform
     flags = []
-    for layer, row in zip(layers, share.tolist()):
+    for layer, row in zip(layers, relative_load(load).tolist()):  # (L, E), 1 = uniform
         dead = [f"{e} ({v:.0%})" for e, v in enumerate(row) if v < DEAD_SHARE]
         busy = [f"{e} ({v:.0%})" for e, v in enumerate(row) if v > OVERLOADED_SHARE]
         if dead or busy:
@@ -731,7 +685,7 @@ class RoutingStats:
 # compute per token only with k. Shared experts (DeepSeekMoE, Dai et al. 2024)
 # process every token besides: y_t += shared(x_t). DeepSeekMoE pairs them with
 # fine-grained experts, many narrow ones of which a token takes many
-# (fine_grained, section 1): the same FLOPs, far more combinations.
+# (fine_grained, section 21): the same FLOPs, far more combinations.
 #
 # Capacity (Switch Transformer, section 2.2): with a capacity factor c, each
 # expert takes at most C = ceil(c * N * k / E) assignments per batch, so that
@@ -759,7 +713,7 @@ class RoutingStats:
 # block: dX_i = dY_i W_i^T (a grouped GEMM with W transposed), dW_i = X_i^T dY_i.
 
 # The operators' namespace: this module's own, so that a second copy of this file in one process (a model
-# exported with remote code, section 19, imports its own) registers its operators beside ours, not over them.
+# exported with remote code, section 22, imports its own) registers its operators beside ours, not over them.
 _OPS = "h64lm" if __name__ in ("h64lm", "__main__") else "h64lm_" + re.sub(r"\W", "_", __name__)
 
 
@@ -1040,14 +994,13 @@ class Block(nn.Module):
 # for the backward pass: the idea of Liger Kernel's fused linear cross-entropy
 # and of "Cut Your Losses" (Wijmans et al. 2024). Same three matrix multiplies,
 # one pass of exp, no (N, V) tensor. What it buys is memory, not speed (README,
-# Speed: about half the peak memory of a tiny training step on a CPU, at the
-# same time per step). tests/test_training.py proves it equals the plain path
-# in loss and gradients.
+# Speed); tests/test_training.py proves it equals the plain path in loss and
+# gradients.
 
 def _chunk_rows(device: torch.device, vocab_size: int) -> int:
     """Rows per chunk: 64 MiB of float32 logits on CPU (524 rows of a 32000-token vocabulary: each chunk adds one
     read and write of the (V, D) gradient, so chunks should not be small); 1 GiB on a GPU, where a chunk must keep
-    the device busy (not measured: no GPU was available to this project)."""
+    the device busy."""
     budget = 2**30 if device.type == "cuda" else 2**26
     return max(1, budget // (4 * vocab_size))
 
@@ -1219,12 +1172,9 @@ class H64LM(nn.Module):
         loss = lm_loss + self.config.router_aux_loss_coef * aux_loss + self.config.router_z_loss_coef * z_loss
         return H64LMOutput(logits=logits, loss=loss, lm_loss=lm_loss, aux_loss=aux_loss, z_loss=z_loss)
 
-    def new_cache(self, static_batch: int | None = None) -> KVCache:
-        """A KVCache that grows; with static_batch, a StaticKVCache preallocated for that many rows (section 6)."""
-        if static_batch is None:
-            return KVCache(self.config.num_layers, self.config.sliding_window)
-        return StaticKVCache(self.config.num_layers, static_batch, self.config.max_position_embeddings,
-                             self.config.sliding_window, self.embed.weight.device)
+    def new_cache(self) -> KVCache:
+        """An empty KVCache for this model (section 6), which grows as tokens are decoded."""
+        return KVCache(self.config.num_layers, self.config.sliding_window)
 
     def moe_layers(self) -> dict[int, MoE]:
         """The MoE layers, by block index."""
@@ -1309,12 +1259,9 @@ class H64LM(nn.Module):
 # then feeds one token at a time, attending to the cache. `sample` turns the
 # last logits into the next token.
 #
-# With compile=True decoding is gpt-fast's: the cache is a StaticKVCache
-# (section 6), so that every step has the same shapes, and decode_one_token is
-# compiled whole, with no graph break (the MoE layer's dispatch has no host
-# sync, section 10). Each step then runs as one generated program instead of
-# a few hundred Python-dispatched operators. The eager path stays the one to
-# read; tests/test_speed.py proves both give the same tokens.
+# With compile=True decoding is gpt-fast's, through the seam COMPILED_DECODING
+# (section 23): a preallocated cache and decode_one_token compiled whole, one
+# generated program a step; tests/test_speed.py proves both give the same tokens.
 #
 # Batched prompts of different lengths are left-padded so that every row's last
 # prompt token is in the same column; padding slots get position -1, which the
@@ -1390,10 +1337,9 @@ def decode_one_token(model: H64LM, token: torch.Tensor, position: torch.Tensor, 
     return model(token, positions=position, cache=cache).logits[:, -1]
 
 
-def compiled_decoder() -> Callable:
-    """decode_one_token compiled whole (fullgraph: no graph break), for a StaticKVCache, whose shapes do not change
-    from one token to the next, so it is compiled once per batch size. The first call compiles (seconds)."""
-    return torch.compile(decode_one_token, fullgraph=True, dynamic=False)
+# The seam for compiled decoding (section 23 fills it): (model, batch size) -> the cache to decode into and the
+# function that decodes one token in its place. Part I alone decodes eagerly.
+COMPILED_DECODING: Callable[[H64LM, int], tuple[KVCache, Callable]] | None = None
 
 
 def stream_generate(model: H64LM, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 1.0,
@@ -1402,7 +1348,7 @@ def stream_generate(model: H64LM, prompts: list[list[int]], max_new_tokens: int,
                     compile: bool = False) -> Iterator[torch.Tensor]:
     """Yield the next token of every prompt (B,), step by step, until max_new_tokens or every row has produced
     eos_id. A row that has finished keeps yielding eos_id. pad_id fills the left of shorter prompts.
-    compile: decode with a StaticKVCache and compiled_decoder() (gpt-fast's way); the same tokens, faster."""
+    compile: decode through COMPILED_DECODING (gpt-fast's way); the same tokens, faster."""
     config = model.config
     prompts = fit_prompts(prompts, max_new_tokens, config)
     device = next(model.parameters()).device
@@ -1422,8 +1368,10 @@ def stream_generate(model: H64LM, prompts: list[list[int]], max_new_tokens: int,
     was_training = model.training
     model.eval()  # no router jitter or capacity dropping while generating
     try:
-        cache = model.new_cache(static_batch=len(prompts) if compile else None)
-        decode = compiled_decoder() if compile else decode_one_token
+        if compile and COMPILED_DECODING is None:
+            raise H64LMError("compile=True needs the whole h64lm.py (compiled decoding is in Part II, section 23); "
+                             "decode without it here.")
+        cache, decode = COMPILED_DECODING(model, len(prompts)) if compile else (model.new_cache(), decode_one_token)
         logits = prefill(model, idx, positions, cache)
         next_pos = lengths[:, None]  # (B, 1)
         for step in range(max_new_tokens):
@@ -1853,27 +1801,19 @@ def train_window_indices(step: int, global_batch: int, num_windows: int, seed: i
 # -----------------------------------------------------------------------------
 # 15. Training
 # -----------------------------------------------------------------------------
-# One optimizer step is train_step: set this step's learning rate (a linear
-# warm-up, then cosine decay: learning_rate), take this process's share of
-# the batch, forward and backward over grad_accum micro-batches (the loss
-# divided by grad_accum, so the gradient is the mean over the whole batch),
-# check that the loss and the gradient are finite before they touch the
-# weights, clip the gradient norm, step the optimizer (AdamW, or Muon for the
-# hidden matrices: make_optimizer). validate measures the loss on held-out
-# text. train() is the story around them: start the run (its folder, data,
-# model and optimizer, or a checkpoint's state when resuming; section 16),
-# then train_step for every step, and every eval_every steps, and always at
-# the end, validate and save the latest and the best checkpoint. Every
-# setting is a field of TrainConfig, at the end of the section. The notebook
-# calls the same parts.
+# One optimizer step is train_step, which its docstring tells; after it come
+# its parts: the micro-batches, the learning-rate schedule, the optimizers
+# (AdamW, or Muon for the hidden matrices), and validate, which measures the
+# loss on held-out text. Every setting is a field of TrainConfig, at the end
+# of the section; section 16 runs the steps as a whole run.
 
 
 def train_step(run: Run, step: int) -> dict:
-    """Optimizer step `step`: set its learning rate, forward and backward over grad_accum micro-batches (the loss
-    divided by grad_accum, so that the gradient is the mean over the whole batch; DDP averages it over the
-    processes on the last micro-batch, a sharded model on each, as it reduces each gradient to its shards), check
-    that the loss and the gradient are finite before they touch the weights, clip the gradient norm, step the
-    optimizer. Returns what it measured, averaged over all processes."""
+    """Optimizer step `step`: set its learning rate (a linear warm-up, then cosine decay), take this process's
+    share of the batch, forward and backward over grad_accum micro-batches (the loss divided by grad_accum, so
+    that the gradient is the mean over the whole batch; DDP averages it over the processes on the last
+    micro-batch, a sharded model on each), check that the loss and the gradient are finite before they touch the
+    weights, clip the gradient norm, step the optimizer. Returns what it measured, averaged over all processes."""
     tc, rt, model = run.tc, run.rt, run.step_model
     lr = learning_rate(step, tc)
     for group in run.optimizer.param_groups:
@@ -1995,12 +1935,11 @@ class ExpertMuon(torch.optim.Muon):
     An (E, in, out) tensor holds E matrices, and a mixed update would be wrong: Newton-Schulz on the stack as one
     matrix would tie the experts together. So each expert's slice is orthogonalised as the (out, in) matrix an
     nn.Linear would hold, with its own norm, but all E as one batch (newton_schulz), and so are the 2-D weights of
-    one shape: one batched matrix multiply per iteration instead of E, or one per layer, small ones. One at a time,
-    an MoE step with Muon cost 1.8-2.6 times its dense twin's on a CPU (README, Speed). Each matrix's step is
-    torch's Muon step on that matrix alone, to bfloat16's last rounding (a batched multiply may round differently
-    from a single one; tests compare them), and the state is torch's (one momentum buffer per parameter). Sharded
-    (--shard), a process holds whole experts and orthogonalises its own; a 2-D matrix, split by rows, is gathered
-    whole for its Newton-Schulz, and each process keeps its rows of the result."""
+    one shape: one batched matrix multiply per iteration instead of E, or one per layer, small ones. Each matrix's
+    step is torch's Muon step on that matrix alone, to bfloat16's last rounding (a batched multiply may round
+    differently from a single one; tests compare them), and the state is torch's (one momentum buffer per
+    parameter). Sharded (--shard), a process holds whole experts and orthogonalises its own; a 2-D matrix, split
+    by rows, is gathered whole for its Newton-Schulz, and each process keeps its rows of the result."""
 
     def __init__(self, params, **options):
         # torch's constructor refuses anything but 2-D parameters; its checked defaults come from a stand-in.
@@ -2192,7 +2131,7 @@ def resume_command(run_dir: Path, rt: Runtime) -> str:
 
 # --- Settings -----------------------------------------------------------------
 # Every setting of a run, with its meaning, unit and source; each one is also
-# a flag of `h64lm.py train` (section 21).
+# a flag of `h64lm.py train` (section 24).
 
 
 @dataclass
@@ -2225,7 +2164,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile each block (compile_blocks); no faster on 2 CPU cores (README, Speed)
     gradient_checkpointing: bool = False  # recompute activations in backward to save memory
     shard: bool = False  # under torchrun, FSDP2: each process holds 1/N of the weights, gradients and optimizer state,
-    # and saves its share (shard_model, save_shards); without it each holds them all (DistributedDataParallel)
+    # and saves its share (section 20); without it each holds them all (DistributedDataParallel)
     device: str = "auto"  # "auto", "cpu" or "cuda"
     seed: int = 1337  # seeds the weights, the data order and the router noise
 
@@ -2245,11 +2184,6 @@ class TrainConfig:
             check_run_name(self.run_name)
 
 
-def with_defaults(train_config: dict) -> dict:
-    """A saved run's training settings, with today's default for each field newer than the run."""
-    return {**{f.name: f.default for f in fields(TrainConfig)}, **train_config}
-
-
 def check_run_name(name: str) -> None:
     """A run name names one folder inside --out-dir: no separator, not '.' or '..', nothing that leaves it."""
     if name in ("", ".", "..") or any(c in name for c in ("/", os.sep, os.altsep or "/", "\0")):
@@ -2259,10 +2193,8 @@ def check_run_name(name: str) -> None:
 
 # Training recipes, like the model presets, list only what differs from the defaults above (the h64lm GPU recipe).
 TRAIN_RECIPES: dict[str, dict] = {
-    # The CPU demo: 800 steps of 8 x 128 tokens, 3 minutes on 2 cores with AVX512-BF16; 14-18 on 2 cores without,
-    # before Muon batched the experts (its Newton-Schulz runs in bf16). Muon at 4e-3, the best of a learning-rate
-    # sweep of both optimizers on this recipe, reached AdamW's best loss in half the steps (README, AdamW vs Muon,
-    # which has both machines' times).
+    # The CPU demo: 800 steps of 8 x 128 tokens, minutes on 2 cores (README, Training). Muon at 4e-3, the best of a
+    # learning-rate sweep of both optimizers on this recipe (README, AdamW vs Muon).
     "tiny": dict(batch_size=8, grad_accum=1, seq_len=128, max_steps=800, optimizer="muon", lr=4e-3, min_lr=1e-4,
                  warmup_steps=40, eval_every=200, save_every=200, eval_batches=10),
     "small": dict(batch_size=16, grad_accum=2, max_steps=3000, lr=1e-3, min_lr=1e-4, warmup_steps=100),
@@ -2281,13 +2213,9 @@ TRAIN_RECIPES: dict[str, dict] = {
 # batch, DistributedDataParallel averages the gradients, and rank 0 alone
 # prints and saves. A run survives being stopped: its checkpoint holds all it
 # needs to go on exactly, written so that a crash at any moment leaves a whole
-# one, and nothing non-finite is ever saved.
-#
-# The workshop (Part II) acts inside a run only through the seams that this
-# section defines, each harmless by default: train's should_stop, on_start and
-# on_save (signals, the run folder's lock, plots, MFU: section 19), SHARDING
-# (--shard's FSDP2 and its sharded checkpoints: section 20) and SAVE_CHECKS
-# (the free-disk check before a save).
+# one, and nothing non-finite is ever saved. The workshop (Part II) acts in a
+# run only through the seams defined here, each harmless by default: train's
+# should_stop, on_start and on_save, SHARDING, SAVE_CHECKS and PROVENANCE.
 
 
 # --- Where a run runs ---------------------------------------------------------
@@ -2352,7 +2280,7 @@ class Run:
     windows: PackedWindows  # the training split's windows
     valid_tokens: np.ndarray
     seq_len: int
-    provenance: dict  # the tokenizer and text it trains on (see check_trained_with)
+    provenance: dict  # what its checkpoints record of its tokenizer and text (PROVENANCE.record)
     history: dict
     step: int = 0  # optimizer steps done
     best_val: float = float("inf")
@@ -2381,7 +2309,7 @@ def train(config: H64LMConfig, tc: TrainConfig, preset: str = "custom", resume: 
 
     The seams: should_stop() is asked after every step and returns why the run should stop there, saved, or None;
     on_start(run) is called once the run is built or resumed, before its first step; on_save(run, last) after every
-    save (last: the run's final one). `h64lm.py train` fills them with its guards (train_guarded, section 19)."""
+    save (last: the run's final one). `h64lm.py train` fills them with its guards (section 19)."""
     rt = setup_runtime(tc.device, tc.precision)
     log = print if rt.master else (lambda *a, **k: None)
     if resume is not None and trained is None:
@@ -2425,8 +2353,9 @@ def train_loop(run: Run, log, on_step: Callable[[dict], None] | None = None,
         load = stats.pop("load")  # (L, E)
         balance = ({} if not len(load) else {"aux": f"{stats['aux_loss']:.3f}"} if stats["aux_loss"]
                    else {"maxvio": f"{max_violation(load).mean():.2f}"})  # without a loss: how even the load is
+        mfu = {"mfu": f"{speed['mfu']:.1%}"} if "mfu" in speed else {}
         bar.set_postfix(loss=f"{stats['lm_loss']:.3f}", **balance, lr=f"{stats['lr']:.2e}",
-                        tok_s=f"{speed['tokens_per_s']:,.0f}", **{k: f"{v:.1%}" for k, v in speed.items() if k == "mfu"})
+                        tok_s=f"{speed['tokens_per_s']:,.0f}", **mfu)
         window_load = load if window_load is None else window_load + load
         if step % tc.log_every == 0 or step == tc.max_steps - 1:
             run.history["train"].append(history_record(run, stats, load, **speed))
@@ -2511,17 +2440,16 @@ def start_run(config: H64LMConfig, tc: TrainConfig, rt: Runtime, run_dir: Path, 
     if tc.shard and SHARDING is None:
         raise H64LMError("--shard needs the whole h64lm.py (its sharding is in Part II, section 20); train without "
                          "--shard here.")
-    if tc.shard:
+    elif tc.shard:
         SHARDING.refuse(tc, rt, trained)
     random.seed(tc.seed)
     np.random.seed(tc.seed)
     torch.manual_seed(tc.seed + rt.rank)  # each rank its own stream: router jitter differs per rank
     tokenizer, source, splits = load_run_data(config, tc, rt, seq_len, log)
     if trained is not None and not allow_mismatch:
-        check_trained_with(trained.ckpt, trained.path, tokenizer, source)
-
+        PROVENANCE.check(trained.ckpt, trained.path, tokenizer, source)
     run = new_run(config, tc, rt, run_dir, splits["train"].tokens, splits["valid"].tokens, seq_len,
-                  provenance(tokenizer, source), log)
+                  PROVENANCE.record(tokenizer, source), log)
     if trained is not None:
         restore_run(run, trained.ckpt, trained.path, log)  # last: nothing above draws from the restored generators
     else:
@@ -2607,9 +2535,8 @@ def compile_blocks(model: H64LM) -> H64LM:
     """Regional compilation: torch.compile each block in place, not the whole model. The blocks of one kind share
     one compiled program, so compiling takes seconds, and what it can buy is the fusion of the elementwise work
     around the matrix multiplies (RMSNorm, RoPE, SiLU and the gating product, the router's softmax and top-k),
-    which runs as a few hundred separate operators otherwise. On 2 CPU cores it buys nothing: `python -m
-    tests.speed --targets` measures 0.99-1.01x a step at the small shape (README, Speed). The weights keep their
-    names: checkpoints are the same."""
+    which runs as a few hundred separate operators otherwise (README, Speed, has what it buys on a CPU). The
+    weights keep their names: checkpoints are the same."""
     for block in model.blocks:
         block.compile()
     return model
@@ -2700,9 +2627,8 @@ def write_run_files(run_dir: Path, payload: dict, history: dict, best: bool) -> 
 
 @dataclass
 class Sharding:
-    """The seam for --shard, which Part I alone refuses: section 20 fills SHARDING with FSDP2 and PyTorch's
-    distributed checkpoints. A sharded run splits its model over the processes, and its checkpoint file names a
-    folder of shards instead of holding the weights and optimizer state."""
+    """The seam for --shard, which Part I alone refuses: section 20 fills SHARDING with FSDP2, which splits the model
+    over the processes, and a checkpoint file that names a folder of shards instead of holding the state."""
     refuse: Callable[[TrainConfig, Runtime, Trained | None], None]  # raises H64LMError where a run cannot shard
     wrap: Callable[[H64LM, Runtime], nn.Module]  # shards the model in place; the optimizer is built after it
     save: Callable[[Run], str]  # every process writes its shards; returns their folder's name, for the checkpoint
@@ -2818,6 +2744,19 @@ def resolve_checkpoint(path: str | Path, latest: bool = False) -> Path:
 
 
 @dataclass
+class Provenance:
+    """The seam for a checkpoint's provenance, which section 19 fills: what a checkpoint records of the tokenizer and
+    the text it was trained on, and the check that refuses others when it is resumed, scored or sampled. Part I alone
+    records and checks nothing, and reads a checkpoint with the tokenizer it is given ("recorded": the default)."""
+    record: Callable[[object, TextSource], dict] = lambda tokenizer, source: {}  # entries every checkpoint keeps
+    check: Callable[..., None] = lambda ckpt, path, tokenizer=None, source=None: None  # raises H64LMError if not theirs
+    tokenizer: Callable[[dict, Path], Path] = lambda ckpt, path: DEFAULT_TOKENIZER  # the folder of the one it records
+
+
+PROVENANCE = Provenance()
+
+
+@dataclass
 class Trained:
     """A trained model as open_trained gives it."""
     path: Path  # the file it was read from
@@ -2846,18 +2785,23 @@ def open_trained(path: str | Path, device: torch.device | str = "cpu", *, latest
         trained.model = H64LM(config).to(device)
         trained.model.load_state_dict(ckpt["model"])
     if tokenizer is not None:
-        trained.tokenizer = load_tokenizer(recorded_tokenizer(ckpt, path) if tokenizer == "recorded" else tokenizer)
+        trained.tokenizer = load_tokenizer(PROVENANCE.tokenizer(ckpt, path) if tokenizer == "recorded" else tokenizer)
         check_vocab(trained.tokenizer, config)
         if not allow_mismatch:
-            check_trained_with(ckpt, path, trained.tokenizer)
+            PROVENANCE.check(ckpt, path, trained.tokenizer)
     return trained
+
+
+# The seam for other checkpoint formats, by file suffix: each reader returns the dict a .pt checkpoint holds
+# (section 22 adds ".safetensors", the weights and config that `h64lm.py export` writes).
+CHECKPOINT_READERS: dict[str, Callable[[Path, torch.device | str], dict]] = {}
 
 
 def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
     """The checkpoint dict in the file at path, of the right format and version (open_trained checks its config and
     weights). Nothing in it can run code."""
-    if path.suffix == ".safetensors":
-        return _read_safetensors(path, device)
+    if path.suffix in CHECKPOINT_READERS:
+        return CHECKPOINT_READERS[path.suffix](path, device)
     try:
         with warnings.catch_warnings():  # about pickles it is going to refuse anyway: noise before our sentence
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
@@ -2870,60 +2814,6 @@ def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
     if ckpt.get("version") != CHECKPOINT_VERSION:
         raise H64LMError(f"{path} is an H64LM checkpoint of format version {ckpt.get('version')}, and this "
                          f"h64lm.py reads version {CHECKPOINT_VERSION}; use the h64lm.py that wrote it.")
-    return ckpt
-
-
-# What a checkpoint records of the tokenizer and the data it was trained on, so that a run is resumed, and a
-# model evaluated or sampled, with the same ones (see check_trained_with). An exported model keeps them in its
-# safetensors metadata, as strings.
-PROVENANCE_KEYS = ("tokenizer", "tokenizer_fingerprint", "tokenizer_vocab", "data", "data_fingerprint")
-
-
-def provenance(tokenizer, source: TextSource) -> dict:
-    return {"tokenizer": portable_path(tokenizer.name_or_path),
-            "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "tokenizer_vocab": len(tokenizer),
-            "data": source.name, "data_fingerprint": source.fingerprint}
-
-
-def portable_path(path: str | Path) -> str:
-    """A path as a checkpoint records it: relative to this file's folder when inside it (a checkpoint that travels
-    with the project finds it again), else absolute."""
-    path = Path(path).resolve()
-    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
-
-
-def recorded_tokenizer(ckpt: dict, path: Path) -> Path:
-    """The folder of the tokenizer the checkpoint at path was trained with (mistral_tokenizer/ for a checkpoint
-    from before they recorded it, which check_trained_with then compares); refused in one sentence when that folder
-    no longer holds it."""
-    folder = ROOT / ckpt.get("tokenizer", DEFAULT_TOKENIZER)  # an absolute path stays itself
-    if not (folder / "tokenizer.json").exists():
-        raise H64LMError(f"{path} was trained with the tokenizer in {folder}, which is not there; point --tokenizer "
-                         "at a copy of it (a bpe:N tokenizer is made again by training with the same --tokenizer "
-                         "and --data).")
-    return folder
-
-
-def _read_safetensors(path: Path, device) -> dict:
-    from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_file
-
-    config_path = path.with_name("config.json")
-    try:
-        config = json.loads(config_path.read_text())
-    except (OSError, ValueError):
-        raise H64LMError(f"{path} needs its config.json beside it; export the checkpoint again with "
-                         "`h64lm.py export`.") from None
-    try:
-        with safe_open(path, "pt") as f:
-            metadata = f.metadata() or {}
-        state = load_file(path, device=str(device))
-    except (SafetensorError, OSError) as e:
-        raise H64LMError(f"{path} is not a readable safetensors file ({e}); export the checkpoint again.") from None
-    ckpt = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "model": state, "config": config}
-    ckpt.update({k: metadata[k] for k in PROVENANCE_KEYS if k in metadata})
-    if "tokenizer_vocab" in ckpt:
-        ckpt["tokenizer_vocab"] = int(ckpt["tokenizer_vocab"])
     return ckpt
 
 
@@ -2958,21 +2848,6 @@ def checked_weights(ckpt: dict, config: H64LMConfig, path) -> dict:
                          f"{expected.get(wrong[0], 'absent')} expected, {found.get(wrong[0], 'absent')} found); the "
                          "file is damaged or was edited.")
     return state
-
-
-def check_trained_with(ckpt: dict, path, tokenizer=None, source: TextSource | None = None) -> None:
-    """Refuse a tokenizer, or a text, other than the ones the checkpoint records (older checkpoints record none):
-    token ids from another vocabulary, or from the same one permuted, give nonsense and wrong perplexities without
-    an error, and a resumed run would quietly train on other data."""
-    if tokenizer is not None and ckpt.get("tokenizer_fingerprint") not in (None, tokenizer_fingerprint(tokenizer)):
-        raise H64LMError(f"{path} was trained with another tokenizer than the one in {tokenizer.name_or_path} "
-                         f"({ckpt.get('tokenizer_vocab', '?')} tokens then, {len(tokenizer)} now, and not the same "
-                         "vocabulary); give the one it was trained with (--tokenizer), or pass --allow-mismatch if "
-                         "you know they agree.")
-    if source is not None and ckpt.get("data_fingerprint") not in (None, source.fingerprint):
-        raise H64LMError(f"The text of {source.name} is not the text {path} was trained on (it was "
-                         f"{ckpt.get('data', '?')}, and its files have changed since); give the same text, or pass "
-                         "--allow-mismatch to go on with this one.")
 
 
 def rng_state() -> dict:
@@ -3036,7 +2911,7 @@ def scored_text(trained: Trained, data: str | None, cache_dir: str | Path, allow
     trained_on = trained.ckpt.get("train_config", {}).get("data", "auto")
     source, splits = load_token_splits(data or trained_on, trained.tokenizer, cache_dir, log=log)
     if data is None and not allow_mismatch:
-        check_trained_with(trained.ckpt, trained.path, source=source)
+        PROVENANCE.check(trained.ckpt, trained.path, source=source)
     return source, splits
 
 
@@ -3051,35 +2926,11 @@ def scored_text(trained: Trained, data: str | None, cache_dir: str | Path, allow
 # Jiang et al. 2024, section 5.)
 
 
-ANALYSIS_TEXTS: dict[str, list[str]] = {
-    "prose": [
-        "The river rises in the hills north of the town and flows slowly south through farmland, where it was used "
-        "for centuries to drive the mills that ground the region's grain.",
-        "After the war she returned to the university, finished her degree in chemistry and spent the next thirty "
-        "years teaching and writing about the history of science.",
-    ],
-    "code": [
-        "def mean(values):\n    total = 0\n    for v in values:\n        total += v\n    return total / len(values)\n",
-        "for (int i = 0; i < n; i++) {\n    if (a[i] > max) max = a[i];\n}\nreturn max;\n",
-    ],
-    "dialogue": [
-        '"Where are you going?" she asked.\n"To the station," he said. "The train leaves at six."\n'
-        '"Then you had better hurry."',
-        "A: Did you finish the report?\nB: Almost. I still need the numbers from March.\nA: I'll send them now.",
-    ],
-    "numbers": [
-        "1. Apples: 42\n2. Pears: 17\n3. Plums: 8\n4. Cherries: 120\nTotal: 187",
-        "In 1969 the population was 12,400; by 1990 it had reached 31,250 and in 2011 it stood at 58,902.",
-    ],
-}
-
-
 @torch.no_grad()
-def routing_profile(model: H64LM, tokenizer, texts: dict[str, list[str]] | None = None) -> dict:
+def routing_profile(model: H64LM, tokenizer, texts: dict[str, list[str]]) -> dict:
     """For each kind of text and each MoE layer, the share of token-expert assignments each expert received,
     and the mean router entropy. Returns {"layers": [...], "kinds": [...], "share": {kind: (L, E) array},
     "entropy": {kind: (L,) array}, "tokens": {kind: int}}."""
-    texts = texts or ANALYSIS_TEXTS
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -3110,14 +2961,6 @@ def routing_profile(model: H64LM, tokenizer, texts: dict[str, list[str]] | None 
     return profile
 
 
-def dead_experts(profile: dict, threshold: float = DEAD_SHARE) -> list[tuple[int, int]]:
-    """(layer, expert) pairs that received less than threshold x the uniform share 1/E over all kinds of text."""
-    total = sum(profile["share"][k] * profile["tokens"][k] for k in profile["kinds"])  # (L, E) assignments / k
-    share = total / total.sum(axis=1, keepdims=True)
-    E = share.shape[1]
-    return [(profile["layers"][r], int(e)) for r, e in zip(*np.nonzero(share < threshold / E))]
-
-
 def routing_table(profile: dict) -> str:
     """One block per MoE layer: rows are kinds of text, columns experts (% of the kind's assignments), then the
     layer's MaxVio and, with top-k > 1, the pair of experts most often chosen together."""
@@ -3137,9 +2980,7 @@ def routing_table(profile: dict) -> str:
     return "\n".join(lines)
 
 
-# =============================================================================
-# Part II. The workshop
-# =============================================================================
+# Part II. The workshop =======================================================
 # Everything above is the book: a complete program that trains, resumes,
 # evaluates and generates, with the same numbers as the whole file. What follows
 # is the workshop, which a learner may skip: the guards a long run needs, FSDP2
@@ -3463,6 +3304,53 @@ def save_plots(history: dict, folder: Path) -> None:
     save_figure(fig, folder / "expert_load.png")
 
 
+# What a checkpoint records of the tokenizer and the text it was trained on (section 16's PROVENANCE seam), so
+# that a run is resumed, and a model scored or sampled, with the same ones: token ids from another vocabulary,
+# or from the same one permuted, give nonsense and wrong perplexities without an error.
+def provenance(tokenizer, source: TextSource) -> dict:
+    """PROVENANCE.record: the tokenizer's folder, fingerprint and size, and the text's name and fingerprint."""
+    return {"tokenizer": portable_path(tokenizer.name_or_path),
+            "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "tokenizer_vocab": len(tokenizer),
+            "data": source.name, "data_fingerprint": source.fingerprint}
+
+
+def portable_path(path: str | Path) -> str:
+    """A path as a checkpoint records it: relative to this file's folder when inside it (a checkpoint that travels
+    with the project finds it again), else absolute."""
+    path = Path(path).resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def recorded_tokenizer(ckpt: dict, path: Path) -> Path:
+    """The folder of the tokenizer the checkpoint at path was trained with (mistral_tokenizer/ for a checkpoint
+    from before they recorded it, which check_trained_with then compares); refused in one sentence when that folder
+    no longer holds it."""
+    folder = ROOT / ckpt.get("tokenizer", DEFAULT_TOKENIZER)  # an absolute path stays itself
+    if not (folder / "tokenizer.json").exists():
+        raise H64LMError(f"{path} was trained with the tokenizer in {folder}, which is not there; point --tokenizer "
+                         "at a copy of it (a bpe:N tokenizer is made again by training with the same --tokenizer "
+                         "and --data).")
+    return folder
+
+
+def check_trained_with(ckpt: dict, path, tokenizer=None, source: TextSource | None = None) -> None:
+    """Refuse a tokenizer, or a text, other than the ones the checkpoint records (older checkpoints record none):
+    token ids from another vocabulary, or from the same one permuted, give nonsense and wrong perplexities without
+    an error, and a resumed run would quietly train on other data."""
+    if tokenizer is not None and ckpt.get("tokenizer_fingerprint") not in (None, tokenizer_fingerprint(tokenizer)):
+        raise H64LMError(f"{path} was trained with another tokenizer than the one in {tokenizer.name_or_path} "
+                         f"({ckpt.get('tokenizer_vocab', '?')} tokens then, {len(tokenizer)} now, and not the same "
+                         "vocabulary); give the one it was trained with (--tokenizer), or pass --allow-mismatch if "
+                         "you know they agree.")
+    if source is not None and ckpt.get("data_fingerprint") not in (None, source.fingerprint):
+        raise H64LMError(f"The text of {source.name} is not the text {path} was trained on (it was "
+                         f"{ckpt.get('data', '?')}, and its files have changed since); give the same text, or pass "
+                         "--allow-mismatch to go on with this one.")
+
+
+PROVENANCE = Provenance(record=provenance, check=check_trained_with, tokenizer=recorded_tokenizer)
+
+
 def keep_freed_memory() -> bool:
     """Ask glibc's malloc to keep the memory of freed tensors for reuse instead of handing it back to the OS.
 
@@ -3751,6 +3639,37 @@ def dense_twin(config: H64LMConfig) -> H64LMConfig:
 
 
 @torch.no_grad()
+# The texts `analyze` profiles by default (routing_profile, section 18): a few of each kind, short and plain.
+ANALYSIS_TEXTS: dict[str, list[str]] = {
+    "prose": [
+        "The river rises in the hills north of the town and flows slowly south through farmland, where it was used "
+        "for centuries to drive the mills that ground the region's grain.",
+        "After the war she returned to the university, finished her degree in chemistry and spent the next thirty "
+        "years teaching and writing about the history of science.",
+    ],
+    "code": [
+        "def mean(values):\n    total = 0\n    for v in values:\n        total += v\n    return total / len(values)\n",
+        "for (int i = 0; i < n; i++) {\n    if (a[i] > max) max = a[i];\n}\nreturn max;\n",
+    ],
+    "dialogue": [
+        '"Where are you going?" she asked.\n"To the station," he said. "The train leaves at six."\n'
+        '"Then you had better hurry."',
+        "A: Did you finish the report?\nB: Almost. I still need the numbers from March.\nA: I'll send them now.",
+    ],
+    "numbers": [
+        "1. Apples: 42\n2. Pears: 17\n3. Plums: 8\n4. Cherries: 120\nTotal: 187",
+        "In 1969 the population was 12,400; by 1990 it had reached 31,250 and in 2011 it stood at 58,902.",
+    ],
+}
+
+
+def dead_experts(profile: dict, threshold: float = DEAD_SHARE) -> list[tuple[int, int]]:
+    """(layer, expert) pairs that received less than threshold x the uniform share 1/E over all kinds of text."""
+    total = sum(profile["share"][k] * profile["tokens"][k] for k in profile["kinds"])  # (L, E) assignments / k
+    dead = relative_load(torch.from_numpy(total)) < threshold
+    return [(profile["layers"][r], int(e)) for r, e in zip(*np.nonzero(dead.numpy()))]
+
+
 def drop_one_expert(model: H64LM, tokens: np.ndarray, seq_len: int, batch_size: int, rt: Runtime,
                     max_batches: int | None = 4) -> np.ndarray:
     """How much each expert matters: the validation loss with expert i of MoE layer l masked out of routing (its
@@ -4045,6 +3964,39 @@ def save_study_plot(result: dict, path: Path) -> None:
 # AutoTokenizer.from_pretrained reads the same folder.
 
 
+# What a checkpoint records of the tokenizer and the data it was trained on, so that a run is resumed, and a
+# model evaluated or sampled, with the same ones (see check_trained_with). An exported model keeps them in its
+# safetensors metadata, as strings.
+PROVENANCE_KEYS = ("tokenizer", "tokenizer_fingerprint", "tokenizer_vocab", "data", "data_fingerprint")
+
+
+def read_safetensors(path: Path, device) -> dict:
+    """CHECKPOINT_READERS[".safetensors"] (section 16): an exported model as read_checkpoint gives a checkpoint."""
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    config_path = path.with_name("config.json")
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError):
+        raise H64LMError(f"{path} needs its config.json beside it; export the checkpoint again with "
+                         "`h64lm.py export`.") from None
+    try:
+        with safe_open(path, "pt") as f:
+            metadata = f.metadata() or {}
+        state = load_file(path, device=str(device))
+    except (SafetensorError, OSError) as e:
+        raise H64LMError(f"{path} is not a readable safetensors file ({e}); export the checkpoint again.") from None
+    ckpt = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "model": state, "config": config}
+    ckpt.update({k: metadata[k] for k in PROVENANCE_KEYS if k in metadata})
+    if "tokenizer_vocab" in ckpt:
+        ckpt["tokenizer_vocab"] = int(ckpt["tokenizer_vocab"])
+    return ckpt
+
+
+CHECKPOINT_READERS[".safetensors"] = read_safetensors
+
+
 def export_checkpoint(path: str | Path, out: str | Path, dtype: torch.dtype = torch.float32) -> Path:
     """Write the weights of a checkpoint as out/model.safetensors (in dtype; bfloat16 halves the size) and its
     config as out/config.json. Loading converts the weights back to the model's float32."""
@@ -4286,7 +4238,7 @@ def export_transformers(path: str | Path, out: str | Path, tokenizer_path: str |
 
 
 # -----------------------------------------------------------------------------
-# 23. Benchmark and doctor
+# 23. Speed: compiled decoding, the benchmark and the doctor
 # -----------------------------------------------------------------------------
 # `h64lm.py bench` times what matters for pretraining and serving:
 #   - a training step (forward, backward, AdamW): tokens/s, model FLOPs per
@@ -4304,6 +4256,82 @@ def export_transformers(path: str | Path, out: str | Path, tokenizer_path: str |
 # far one number on a busy machine can be trusted. How the developers check
 # their speed against transformers' Mixtral and the speed targets lives with
 # the tests (`python -m tests.speed --help`), built on the timing below.
+
+
+# The same cache in preallocated tensors (gpt-fast's static cache): a fixed
+# number of slots per layer, written in place, so that every decoding step has
+# the same shapes and torch.compile captures it once (section 13). Position p
+# goes to slot p % slots. With a window of W there are W slots, a ring: the
+# new key overwrites the one W positions back, which no query can see any
+# more; without a window, one slot per position of the context. Empty slots
+# have position -1, which the mask hides like padding, and attention reads
+# the slots in any order: the mask and ALiBi come from the positions, and RoPE
+# was applied before caching. A prompt of several tokens attends to the slots
+# and its own keys side by side (it may be longer than the ring), then its
+# last keys are written.
+
+class StaticKVCache(KVCache):
+    def __init__(self, num_layers: int, batch: int, context: int, sliding_window: int | None = None,
+                 device: torch.device | str = "cpu"):
+        super().__init__(num_layers, sliding_window)
+        self.slots = min(sliding_window or context, context)
+        # keys and values are allocated at the first update, with the shape and dtype attention gives them
+        self.positions = torch.full((batch, self.slots), -1, device=device)  # (B, slots) each slot's position
+        self.slot_of_new: torch.Tensor | None = None  # (B, T') the slots the new tokens' keys go to
+
+    def key_positions(self, new_positions: torch.Tensor) -> torch.Tensor:
+        B, T = self.positions.shape[0], new_positions.shape[1]
+        new_positions = new_positions.expand(B, -1)
+        if T == 1:  # decoding: the new key is written first, then attention reads the slots
+            self.slot_of_new = new_positions % self.slots  # (B, 1)
+            return self.positions.scatter(1, self.slot_of_new, new_positions)  # (B, slots)
+        self.slot_of_new = new_positions[:, -self.slots:] % self.slots  # (B, min(T, slots)): padding (-1) goes to
+        return torch.cat((self.positions, new_positions), dim=1)  # the last slot, and stays masked; (B, slots + T)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.keys[layer] is None:
+            shape = (k.shape[0], k.shape[1], self.slots, k.shape[3])  # (B, Hkv, slots, hd)
+            self.keys[layer], self.values[layer] = k.new_zeros(shape), v.new_zeros(shape)
+        keys, values = self.keys[layer], self.values[layer]
+        slot = self.slot_of_new[:, None, :, None]  # (B, 1, T', 1)
+        T = slot.shape[2]
+        if k.shape[2] == 1:
+            keys.scatter_(2, slot.expand_as(k), k)
+            values.scatter_(2, slot.expand_as(v), v)
+            return keys, values  # (B, Hkv, slots, hd)
+        all_k, all_v = torch.cat((keys, k), dim=2), torch.cat((values, v), dim=2)  # (B, Hkv, slots + T, hd)
+        keys.scatter_(2, slot.expand(-1, k.shape[1], -1, k.shape[3]), k[:, :, -T:])
+        values.scatter_(2, slot.expand(-1, v.shape[1], -1, v.shape[3]), v[:, :, -T:])
+        return all_k, all_v
+
+    def advance(self, new_positions: torch.Tensor) -> None:
+        T = self.slot_of_new.shape[1]
+        self.positions.scatter_(1, self.slot_of_new, new_positions.expand(self.positions.shape[0], -1)[:, -T:])
+        self.next_position = new_positions.amax(dim=1, keepdim=True) + 1
+
+    def __len__(self) -> int:
+        return int((self.positions >= 0).sum(dim=1).max())
+
+
+def static_cache(model: H64LM, batch: int) -> StaticKVCache:
+    """A StaticKVCache for model, preallocated for batch rows, on its device."""
+    config = model.config
+    return StaticKVCache(config.num_layers, batch, config.max_position_embeddings, config.sliding_window,
+                         model.embed.weight.device)
+
+
+def compiled_decoder() -> Callable:
+    """decode_one_token compiled whole (fullgraph: no graph break), for a StaticKVCache, whose shapes do not change
+    from one token to the next, so it is compiled once per batch size. The first call compiles (seconds)."""
+    return torch.compile(decode_one_token, fullgraph=True, dynamic=False)
+
+
+def compiled_decoding(model: H64LM, batch: int) -> tuple[StaticKVCache, Callable]:
+    """COMPILED_DECODING (section 13): a static cache and the compiled decoder."""
+    return static_cache(model, batch), compiled_decoder()
+
+
+COMPILED_DECODING = compiled_decoding
 
 
 def _median(values: list[float]) -> float:
@@ -5326,6 +5354,11 @@ def _add_common(p: argparse.ArgumentParser, cache: bool = True) -> None:
                    "the checkpoint records: only if you know they agree")
 
 
+def with_defaults(train_config: dict) -> dict:
+    """A saved run's training settings, with today's default for each field newer than the run."""
+    return {**{f.name: f.default for f in fields(TrainConfig)}, **train_config}
+
+
 # Flags that may differ when a run is resumed: they change neither the model nor which data each step sees.
 RESUMABLE_FLAGS = {"max_steps", "stop_at", "eval_every", "save_every", "eval_batches", "log_every", "compile",
                    "gradient_checkpointing", "device", "precision", "lr", "min_lr", "warmup_steps", "grad_clip",
@@ -5642,7 +5675,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     model, tokenizer = trained.model, trained.tokenizer
     if not model.config.moe_layer_ids:
         raise H64LMError("This model has no MoE layers (moe_layers='none'); there is no routing to analyse.")
-    texts = None
+    texts = ANALYSIS_TEXTS
     if args.text:
         texts = {}
         for kind, path in args.text:  # (KIND, FILE) pairs, see kind_file_flag

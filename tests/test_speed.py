@@ -78,7 +78,7 @@ def test_the_static_cache_gives_the_logits_of_the_growing_cache(window):
     idx = torch.randint(3, config.vocab_size, (3, 9))
     positions = torch.arange(9)[None] - torch.tensor([[0], [4], [2]])  # rows of 9, 5 and 7 tokens
     positions = positions.masked_fill(positions < 0, -1)
-    growing, static = model.new_cache(), model.new_cache(static_batch=3)
+    growing, static = model.new_cache(), h64lm.static_cache(model, 3)
     assert static.slots == min(window or config.max_position_embeddings, config.max_position_embeddings)
     a, b = h64lm.prefill(model, idx, positions, growing), h64lm.prefill(model, idx, positions, static)
     torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
