@@ -3638,7 +3638,6 @@ def dense_twin(config: H64LMConfig) -> H64LMConfig:
     return dataclasses.replace(config, moe_layers="none", intermediate_size=active, num_shared_experts=0)
 
 
-@torch.no_grad()
 # The texts `analyze` profiles by default (routing_profile, section 18): a few of each kind, short and plain.
 ANALYSIS_TEXTS: dict[str, list[str]] = {
     "prose": [
@@ -3670,6 +3669,7 @@ def dead_experts(profile: dict, threshold: float = DEAD_SHARE) -> list[tuple[int
     return [(profile["layers"][r], int(e)) for r, e in zip(*np.nonzero(dead.numpy()))]
 
 
+@torch.no_grad()
 def drop_one_expert(model: H64LM, tokens: np.ndarray, seq_len: int, batch_size: int, rt: Runtime,
                     max_batches: int | None = 4) -> np.ndarray:
     """How much each expert matters: the validation loss with expert i of MoE layer l masked out of routing (its
