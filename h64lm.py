@@ -1,7 +1,7 @@
 """H64LM: a Mixture-of-Experts language model, from scratch, in one file.
 
 The file is a book and a workshop. Part I, the book (sections 1-18, lines 1 to
-2981: everything above the line that begins "# Part II"), is a complete program
+2982: everything above the line that begins "# Part II"), is a complete program
 that builds every part of a modern sparse transformer before the whole that uses
 it, then trains, resumes, evaluates and generates. Part II, the workshop, is
 what a reader may skip: it adds guards, sharding, the routing lab, export,
@@ -5593,10 +5593,9 @@ def print_continuation(trained: Trained, text: str, settings: dict, fixed: dict)
 
 @contextlib.contextmanager
 def ctrl_c_between_tokens():
-    """A Ctrl-C during a continuation, remembered and raised as KeyboardInterrupt at the next token. With Python's
-    own handler, which raises it wherever the main thread is, the prompt line's test twice lost a Ctrl-C under
-    load (the continuation ran on to its end; where the exception went was not found); a flag read between
-    tokens cannot be lost."""
+    """A Ctrl-C during a continuation, remembered and raised as KeyboardInterrupt at the next token. Python's own
+    handler raises it wherever the main thread happens to be, where it can be lost; a flag read between tokens
+    cannot be."""
     interrupted = threading.Event()
     if threading.current_thread() is not threading.main_thread():  # signal handlers belong to the main thread
         yield interrupted
