@@ -1,7 +1,7 @@
 """H64LM: a Mixture-of-Experts language model, from scratch, in one file.
 
 The file is a book and a workshop. Part I, the book (sections 1-18, lines 1 to
-2982: everything above the line that begins "# Part II"), is a complete program
+2987: everything above the line that begins "# Part II"), is a complete program
 that builds every part of a modern sparse transformer before the whole that uses
 it, then trains, resumes, evaluates and generates. Part II, the workshop, is
 what a reader may skip: it adds guards, sharding, the routing lab, export,
@@ -1052,6 +1052,13 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         return (grad_x * scale).to(grad_x.dtype), (grad_w * scale).to(grad_w.dtype), None, None, None, None
 
 
+def token_nll(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy of logits (..., V), taken in float32, against targets (...), -100 not counted: the
+    plain loss, and evaluation's sums (linear_cross_entropy is its fused twin)."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
+                           reduction=reduction)
+
+
 def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """The LM loss from the final hidden states x (N, D), the LM head weight (V, D) and targets (N,), as
     F.cross_entropy(F.linear(x, weight), targets, ignore_index=-100) computes it, without the (N, V) logits."""
@@ -1162,8 +1169,7 @@ class H64LM(nn.Module):
             lm_loss = linear_cross_entropy(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(-1))
         else:
             logits = self.lm_head(x)  # (B, T, V)
-            lm_loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1),
-                                      ignore_index=-100)
+            lm_loss = token_nll(logits, targets)
         if router_losses:
             aux_loss = torch.stack([b for b, _ in router_losses]).mean()
             z_loss = torch.stack([z for _, z in router_losses]).mean()
@@ -2076,7 +2082,7 @@ def evaluate(model: H64LM, tokens: np.ndarray, seq_len: int, batch_size: int, rt
         with rt.autocast():
             logits = model(x).logits
         if i < len(mine):
-            total[0] += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").double()
+            total[0] += token_nll(logits, y, reduction="sum").double()
             total[1] += y.numel()
     # The tokens after the last full window: one more window that ends at the last token, scoring only them.
     tail = len(tokens) - 1 - windows.count * seq_len
@@ -2087,8 +2093,7 @@ def evaluate(model: H64LM, tokens: np.ndarray, seq_len: int, batch_size: int, rt
         with rt.autocast():
             logits = model(x).logits[:, -tail:]
         if rt.master:
-            total[0] += F.cross_entropy(logits.float().flatten(0, 1), y[:, -tail:].flatten(),
-                                        reduction="sum").double()
+            total[0] += token_nll(logits, y[:, -tail:], reduction="sum").double()
             total[1] += tail
     if rt.world_size > 1:
         torch.distributed.all_reduce(total)
@@ -4161,8 +4166,7 @@ def transformers_model_class(config_cls):
                                 cache=view).logits  # (B, T, V)
             loss = None
             if labels is not None:
-                loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                                       ignore_index=-100)
+                loss = token_nll(logits[:, :-1], labels[:, 1:])
             return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)
 
         def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
@@ -4365,18 +4369,6 @@ def _ratio(times: dict[str, list[float]], numerator: str, denominator: str) -> t
     return _median(ratios), min(ratios), max(ratios)
 
 
-def _train_step_fn(model: nn.Module, x: torch.Tensor, rt: Runtime, loss_of) -> Callable[[], None]:
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # the same for every model timed
-
-    def step():
-        with rt.autocast():
-            loss = loss_of(model, x)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return step
-
-
 def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
 
@@ -4391,46 +4383,59 @@ def _peak_memory(device: torch.device) -> int:
 def bench(preset: str = "tiny", device: str = "auto", precision: str = "auto", seq_len: int | None = None,
           batch_size: int = 8, repeats: int = 10, decode_tokens: int = 32, compile: bool = False,
           **overrides) -> dict:
-    """Measure a training step, the MoE overhead and decoding, as section 20's header says."""
+    """Measure a training step, the MoE overhead and decoding, as this section's header says."""
     rt = setup_runtime(device, precision)
-    model, x = bench_model(preset, rt, seq_len, batch_size, **overrides)
-    step, peak_memory = bench_step(model, x, rt, compile)
+    run = bench_run(preset, rt, seq_len, batch_size, compile, **overrides)
+    step, peak_memory = bench_step(run)
     seconds = _median(_time_alternating({"h64lm": step}, repeats, rt.device)["h64lm"])
-    result = step_figures(model, preset, rt, x, seconds, peak_memory)
-    result.update(moe_overhead(model.config, x[:, 1:].numel(), rt, repeats))  # the step's B * T tokens
-    result.update(decode_bench(model, rt, decode_tokens, repeats, compile))
+    result = step_figures(run.model, preset, rt, batch_size, run.seq_len, seconds, peak_memory)
+    result["optimizer"] = run.tc.optimizer
+    result.update(moe_overhead(run.config, run.tokens_per_step, rt, repeats))
+    result.update(decode_bench(run.model, rt, decode_tokens, repeats, compile))
     return result
 
 
-def bench_model(preset: str, rt: Runtime, seq_len: int | None, batch_size: int,
-                **overrides) -> tuple[H64LM, torch.Tensor]:
-    """The preset's model (seed 0) and a batch x (B, T + 1) of random tokens; T = seq_len, by default the recipe's."""
+def bench_run(preset: str, rt: Runtime, seq_len: int | None, batch_size: int, compile: bool = False,
+              **overrides) -> Run:
+    """What train_step needs for the preset's model (seed 0) with its recipe (its optimizer, schedule and clipping),
+    a step of one micro-batch of batch_size x seq_len random tokens; seq_len by default the recipe's."""
     try:
         config = H64LMConfig.from_preset(preset, **overrides)
     except ValueError as e:
         raise H64LMError(str(e)) from None
-    seq_len = seq_len_of(config, seq_len, TRAIN_RECIPES.get(preset, {}).get("seq_len"))
+    recipe = TRAIN_RECIPES.get(preset, {})
+    seq_len = seq_len_of(config, seq_len, recipe.get("seq_len"))
     check_seq_len(seq_len, config)
-    torch.manual_seed(0)
-    model = H64LM(config).to(rt.device)
-    return model, torch.randint(0, config.vocab_size, (batch_size, seq_len + 1), device=rt.device)
+    tc = TrainConfig(**{**recipe, "batch_size": batch_size, "grad_accum": 1, "seq_len": seq_len, "seed": 0,
+                        "compile": compile})
+    return synthetic_run(config, tc, rt)
 
 
-def bench_step(model: H64LM, x: torch.Tensor, rt: Runtime, compile: bool) -> tuple[Callable[[], None], int]:
-    """A training step of model (its blocks compiled if asked) on inputs x[:, :-1] and targets x[:, 1:], and its
-    peak memory: the step is run once here, the warm-up, with nothing else in the measurement."""
-    step_model = compile_blocks(model) if compile else model
-    ids, targets = x[:, :-1], x[:, 1:]
-    step = _train_step_fn(step_model, ids, rt, lambda m, _: m(ids, targets).loss)
-    if rt.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(rt.device)
+def synthetic_run(config: H64LMConfig, tc: TrainConfig, rt: Runtime) -> Run:
+    """What train_step needs, made by new_run as start_run makes it, for a fresh model on one step's worth of random
+    tokens, with no data to read and no folder to write."""
+    check_fits(config, rt.device, rt.world_size if tc.shard else 1)
+    seq_len = seq_len_of(config, tc.seq_len)
+    tokens = np.random.default_rng(tc.seed).integers(0, config.vocab_size,
+                                                     tc.batch_size * tc.grad_accum * rt.world_size * seq_len + 1)
+    return new_run(config, tc, rt, Path(tc.out_dir) / "synthetic", tokens, tokens, seq_len, provenance={})
+
+
+def bench_step(run: Run) -> tuple[Callable[[], None], int]:
+    """train_step of run, the very step `train` takes (forward, backward, the finite checks, clipping, the recipe's
+    optimizer), and its peak memory: the step is run once here, the warm-up, with nothing else in the measurement."""
+    def step() -> None:
+        train_step(run, run.step)
+
+    if run.rt.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(run.rt.device)
     step()  # warm-up, and the memory peak of the training step alone
-    return step, _peak_memory(rt.device)
+    return step, _peak_memory(run.rt.device)
 
 
-def step_figures(model: H64LM, preset: str, rt: Runtime, x: torch.Tensor, seconds: float, peak_memory: int) -> dict:
-    """The training step's figures in bench's keys, from its median seconds on the batch x (B, T + 1)."""
-    batch_size, seq_len = x.shape[0], x.shape[1] - 1
+def step_figures(model: H64LM, preset: str, rt: Runtime, batch_size: int, seq_len: int, seconds: float,
+                 peak_memory: int) -> dict:
+    """The training step's figures in bench's keys, from its median seconds on batch_size x seq_len tokens."""
     tokens = batch_size * seq_len
     flops_per_token = model.flops_per_token(seq_len)
     peak = peak_flops(rt.device)
@@ -4771,7 +4776,7 @@ def training_rows(config: H64LMConfig, preset: str, rt: Runtime) -> list[dict]:
     model takes seconds. Under torchrun, then, whether the balance bias and the weights are the same everywhere."""
     cpu = {} if rt.device.type == "cuda" else {"batch_size": 1, "seq_len": min(128, config.max_position_embeddings)}
     tc = TrainConfig(**{**TRAIN_RECIPES.get(preset, {}), **cpu, "grad_accum": 1})
-    run = doctor_run(config, tc, rt)
+    run = synthetic_run(config, tc, rt)
     if rt.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(rt.device)
     seconds, losses = [], []
@@ -4796,16 +4801,6 @@ def training_rows(config: H64LMConfig, preset: str, rt: Runtime) -> list[dict]:
     return rows + (same_state_rows(run) if rt.world_size > 1 else [])
 
 
-def doctor_run(config: H64LMConfig, tc: TrainConfig, rt: Runtime) -> Run:
-    """What train_step needs, made by new_run as start_run makes it, for a fresh model on one step's worth of random
-    tokens, with no data to read and no folder to write."""
-    check_fits(config, rt.device, rt.world_size if tc.shard else 1)
-    seq_len = seq_len_of(config, tc.seq_len)
-    tokens = np.random.default_rng(tc.seed).integers(0, config.vocab_size,
-                                                     tc.batch_size * tc.grad_accum * rt.world_size * seq_len + 1)
-    return new_run(config, tc, rt, Path(tc.out_dir) / "doctor", tokens, tokens, seq_len, provenance={})
-
-
 def sharded_rows(config: H64LMConfig, rt: Runtime) -> list[dict]:
     """Under torchrun: DOCTOR_STEPS steps of the small model sharded (--shard, FSDP2) against the same steps in DDP,
     from the same weights on the same tokens (their losses, relative, within the tolerance of a fast path against
@@ -4814,7 +4809,7 @@ def sharded_rows(config: H64LMConfig, rt: Runtime) -> list[dict]:
     tc = TrainConfig(batch_size=2, grad_accum=1, seq_len=config.max_position_embeddings, optimizer="adamw")
     losses = {}
     for shard in (False, True):
-        run = doctor_run(config, dataclasses.replace(tc, shard=shard), rt)
+        run = synthetic_run(config, dataclasses.replace(tc, shard=shard), rt)
         losses[shard] = [train_step(run, step)["lm_loss"] for step in range(DOCTOR_STEPS)]
     gap = max(abs(a - b) / abs(a) for a, b in zip(losses[False], losses[True]))
     held = torch.tensor([sum(local(p).numel() for p in run.model.parameters())], device=rt.device)

@@ -15,6 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import h64lm  # noqa: E402
+from tests.speed import _train_step_fn  # noqa: E402
 
 SHAPES = {"tiny": (8, 128), "small": (4, 256)}  # preset: (batch, sequence length)
 
@@ -35,7 +36,7 @@ def main() -> None:
         torch.manual_seed(0)
         model = h64lm.H64LM(h64lm.H64LMConfig.from_preset(preset))
         x = torch.randint(0, model.config.vocab_size, (batch, seq_len + 1))
-        step = h64lm._train_step_fn(model, x, rt, lambda m, x: m(x[:, :-1], x[:, 1:]).loss)
+        step = _train_step_fn(model, x, rt, lambda m, x: m(x[:, :-1], x[:, 1:]).loss)
         times = h64lm._time_alternating({"gqa": step_with(False, step), "repeat": step_with(True, step)},
                                         args.repeats, rt.device)
         median, low, high = h64lm._ratio(times, "repeat", "gqa")

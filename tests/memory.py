@@ -170,7 +170,7 @@ def inner(preset: str, steps: int, shard: bool) -> None:
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     config = h64lm.H64LMConfig.from_preset(preset)
     tc = h64lm.TrainConfig(batch_size=2, grad_accum=1, seq_len=512, optimizer="adamw", shard=shard)
-    run = h64lm.doctor_run(config, tc, rt)
+    run = h64lm.synthetic_run(config, tc, rt)
     seconds = []
     for step in range(steps):
         started = time.perf_counter()

@@ -33,7 +33,34 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import h64lm  # noqa: E402
 from h64lm import (COUNT, H64LM, H64LMConfig, H64LMError, Runtime, _decoding, _median, _ratio,  # noqa: E402
-                   _time_alternating, _train_step_fn)
+                   _time_alternating)
+
+
+
+def _train_step_fn(model: torch.nn.Module, x: torch.Tensor, rt: Runtime, loss_of) -> Callable[[], None]:
+    """One plain training step (forward, backward, AdamW), the same for every model timed side by side: H64LM's
+    train_step does more (finite checks, clipping, the recipe's optimizer), which transformers' Mixtral has no twin
+    of, so a fair comparison times both models through this."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+
+    def step():
+        with rt.autocast():
+            loss = loss_of(model, x)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def _model_and_batch(preset: str, rt: Runtime, seq_len: int | None, batch_size: int,
+                     **overrides) -> tuple[H64LM, torch.Tensor]:
+    """The preset's model (seed 0) and a batch x (B, T + 1) of random tokens; T = seq_len, by default the recipe's."""
+    config = H64LMConfig.from_preset(preset, **overrides)
+    seq_len = h64lm.seq_len_of(config, seq_len, h64lm.TRAIN_RECIPES.get(preset, {}).get("seq_len"))
+    torch.manual_seed(0)
+    model = H64LM(config).to(rt.device)
+    return model, torch.randint(0, config.vocab_size, (batch_size, seq_len + 1), device=rt.device)
+
 
 # The targets of --targets: ratios measured in alternation in one process, on the shapes users train.
 SPEED_TARGETS = {
@@ -81,15 +108,20 @@ def compare_hf(preset: str = "tiny", device: str = "auto", precision: str = "aut
     alternation with H64LM: the training step (hf_tokens_per_s, speedup_vs_hf) and decoding (hf_decode_bench)."""
     rt = h64lm.setup_runtime(device, precision)
     overrides = {**overrides, "moe_layers": "all", "attention_type": "rope"}  # Mixtral's form
-    model, x = h64lm.bench_model(preset, rt, seq_len, batch_size, **overrides)
-    ours, peak_memory = h64lm.bench_step(model, x, rt, compile)  # its warm-up: H64LM's memory peak alone
+    model, x = _model_and_batch(preset, rt, seq_len, batch_size, **overrides)
+    step_model = h64lm.compile_blocks(model) if compile else model
+    ours = _train_step_fn(step_model, x, rt, lambda m, x: m(x[:, :-1], x[:, 1:]).loss)
+    if rt.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(rt.device)
+    ours()  # its warm-up: H64LM's memory peak alone
+    peak_memory = h64lm._peak_memory(rt.device)
     hf = mixtral_like(model.config).to(rt.device).train()
     fns = {"h64lm": ours,
            "transformers": _train_step_fn(hf, x[:, :-1], rt, lambda m, ids: m(input_ids=ids, labels=ids).loss)}
     hf_impl = _fastest_hf_experts(hf, fns["transformers"], rt, max(2, repeats // 2), "a training step")
     all_times = _time_alternating(fns, repeats, rt.device)
     times = {name: _median(t) for name, t in all_times.items()}
-    result = h64lm.step_figures(model, preset, rt, x, times["h64lm"], peak_memory)
+    result = h64lm.step_figures(model, preset, rt, x.shape[0], x.shape[1] - 1, times["h64lm"], peak_memory)
     tokens = x[:, 1:].numel()  # the step's B * T
     result.update(h64lm.moe_overhead(model.config, tokens, rt, repeats))
     result["hf_experts_implementation"] = hf_impl

@@ -50,6 +50,17 @@ def test_dead_experts_are_the_ones_under_a_tenth_of_uniform():
 
 
 @pytest.mark.slow
+def test_bench_times_train_step_itself_with_the_recipes_optimizer(monkeypatch):
+    """bench's training step is the step `train` takes (train_step, with the finite checks, clipping and the
+    recipe's optimizer), not a copy of it: a warm-up, the timing's own warm-up, then one call per repeat."""
+    calls, real = [], h64lm.train_step
+    monkeypatch.setattr(h64lm, "train_step", lambda run, step: calls.append((step, run.tc.optimizer)) or real(run, step))
+    result = h64lm.bench("tiny", device="cpu", seq_len=16, batch_size=1, repeats=2, decode_tokens=2, hidden_size=32,
+                         num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64, expert_intermediate_size=32)
+    assert calls == [(0, "muon"), (1, "muon"), (2, "muon"), (3, "muon")]
+    assert result["optimizer"] == "muon" and result["tokens_per_s"] == pytest.approx(16 / result["step_seconds"])
+
+
 def test_bench_json_has_every_documented_key_and_consistent_numbers():
     result = run_cli("bench", "--preset", "tiny", "--batch-size", "1", "--seq-len", "16", "--repeats", "1",
                      "--decode-tokens", "2", "--compile", "--json", "--device", "cpu")
