@@ -3044,10 +3044,13 @@ def train_guarded(config: H64LMConfig, tc: TrainConfig, preset: str = "custom", 
             stop.kept = last_good(run.saved)
 
         def on_save(run: Run, last: bool) -> None:
-            nonlocal plotted
             stop.kept = last_good(run.saved)
-            if last or time.monotonic() - plotted >= PLOT_SECONDS:
-                on_rank0(rt, lambda: save_plots(run.history, run.run_dir))
+            on_rank0(rt, lambda: draw_plots(run, last))  # at every save, on every process: rank 0 decides
+
+        def draw_plots(run: Run, last: bool) -> None:
+            nonlocal plotted
+            if last or time.monotonic() - plotted >= PLOT_SECONDS:  # one clock, rank 0's
+                save_plots(run.history, run.run_dir)
                 plotted = time.monotonic()
 
         return train(config, tc, preset, resume, allow_mismatch, trained, should_stop=lambda: stop.reason(),

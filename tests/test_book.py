@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import h64lm
-from conftest import PROCESS_ENV, REPO, run_process
+from conftest import PROCESS_ENV, REPO, run_cli
 
 SOURCE = (REPO / "h64lm.py").read_text(encoding="utf-8")
 LINES = SOURCE.splitlines()
@@ -130,8 +130,9 @@ FLAGS = [a for k, v in SETTINGS.items() for a in ("--" + k.replace("_", "-"), st
 @pytest.mark.slow
 def test_part_one_alone_trains_resumes_evaluates_and_generates_as_the_whole_program(tmp_path):
     """Part I cut at the marker is written beside h64lm.py (so that its paths, the sample and the tokenizer, are the
-    same) and run in a process of its own; the real commands run the same settings. Same losses at every step, the
-    same weights and optimizer state, the same evaluation loss and the same greedy text, bit for bit."""
+    same) and run in a process of its own, one thread; the commands run the same settings through h64lm.main, one
+    thread too (run_cli). Same losses at every step, the same weights and optimizer state, the same evaluation loss
+    and the same greedy text, bit for bit."""
     cache, prompt = tmp_path / "cache", "The history of"
     book_file = REPO / f".h64lm_part1_{uuid.uuid4().hex[:8]}.py"  # .gitignore'd, removed below
     book_file.write_text(PART_ONE, encoding="utf-8")
@@ -145,15 +146,15 @@ def test_part_one_alone_trains_resumes_evaluates_and_generates_as_the_whole_prog
     book = json.loads(done.stdout.strip().splitlines()[-1])
 
     common = ["--preset", "tiny", "--data", "sample", "--out-dir", tmp_path, "--cache-dir", cache, "--device", "cpu"]
-    first = run_process("train", *common, "--run-name", "whole", *FLAGS)
+    first = run_cli("train", *common, "--run-name", "whole", *FLAGS)
     assert first.returncode == 0 and "stopped at --stop-at 2" in first.stdout + first.stderr, first.stderr[-2000:]
-    resumed = run_process("train", "--resume", tmp_path / "whole" / "latest.pt", "--cache-dir", cache)
+    resumed = run_cli("train", "--resume", tmp_path / "whole" / "latest.pt", "--cache-dir", cache)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    scored = run_process("eval", "--ckpt", tmp_path / "whole", "--split", "test", "--tokenizer",
+    scored = run_cli("eval", "--ckpt", tmp_path / "whole", "--split", "test", "--tokenizer",
                          REPO / "mistral_tokenizer", "--cache-dir", cache, "--max-batches", "3", "--device", "cpu",
                          "--json")
     assert scored.returncode == 0, scored.stderr[-2000:]
-    sampled = run_process("generate", "--ckpt", tmp_path / "whole", "--prompt", prompt, "--greedy",
+    sampled = run_cli("generate", "--ckpt", tmp_path / "whole", "--prompt", prompt, "--greedy",
                           "--max-new-tokens", "12", "--tokenizer", REPO / "mistral_tokenizer", "--device", "cpu")
     assert sampled.returncode == 0, sampled.stderr[-2000:]
 

@@ -223,10 +223,16 @@ def test_a_run_that_saves_every_step_draws_its_plots_first_last_and_every_plot_s
     monkeypatch.setattr(h64lm, "save_plots", lambda history, folder: (drawn.append(len(history["train"])),
                                                                       draw(history, folder)))
     monkeypatch.setattr(h64lm, "PLOT_SECONDS", plot_seconds)
+    collectives, on_rank0 = [], h64lm.on_rank0
+    monkeypatch.setattr(h64lm, "on_rank0", lambda rt, fn: (collectives.append(fn), on_rank0(rt, fn))[1])
     result = run_cli("train", *TINY_FLAGS, "--data", corpus, "--out-dir", tmp_path, "--cache-dir", tmp_path / "cache",
                      "--batch-size", "2", "--max-steps", "5", "--save-every", "1", "--eval-every", "5")
     assert result.returncode == 0, result.stderr
     assert drawn == drawn_at  # steps in the history when the plots were drawn
+    # Whether the plots are due is rank 0's clock alone: every save calls on_rank0 (a broadcast under torchrun, which
+    # a process that skipped it would leave the others waiting in) as often, due or not: the run folder's claim,
+    # then each of the 5 saves' files and its plots' turn.
+    assert len(collectives) == 1 + 2 * 5
     history = json.loads((tmp_path / "tiny" / "training_history.json").read_text())
     assert len(history["train"]) == 5 and (tmp_path / "tiny" / "loss.png").stat().st_size > 0
 
