@@ -2989,11 +2989,12 @@ def routing_table(profile: dict) -> str:
 # Everything above is the book: a complete program that trains, resumes,
 # evaluates and generates, with the same numbers as the whole file. What follows
 # is the workshop, which a learner may skip: the guards a long run needs, FSDP2
-# sharding, the routing lab and its studies, the transformers export, the
-# benchmark and the doctor, and the command line. It changes no number of Part I:
-# it calls Part I, and acts inside a run only through the seams Part I defines
-# (train's should_stop, on_start and on_save; SHARDING; SAVE_CHECKS;
-# TOKENIZER_MAKERS). Part I names nothing of it (tests/test_book.py checks both).
+# sharding, the routing lab and its studies, the transformers export, compiled
+# decoding, the benchmark and the doctor, and the command line. It changes no
+# number of Part I: it calls Part I, and acts inside it only through the seams
+# Part I defines where it uses them (train's should_stop, on_start and on_save;
+# SAVE_CHECKS; PROVENANCE; SHARDING; TOKENIZER_MAKERS; CHECKPOINT_READERS;
+# COMPILED_DECODING). Part I names nothing of it (tests/test_book.py checks both).
 
 import argparse  # noqa: E402  (the workshop's own imports: Part I needs none of them)
 import ctypes  # noqa: E402
@@ -3014,10 +3015,11 @@ from dataclasses import MISSING  # noqa: E402
 # section 16: one process per run folder (run_lock), a signal answered at once
 # and saved on (stop_request), a model refused before it is allocated when it
 # cannot fit (check_fits), a save refused when the disk is too full
-# (check_room), a warning when a run will take hours; and what a real run shows
-# besides its numbers: its model FLOP utilisation against the device's peak,
-# and the plots of its history. train_guarded is `h64lm.py train`: section 16's
-# train with all of them, through its seams.
+# (check_room), a checkpoint that records the tokenizer and text it was trained
+# on and refuses others (provenance), a warning when a run will take hours; and
+# what a real run shows besides its numbers: its model FLOP utilisation against
+# the device's peak, and the plots of its history. train_guarded is `h64lm.py
+# train`: section 16's train with all of them, through its seams.
 
 def train_guarded(config: H64LMConfig, tc: TrainConfig, preset: str = "custom", resume: Path | None = None,
                   allow_mismatch: bool = False, trained: Trained | None = None) -> dict:
@@ -4247,8 +4249,12 @@ def export_transformers(path: str | Path, out: str | Path, tokenizer_path: str |
 # -----------------------------------------------------------------------------
 # 23. Speed: compiled decoding, the benchmark and the doctor
 # -----------------------------------------------------------------------------
+# Decoding compiled the way gpt-fast does, which fills section 13's seam
+# COMPILED_DECODING: a static cache, below, and decode_one_token compiled whole.
+#
 # `h64lm.py bench` times what matters for pretraining and serving:
-#   - a training step (forward, backward, AdamW): tokens/s, model FLOPs per
+#   - train_step, the step `train` takes, with the preset's recipe (finite
+#     checks, clipping, its optimizer): tokens/s, model FLOPs per
 #     token (6 N_active + attention, as torchtitan counts them), achieved FLOP/s
 #     and utilisation of the device's peak (on CPU the float32 matmul rate this
 #     process measures; on CUDA the data-sheet bf16 peak), and peak memory;
