@@ -1,7 +1,7 @@
 """H64LM: a Mixture-of-Experts language model, from scratch, in one file.
 
 The file is a book and a workshop. Part I, the book (sections 1-18, lines 1 to
-2987: everything above the line that begins "# Part II"), is a complete program
+2993: everything above the line that begins "# Part II"), is a complete program
 that builds every part of a modern sparse transformer before the whole that uses
 it, then trains, resumes, evaluates and generates. Part II, the workshop, is
 what a reader may skip: it adds guards, sharding, the routing lab, export,
@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import functools
+import gc
 import gzip
 import hashlib
 import json
@@ -2325,10 +2326,15 @@ def train(config: H64LMConfig, tc: TrainConfig, preset: str = "custom", resume: 
     if on_start is not None:
         on_start(run)
     train_loop(run, log, on_step, should_stop, on_save)
+    history = run.history
     if rt.world_size > 1:
+        # DDP's reducer holds the process group and sits in a reference cycle: freed by a later garbage collection,
+        # after the group was torn down and the other processes left, it would wait for them forever.
+        del run
+        gc.collect()
         torch.distributed.barrier()  # no process tears down gloo while another still uses it
         torch.distributed.destroy_process_group()
-    return run.history
+    return history
 
 
 def train_loop(run: Run, log, on_step: Callable[[dict], None] | None = None,

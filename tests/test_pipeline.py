@@ -361,6 +361,32 @@ def test_two_gloo_processes_train_like_one_process_with_the_same_global_batch(co
 
 
 @pytest.mark.slow
+def test_under_torchrun_train_frees_the_ddp_model_before_it_tears_the_process_group_down(corpus, tmp_path):
+    """DDP's reducer holds the process group and sits in a reference cycle. Left to a later garbage collection, it
+    was freed after destroy_process_group, when the other process had already left, and its gloo threads waited
+    for that process forever: a CI run hung at the end of a resumed two-process run. With the collector off, no
+    DistributedDataParallel may be alive once train has returned, on either process."""
+    script = tmp_path / "train_then_count.py"
+    script.write_text(f"""import gc, json, sys
+sys.path.insert(0, {str(REPO)!r})
+import torch, h64lm
+gc.disable()
+config = h64lm.H64LMConfig.from_preset("tiny", hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
+                                       intermediate_size=64, expert_intermediate_size=32, num_experts=4,
+                                       max_position_embeddings=64)
+tc = h64lm.TrainConfig(data={str(corpus)!r}, batch_size=2, grad_accum=1, seq_len=32, max_steps=2, eval_every=2,
+                       save_every=2, eval_batches=1, warmup_steps=1, out_dir={str(tmp_path)!r}, run_name="gc",
+                       cache_dir={str(tmp_path / "cache")!r}, device="cpu")
+h64lm.train(config, tc)
+print(json.dumps(sum(isinstance(o, torch.nn.parallel.DistributedDataParallel) for o in gc.get_objects())))
+""")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script)], cwd=REPO, env=PROCESS_ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [line for line in done.stdout.splitlines() if line.isdigit()] == ["0", "0"]
+
+
+@pytest.mark.slow
 def test_no_train_flag_is_taken_by_torchrun():
     # torchrun's parser matches abbreviations across the whole command line, so a flag of ours that begins one of
     # its options (as --run began --run-path) would be swallowed or refused before h64lm.py sees it.
