@@ -1,7 +1,7 @@
 """H64LM: a Mixture-of-Experts language model, from scratch, in one file.
 
 The file is a book and a workshop. Part I, the book (sections 1-18, lines 1 to
-2993: everything above the line that begins "# Part II"), is a complete program
+2995: everything above the line that begins "# Part II"), is a complete program
 that builds every part of a modern sparse transformer before the whole that uses
 it, then trains, resumes, evaluates and generates. Part II, the workshop, is
 what a reader may skip: it adds guards, sharding, the routing lab, export,
@@ -2220,8 +2220,9 @@ TRAIN_RECIPES: dict[str, dict] = {
 # prints and saves. A run survives being stopped: its checkpoint holds all it
 # needs to go on exactly, written so that a crash at any moment leaves a whole
 # one, and nothing non-finite is ever saved. The workshop (Part II) acts in a
-# run only through the seams defined here, each harmless by default: train's
-# should_stop, on_start and on_save, SHARDING, SAVE_CHECKS and PROVENANCE.
+# run only through seams, each harmless by default; this section's are train's
+# should_stop, on_start and on_save, SHARDING, SAVE_CHECKS, PROVENANCE and
+# CHECKPOINT_READERS.
 
 
 # --- Where a run runs ---------------------------------------------------------
@@ -2697,8 +2698,9 @@ SAVE_CHECKS: list[Callable[[Path, int], None]] = []
 
 def save_checkpoint(path: Path, payload: dict) -> None:
     """Write payload atomically to path (write_atomically), after SAVE_CHECKS."""
+    tensor_bytes = sum(t.numel() * t.element_size() for t in _tensors(payload))
     for check in SAVE_CHECKS:
-        check(path, sum(t.numel() * t.element_size() for t in _tensors(payload)))
+        check(path, tensor_bytes)
     try:
         write_atomically(path, lambda tmp: torch.save(
             {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **payload}, tmp))

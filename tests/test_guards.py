@@ -586,3 +586,19 @@ def test_a_long_prompt_keeps_its_last_tokens_on_the_command_line_as_in_the_libra
     assert result.returncode == 0, result.stderr
     assert result.stderr.strip() == ("warning: A prompt is longer than the 56 tokens that leave room for 8 new ones "
                                      "in a 64-token context; only its last 56 tokens are used.")
+
+
+def test_a_save_onto_a_disk_too_full_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    """check_room reaches every save through Part I's SAVE_CHECKS seam: with less free space than the checkpoint's
+    tensors (and a margin), the save is refused in one sentence and the old file stays."""
+    import collections
+
+    assert h64lm.check_room in h64lm.SAVE_CHECKS
+    path = tmp_path / "latest.pt"
+    path.write_bytes(b"the old checkpoint")
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda folder: usage(2**30, 2**30 - 2**20, 2**20))  # 1 MiB free
+    with pytest.raises(h64lm.H64LMError, match=r"^Only 0\.00 GiB are free next to .*latest\.pt, and the checkpoint "
+                                               r"needs about 0\.04 GiB; free disk space or choose another --out-dir\.$"):
+        h64lm.save_checkpoint(path, {"model": {"w": torch.zeros(10_000_000)}})  # 40 MB of float32
+    assert path.read_bytes() == b"the old checkpoint" and sorted(tmp_path.iterdir()) == [path]
