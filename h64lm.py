@@ -725,15 +725,18 @@ def autocast_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
 
 
-def native_grouped_mm(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether torch's grouped GEMM kernel takes these, as its documentation says: torch.nn.functional.grouped_mm
-    (public in torch 2.10 and later) for bfloat16 on a CUDA GPU of compute capability 8.0 or more (A100, H100),
-    or, in an older torch, the private torch._grouped_mm on 9.0 (Hopper); rows aligned to 16 bytes either way."""
+def native_grouped_mm(x: torch.Tensor, w: torch.Tensor) -> torch.dtype | None:
+    """The dtype torch's grouped GEMM kernel can multiply these in, None where it cannot (the loop below then runs),
+    as its documentation says: torch.nn.functional.grouped_mm (public in torch 2.10 and later) in bfloat16 on a CUDA
+    GPU of compute capability 8.0 or more (A100, H100), or, in an older torch, the private torch._grouped_mm on 9.0
+    (Hopper); rows aligned to 16 bytes either way. fp16 runs there in bfloat16, cast back (the loop would sync the
+    host once per expert); float32 has no grouped kernel, and takes the loop."""
     public = hasattr(F, "grouped_mm")
-    if not (public or hasattr(torch, "_grouped_mm")) or not (x.is_cuda and x.dtype == w.dtype == torch.bfloat16):
-        return False
+    if not (public or hasattr(torch, "_grouped_mm")) or not x.is_cuda or x.dtype != w.dtype:
+        return None
     aligned = x.shape[-1] % 8 == 0 and w.shape[-1] % 8 == 0
-    return aligned and torch.cuda.get_device_capability(x.device) >= ((8, 0) if public else (9, 0))
+    able = aligned and torch.cuda.get_device_capability(x.device) >= ((8, 0) if public else (9, 0))
+    return torch.bfloat16 if able and x.dtype in (torch.bfloat16, torch.float16) else None
 
 
 @torch.library.custom_op(f"{_OPS}::grouped_mm_loop", mutates_args=())
@@ -791,10 +794,12 @@ grouped_mm_loop.register_autograd(_grouped_mm_backward, setup_context=_grouped_m
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
     """Block i of the rows x (A, K) times w[i] (E, K, M), block i ending at row ends[i] (E,) -> (A, M)."""
-    if native_grouped_mm(x, w):
-        kernel = getattr(F, "grouped_mm", None) or torch._grouped_mm
-        return kernel(x, w, offs=ends)  # rows after the last block are left undefined, in backward too
-    return grouped_mm_loop(x, w, ends)
+    dtype = native_grouped_mm(x, w)
+    if dtype is None:
+        return grouped_mm_loop(x, w, ends)
+    kernel = getattr(F, "grouped_mm", None) or torch._grouped_mm
+    # Rows after the last block are left undefined by the kernel, in backward too (see MoE._experts_grouped).
+    return kernel(x.to(dtype), w.to(dtype), offs=ends).to(x.dtype)
 
 
 def init_weight(name: str, p: torch.Tensor, config: H64LMConfig) -> None:
@@ -1108,14 +1113,16 @@ class H64LM(nn.Module):
 
     def attention_bias(self, q_pos: torch.Tensor, k_pos: torch.Tensor, plain_causal: bool) -> torch.Tensor | None:
         """What every layer adds to its attention scores: None for the plain causal mask (fast kernels know it),
-        a boolean mask (B, 1, T, S) without ALiBi, or a float bias (B, H, T, S) with ALiBi and -inf where masked."""
+        a boolean mask (B, 1, T, S) without ALiBi, or a float bias (B, H, T, S) with ALiBi and -inf where masked, in
+        the dtype the scores are computed in (a float32 bias beside bf16 queries is refused by CUDA's kernels)."""
         config = self.config
         if plain_causal and not config.use_alibi:
             return None
         mask = attention_mask(q_pos, k_pos, config.sliding_window)
         if not config.use_alibi:
             return mask
-        return alibi_bias(self.alibi_slopes, q_pos, k_pos).masked_fill(~mask, float("-inf"))
+        bias = alibi_bias(self.alibi_slopes, q_pos, k_pos).masked_fill(~mask, float("-inf"))
+        return bias.to(autocast_dtype(self.embed.weight))
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
                 positions: torch.Tensor | None = None, cache: KVCache | None = None) -> H64LMOutput:
@@ -4681,11 +4688,14 @@ def grouped_gemm_row(config: H64LMConfig, rt: Runtime) -> dict:
     x = torch.empty((), dtype=rt.dtype, device=rt.device).expand(8, config.hidden_size)  # shapes, no memory
     w = torch.empty((), dtype=rt.dtype, device=rt.device).expand(config.num_experts, config.hidden_size,
                                                                  config.expert_intermediate_size)
-    dtype = str(rt.dtype).removeprefix("torch.")
-    if native_grouped_mm(x, w):
+    dtype, native = str(rt.dtype).removeprefix("torch."), native_grouped_mm(x, w)
+    if native is not None:
         kernel = "torch.nn.functional.grouped_mm" if hasattr(F, "grouped_mm") else "torch._grouped_mm"
-        return _row("grouped_gemm", "grouped GEMM", f"torch's kernel, {dtype} ({kernel})", native=True)
-    return _row("grouped_gemm", "grouped GEMM", f"loop, {dtype} (torch's kernel: bf16 on CUDA SM >= 8.0)", native=False)
+        cast = "" if native == rt.dtype else ", multiplied in bfloat16"
+        return _row("grouped_gemm", "grouped GEMM", f"torch's kernel, {dtype}{cast} ({kernel})", native=True)
+    why = ("torch has no float32 grouped kernel" if rt.dtype == torch.float32 and rt.device.type == "cuda"
+           else "torch's kernel: bf16 or fp16 on CUDA SM >= 8.0")
+    return _row("grouped_gemm", "grouped GEMM", f"loop, {dtype} ({why})", native=False)
 
 
 def twin_rows(config: H64LMConfig, rt: Runtime) -> list[dict]:

@@ -1,0 +1,90 @@
+"""The GPU run's second pass (issue 33): seven defects a first run on an H100 or on 8 GPUs would hit, each found by
+reading torch's sources and each shown here on the CPU twin torch offers. Every test failed on the code before its
+fix."""
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import h64lm
+
+
+def default_shape(**overrides) -> h64lm.H64LMConfig:
+    """The h64lm preset's layout (12 query / 4 KV heads, top-2 of 8 on odd layers, rope+alibi) at a CPU test's width."""
+    return h64lm.H64LMConfig.from_preset("h64lm", **{
+        "vocab_size": 256, "max_position_embeddings": 64, "hidden_size": 96, "num_layers": 2,
+        "intermediate_size": 128, "expert_intermediate_size": 64, **overrides})
+
+
+def sdpa_spy(monkeypatch) -> list[tuple[torch.dtype, torch.dtype | None]]:
+    """Record the dtypes of the query and of the mask that every call of SDPA is handed."""
+    calls, sdpa = [], F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kw):
+        calls.append((q.dtype, None if attn_mask is None else attn_mask.dtype))
+        return sdpa(q, k, v, attn_mask=attn_mask, **kw)
+    monkeypatch.setattr(h64lm.F, "scaled_dot_product_attention", spy)
+    return calls
+
+
+# --- 1. bf16 weights without autocast: the ALiBi bias in the query's dtype -------------------------------------
+
+@pytest.mark.parametrize("attention_type,window", [("rope+alibi", None), ("alibi", 8)])
+@pytest.mark.parametrize("how", ["bf16 weights", "bf16 autocast"])
+def test_sdpa_is_handed_an_alibi_bias_in_the_querys_dtype(monkeypatch, attention_type, window, how):
+    # CUDA's memory-efficient kernel raises "invalid dtype for bias" on a float32 bias beside bf16 queries, and
+    # cuDNN's reads it as bf16 (a wrong result); the CPU's flash kernel takes both, so the call is what is checked.
+    calls = sdpa_spy(monkeypatch)
+    torch.manual_seed(0)
+    model = h64lm.H64LM(default_shape(attention_type=attention_type, sliding_window=window, loss_impl="plain"))
+    ids = torch.randint(0, 256, (2, 24))
+    if how == "bf16 weights":  # the exported model loaded in bf16, or model.bfloat16()
+        reference = model(ids).logits
+        logits = model.bfloat16()(ids).logits
+    else:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(ids).logits
+        reference = model(ids).logits
+    bf16_calls = [c for c in calls if c[0] == torch.bfloat16]
+    assert bf16_calls and all(mask == torch.bfloat16 for _, mask in bf16_calls), bf16_calls
+    assert (logits.float() - reference).abs().max() < 0.1 * reference.abs().max()
+
+
+# --- 5. fp16: the grouped GEMM in bf16, not the per-expert loop with its host syncs ------------------------------
+
+def test_fp16_experts_take_the_grouped_kernel_in_bf16_and_not_the_loop(monkeypatch):
+    # The gate, with a stand-in for a CUDA tensor (it reads only these attributes), says bf16 for fp16 on an H100.
+    import types
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    x = types.SimpleNamespace(is_cuda=True, dtype=torch.float16, shape=(32, 64), device="cuda:0")
+    w = types.SimpleNamespace(is_cuda=True, dtype=torch.float16, shape=(8, 64, 64), device="cuda:0")
+    assert h64lm.native_grouped_mm(x, w) == torch.bfloat16
+    # Then an fp16 MoE layer on this CPU, whose torch._grouped_mm runs in bf16 as a GPU's does: the loop is never
+    # called, the output is fp16, and it equals the loop's, forward and backward, to bf16's rounding.
+    monkeypatch.setattr(h64lm, "native_grouped_mm",
+                        lambda x, w: torch.bfloat16 if x.dtype in (torch.float16, torch.bfloat16) else None)
+    torch.manual_seed(0)
+    config = default_shape(moe_layers="all", num_layers=1)
+    grouped = h64lm.MoE(config)
+    looped = h64lm.MoE(dataclasses.replace(config, moe_impl="loop"))
+    looped.load_state_dict(grouped.state_dict())
+    x, probe = torch.randn(2, 32, config.hidden_size), torch.randn(2, 32, config.hidden_size)
+    results = {}
+    for name, layer in (("grouped", grouped), ("loop", looped)):
+        inputs = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.float16):
+            y, _, _ = layer(inputs)
+        (y.float() * probe).sum().backward()
+        results[name] = (y, inputs.grad, layer.w_up.grad)
+    called = []
+    monkeypatch.setattr(h64lm, "grouped_mm_loop", lambda *a: called.append(a))
+    with torch.autocast("cpu", dtype=torch.float16):
+        grouped(x)[0].float().sum()
+    assert not called
+    ends = torch.tensor([3, 6], dtype=torch.int32)
+    assert h64lm.grouped_mm(torch.randn(6, 16).half(), torch.randn(2, 16, 8).half(), ends).dtype == torch.float16
+    for g, l in zip(results["grouped"], results["loop"]):
+        assert g.isfinite().all()
+        assert (g.float() - l.float()).abs().max() <= 2e-2 * l.float().abs().max()
