@@ -3417,26 +3417,36 @@ def check_shardable(tc: TrainConfig, rt: Runtime, trained: Trained | None) -> No
                          "start it with torchrun --nproc_per_node=N (N of 2 or more), or train without --shard.")
 
 
-def shard_model(model: H64LM, rt: Runtime) -> H64LM:
+def shard_model(model: H64LM, rt: Runtime, policy=None) -> H64LM:
     """FSDP2 (torch.distributed.fsdp.fully_shard, Zhao et al. 2023, as torchtitan uses it): every weight is split
     on its first dimension over the processes, each holding 1/N of it, and of its gradient and optimizer state.
     Before a block runs its weights are all-gathered, and freed after it; in backward each gradient is
     reduce-scattered to the shards, averaged as DDP averages. So a process holds one block's whole weights at a
     time, not the model's. Each block is a unit of its own, and the root takes the rest (embeddings, final norm,
     LM head). The stacked expert tensors (E, in, out) split on their first dimension, the experts: a process holds
-    whole experts (which ExpertMuon needs). On CUDA the gathered weights are bf16 for compute and gradients are
-    reduced in float32 (MixedPrecisionPolicy); the shards, and the optimizer, stay float32. The model is changed in
-    place (its parameters become DTensors) and returned. Buffers (RoPE tables, aux_free's balance bias) are not
-    sharded: every process keeps them whole, and moves the bias alike (train_step)."""
+    whole experts (which ExpertMuon needs). policy: the MixedPrecisionPolicy, by default fsdp_policy's for this
+    device. The model is changed in place (its parameters become DTensors) and returned. Buffers (RoPE tables,
+    aux_free's balance bias) are not sharded: every process keeps them whole, and moves the bias alike
+    (train_step)."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(rt.device.type, (rt.world_size,))
-    policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-              if rt.device.type == "cuda" and rt.dtype == torch.bfloat16 else MixedPrecisionPolicy())
+    policy = policy or fsdp_policy(rt.device.type, rt.dtype)
     for block in model.blocks:
         fully_shard(block, mesh=mesh, mp_policy=policy)
     return fully_shard(model, mesh=mesh, mp_policy=policy)
+
+
+def fsdp_policy(device_type: str, dtype: torch.dtype):
+    """On CUDA in bf16 the gathered weights are bf16 for compute and gradients are reduced in float32; the shards,
+    and the optimizer, stay float32. Forward inputs are not cast (cast_forward_inputs=False): a block's inputs
+    include the RoPE tables, which must stay float32 as they are in DDP (autocast casts what multiplies in bf16).
+    Elsewhere nothing is cast."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+    if device_type == "cuda" and dtype == torch.bfloat16:
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    return MixedPrecisionPolicy()
 
 
 def save_shards(run: Run) -> str:

@@ -88,3 +88,41 @@ def test_fp16_experts_take_the_grouped_kernel_in_bf16_and_not_the_loop(monkeypat
     for g, l in zip(results["grouped"], results["loop"]):
         assert g.isfinite().all()
         assert (g.float() - l.float()).abs().max() <= 2e-2 * l.float().abs().max()
+
+
+# --- 7. FSDP2 leaves the RoPE tables in float32 ------------------------------------------------------------------
+
+SHARDED_TABLES_SCRIPT = """
+import sys
+import torch, torch.distributed as dist
+import h64lm
+dist.init_process_group("gloo")
+rt = h64lm.Runtime(device=torch.device("cpu"), rank=dist.get_rank(), world_size=2, dtype=torch.bfloat16)
+torch.manual_seed(0)
+model = h64lm.H64LM(h64lm.H64LMConfig.from_preset("tiny", vocab_size=256, num_layers=2))
+seen = []
+for block in model.blocks:
+    block.register_forward_pre_hook(lambda module, args: seen.append(str(args[1][0].dtype)))
+h64lm.shard_model(model, rt, h64lm.fsdp_policy("cuda", torch.bfloat16))  # CUDA's bf16 policy, forced on gloo
+with rt.autocast():
+    model(torch.randint(0, 256, (1, 16)), torch.randint(0, 256, (1, 16))).loss.backward()
+print("rank", rt.rank, "block rope tables", ",".join(seen))
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_a_sharded_block_rotates_with_float32_rope_tables(tmp_path):
+    # MixedPrecisionPolicy's cast_forward_inputs=True (its default) cast every floating input of a block to bf16,
+    # the RoPE tables with them, so a sharded run rotated with bf16-rounded angles where DDP uses float32.
+    import subprocess
+    import sys
+    from conftest import PROCESS_ENV, REPO
+    script = tmp_path / "tables.py"
+    script.write_text(SHARDED_TABLES_SCRIPT)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(script)], cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env={**PROCESS_ENV, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in result.stdout.splitlines() if "block rope tables" in line]
+    assert len(lines) == 2 and all(line.endswith("torch.float32,torch.float32") for line in lines), result.stdout
