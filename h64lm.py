@@ -4558,9 +4558,10 @@ def bench_report(r: dict, form: str = "", decoding: bool = True) -> str:
 # run, it says what this device will run and checks that it runs it right:
 #   - the device, the torch, CUDA and cuDNN versions, and the peak FLOP/s that
 #     MFU is measured against, with where that number comes from;
-#   - the SDPA kernel each attention type reaches (one layer's real call, under
-#     each backend alone, in torch's order of preference) and whether the
-#     grouped GEMM is torch's kernel or the loop, in the dtype training uses;
+#   - the SDPA kernel each attention type reaches (read from the operator one
+#     layer's real call dispatches to, then which other backends run alone)
+#     and whether the grouped GEMM is torch's kernel or the loop, in the
+#     dtype training uses;
 #   - every fast path against its readable twin on this device, compared as
 #     the tests compare them on a CPU, at a small width: attention, the MoE
 #     dispatch, the loss, compiled decoding, and bf16 (and fp16 on CUDA)
@@ -4658,11 +4659,10 @@ def device_rows(rt: Runtime) -> list[dict]:
 
 def attention_kernel_rows(config: H64LMConfig, rt: Runtime) -> list[dict]:
     """The SDPA kernel each attention type reaches here: one layer with the preset's heads, forward and backward in
-    the training dtype, under each backend alone. torch takes the first that accepts its inputs, in its order of
-    preference, so the first that runs in that order is the one training gets."""
+    the training dtype. The kernel is read from the operator SDPA dispatches to in a real call (torch decides at
+    the call: on Hopper it moves cuDNN first in its order only then, so the order read before a call names the
+    wrong kernel), and each backend is then tried alone, to list what else would run."""
     from torch.nn.attention import SDPBackend
-    priority = torch._C._get_sdp_priority_order()  # the order torch tries them in; it has no public accessor
-    backends = sorted((getattr(SDPBackend, name) for name in SDPA_KERNELS), key=lambda b: priority.index(int(b)))
     rows = []
     for attention_type in ATTENTION_TYPES:
         layer = dataclasses.replace(config, attention_type=attention_type, attn_impl="sdpa", num_layers=1,
@@ -4670,12 +4670,38 @@ def attention_kernel_rows(config: H64LMConfig, rt: Runtime) -> list[dict]:
         torch.manual_seed(0)
         model = H64LM(layer).to(rt.device)
         ids = torch.randint(0, layer.vocab_size, (1, min(128, layer.max_position_embeddings)), device=rt.device)
-        runs = [SDPA_KERNELS[b.name] for b in backends if _runs_under(b, model, ids, rt)]
-        value = (runs[0] + (f" (also runs: {', '.join(runs[1:])})" if runs[1:] else "")) if runs else "none runs"
-        fused = bool(runs) and runs[0] != SDPA_KERNELS["MATH"]  # math stores every (B, H, T, S) score: a failure
+        taken = sdpa_kernel_taken(model, ids, rt)
+        also = [SDPA_KERNELS[name] for name in SDPA_KERNELS
+                if SDPA_KERNELS[name] != taken and _runs_under(getattr(SDPBackend, name), model, ids, rt)]
+        value = taken + (f" (also runs: {', '.join(also)})" if also else "")
+        fused = taken != SDPA_KERNELS["MATH"]  # math stores every (B, H, T, S) score: a failure
         rows.append(_row(f"attention_{attention_type.replace('+', '_')}", f"attention kernel, {attention_type}",
-                         value, fused, kernel=runs[0] if runs else None, runs=runs))
+                         value, fused, kernel=taken, runs=[taken, *also]))
     return rows
+
+
+# The operators SDPA dispatches to, by kernel (aten's names; the CPU's flash kernel has its own). The math kernel
+# is no operator of its own: it is written in matrix multiplies and a softmax, so a call that reaches none of
+# these took it.
+SDPA_OPERATORS = {"_scaled_dot_product_flash_attention": "FLASH_ATTENTION",
+                  "_scaled_dot_product_flash_attention_for_cpu": "FLASH_ATTENTION",
+                  "_scaled_dot_product_efficient_attention": "EFFICIENT_ATTENTION",
+                  "_scaled_dot_product_cudnn_attention": "CUDNN_ATTENTION"}
+
+
+def sdpa_kernel_taken(model: H64LM, ids: torch.Tensor, rt: Runtime) -> str:
+    """The SDPA kernel a training forward of model takes, in SDPA_KERNELS' words, seen in the operators it runs."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    seen = []
+
+    class Operators(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(func._schema.name.removeprefix("aten::"))
+            return func(*args, **(kwargs or {}))
+    with Operators(), rt.autocast():
+        model(ids, ids)
+    kernels = [SDPA_OPERATORS[name] for name in seen if name in SDPA_OPERATORS]
+    return SDPA_KERNELS[kernels[0] if kernels else "MATH"]
 
 
 def _runs_under(backend, model: H64LM, ids: torch.Tensor, rt: Runtime) -> bool:

@@ -126,3 +126,30 @@ def test_a_sharded_block_rotates_with_float32_rope_tables(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [line for line in result.stdout.splitlines() if "block rope tables" in line]
     assert len(lines) == 2 and all(line.endswith("torch.float32,torch.float32") for line in lines), result.stdout
+
+
+# --- 3. doctor names the kernel a call takes, not the one torch's order named before any call -------------------
+
+def test_the_doctor_names_the_kernel_the_call_takes_not_the_order_read_before_it(monkeypatch):
+    # On Hopper torch moves cuDNN to the front of its order lazily, at the first call; stand in for that with an
+    # order that puts the math kernel first, which no call here takes: the flash kernel serves every type on a CPU.
+    from torch.nn.attention import SDPBackend
+    order = [int(SDPBackend.MATH), int(SDPBackend.FLASH_ATTENTION), int(SDPBackend.EFFICIENT_ATTENTION),
+             int(SDPBackend.CUDNN_ATTENTION), int(SDPBackend.OVERRIDEABLE)]
+    monkeypatch.setattr(torch._C, "_get_sdp_priority_order", lambda: order)
+    rt = h64lm.Runtime(device=torch.device("cpu"))
+    config = h64lm.doctor_config(h64lm.H64LMConfig.from_preset("tiny"))
+    rows = h64lm.attention_kernel_rows(config, rt)
+    assert [row["kernel"] for row in rows] == ["flash"] * 3, rows
+    assert all(row["passed"] for row in rows)
+
+
+def test_the_kernel_taken_is_read_from_the_call(monkeypatch):
+    # The reading can fail: SDPA held to the math kernel is seen as math.
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    rt = h64lm.Runtime(device=torch.device("cpu"))
+    model = h64lm.H64LM(h64lm.doctor_config(h64lm.H64LMConfig.from_preset("tiny")))
+    ids = torch.randint(0, 512, (1, 32))
+    assert h64lm.sdpa_kernel_taken(model, ids, rt) == "flash"
+    with sdpa_kernel([SDPBackend.MATH]):
+        assert h64lm.sdpa_kernel_taken(model, ids, rt) == "unfused math"
