@@ -4596,7 +4596,9 @@ SDPA_KERNELS = {"FLASH_ATTENTION": "flash", "EFFICIENT_ATTENTION": "memory-effic
 
 def doctor(rt: Runtime, preset: str = "h64lm", log=print, debug: bool = False) -> dict:
     """Every row of the doctor (above) on this process's device, and the failed checks, each named with what was
-    found. A part that raises is a failed check (with debug, the error is raised instead)."""
+    found. A part that raises is a failed check (with debug, the error is raised instead). Under torchrun the
+    processes agree after every part on which of them failed it, and name it; after a failure anywhere, every
+    process skips the parts that run collectives (DOCTOR_COLLECTIVE_PARTS)."""
     try:
         config = H64LMConfig.from_preset(preset)
     except ValueError as e:
@@ -4613,19 +4615,44 @@ def doctor(rt: Runtime, preset: str = "h64lm", log=print, debug: bool = False) -
               f"{DOCTOR_STEPS} training steps": lambda: training_rows(config, preset, rt)}
     if rt.world_size > 1:
         parts["sharded training (--shard)"] = lambda: sharded_rows(small, rt)
-    rows, started = [], time.perf_counter()
+    rows, started, broken = [], time.perf_counter(), []
     for what, part in parts.items():
         log(f"doctor: {what}")
+        key = re.sub(r"\W+", "_", what)
+        if broken and what in DOCTOR_COLLECTIVE_PARTS:  # some process failed: it must not be waited for
+            rows.append(_row(key, what, f"skipped: {broken[0]}"))
+            continue
+        error = None
         try:
             rows += part()
         except Exception as e:
             if debug:
                 raise
-            rows.append(_row(re.sub(r"\W+", "_", what), what, f"raised {one_sentence(e)}", False))
+            error = f"raised {one_sentence(e)}"
+            rows.append(_row(key, what, error, False))
+        for rank, elsewhere in failures_by_rank(error, rt).items():
+            broken.append(f"{what} failed on rank {rank}")
+            if rank != rt.rank:
+                rows.append(_row(f"{key}_rank{rank}", f"{what} on rank {rank}", elsewhere, False))
     return {"preset": preset, "device": device_name(rt.device), "processes": rt.world_size,
             "seconds": time.perf_counter() - started, "checks": sum(r["passed"] is not None for r in rows),
             "failed": [f"{r['check']} ({r['value']})" for r in rows if r["passed"] is False],
             "rows": {r.pop("key"): r for r in rows}}
+
+
+# The doctor's parts that every process must enter together (each runs collectives): after a part fails on any
+# process, every process skips them, rather than some entering a collective the others never will.
+DOCTOR_COLLECTIVE_PARTS = ("the all-reduce", f"{DOCTOR_STEPS} training steps", "sharded training (--shard)")
+
+
+def failures_by_rank(error: str | None, rt: Runtime) -> dict[int, str]:
+    """Under torchrun, what failed in the part just run on each process that failed it, known to all of them (a
+    collective after every part)."""
+    if rt.world_size == 1:
+        return {}  # nothing to agree on, and no collective to skip
+    errors = [None] * rt.world_size
+    torch.distributed.all_gather_object(errors, error)
+    return {rank: error for rank, error in enumerate(errors) if error}
 
 
 def _row(key: str, check: str, value: str, passed: bool | None = None, **figures) -> dict:

@@ -71,3 +71,40 @@ def test_under_torchrun_the_doctor_checks_the_all_reduce_and_that_every_process_
     assert report["processes"] == 2
     assert_every_check_passed(report, CHECKS + DISTRIBUTED)
     assert report["rows"]["all_reduce"]["check"] == "all-reduce (gloo)"
+
+
+ONE_RANK_FAILS = """
+import sys
+import torch
+import h64lm
+rank = int(__import__("os").environ["RANK"])
+twins = h64lm.twin_rows
+def broken_on_rank1(config, rt):
+    if rt.rank == 1:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")  # as a bad GPU would
+    return twins(config, rt)
+h64lm.twin_rows = broken_on_rank1
+h64lm.decoding_row = lambda config, rt: h64lm._row("compiled_decoding", "compiled decoding", "left out")
+sys.exit(h64lm.main(["doctor", "--preset", "tiny", "--device", "cpu", "--json"]))
+"""
+
+
+@pytest.mark.slow
+def test_under_torchrun_a_part_failed_on_one_rank_stops_the_collective_parts_everywhere_and_is_named(tmp_path):
+    # Each process catches its own errors part by part; without agreeing after each part, rank 0 went on into the
+    # training steps' all-reduces alone (with NCCL: a hang) and reported every check passed.
+    script = tmp_path / "one_rank_fails.py"
+    script.write_text(ONE_RANK_FAILS)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(script)], cwd=REPO, env={**PROCESS_ENV, "PYTHONPATH": str(REPO)},
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stderr[-3000:]
+    report = json.loads(result.stdout)  # rank 0's
+    rows = report["rows"]
+    assert rows["fast_paths_against_their_twins_rank1"]["passed"] is False
+    assert len(report["failed"]) == 1
+    assert report["failed"][0].startswith("fast paths against their twins on rank 1 (raised OutOfMemoryError: CUDA "
+                                          "out of memory. Tried to allocate 2.00 GiB")
+    for key in ("3_training_steps", "sharded_training_shard_"):
+        assert rows[key]["value"] == "skipped: fast paths against their twins failed on rank 1", rows[key]
+    assert rows["all_reduce"]["passed"] is True  # the parts before it ran
