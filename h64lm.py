@@ -1,7 +1,7 @@
 """H64LM: a Mixture-of-Experts language model, from scratch, in one file.
 
 The file is a book and a workshop. Part I, the book (sections 1-18, lines 1 to
-2995: everything above the line that begins "# Part II"), is a complete program
+3031: everything above the line that begins "# Part II"), is a complete program
 that builds every part of a modern sparse transformer before the whole that uses
 it, then trains, resumes, evaluates and generates. Part II, the workshop, is
 what a reader may skip: it adds guards, sharding, the routing lab, export,
@@ -66,7 +66,7 @@ if not hasattr(torch.optim, "Muon"):  # ExpertMuon (section 15) builds on it, as
 # derived in __post_init__, so each default is set in exactly one place.
 
 ATTENTION_TYPES = ("rope", "alibi", "rope+alibi")
-ATTENTION_IMPLS = ("sdpa", "plain")
+ATTENTION_IMPLS: dict[str, Callable] = {}  # attn_impl -> the attention function: "sdpa", "plain" (section 7)
 MOE_IMPLS = ("grouped", "loop")
 LOSS_IMPLS = ("chunked", "plain")
 IMPL_FIELDS = ("attn_impl", "moe_impl", "loss_impl")  # H64LMConfig's run-time choices (see the config)
@@ -192,6 +192,7 @@ class H64LMConfig:
     # How the model is computed, not what it is: each pair computes the same function (tests prove it), so these
     # are run-time choices, left out of to_dict, of checkpoints and of the resume check (IMPL_FIELDS).
     attn_impl: str = "sdpa"  # "sdpa": PyTorch's fused attention kernels; "plain": the same math written out
+    # (Part II adds "flex": FlexAttention, section 23)
     moe_impl: str = "grouped"  # "grouped": tokens sorted by expert, one pass each; "loop": the readable per-expert loop
     loss_impl: str = "chunked"  # "chunked": LM head and cross-entropy fused, a few rows at a time, logits never stored
     # (forward then returns logits=None); "plain": the (B, T, V) logits, then F.cross_entropy
@@ -487,6 +488,12 @@ def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: tor
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=bias is None, enable_gqa=groups > 1)
 
 
+# The seam for other implementations of attention: each takes q, k, v and the bias that its ATTENTION_MASKS entry
+# builds, H64LM.attention_bias by default (Part II adds FlexAttention, section 23, which builds its own).
+ATTENTION_IMPLS |= {"sdpa": fused_attention, "plain": plain_attention}
+ATTENTION_MASKS: dict[str, Callable] = {}  # attn_impl -> (model, q_pos, k_pos, plain_causal) -> what it takes
+
+
 class Attention(nn.Module):
     def __init__(self, config: H64LMConfig, layer: int):
         super().__init__()
@@ -508,7 +515,7 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, Hkv, S, hd), S = cached + T
-        y = plain_attention(q, k, v, bias) if self.impl == "plain" else fused_attention(q, k, v, bias)
+        y = ATTENTION_IMPLS[self.impl](q, k, v, bias)  # (B, H, T, hd)
         y = y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)  # (B, T, H*hd)
         return self.o_proj(y)
 
@@ -1019,29 +1026,17 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, x, weight, targets, chunk_rows: int, compute_dtype: torch.dtype, with_grad: bool):
         counted = targets != -100  # (N,)
         n = counted.sum().clamp_min(1)  # a batch with nothing to count has loss 0, not 0/0
-        safe_targets = targets.clamp_min(0)[:, None]  # (N, 1), ignored rows point at token 0 and are masked
         xc, wc = x.to(compute_dtype), weight.to(compute_dtype)  # the matmul dtype, as autocast would choose it
         exact = torch.promote_types(compute_dtype, torch.float32)  # logits and sums: float32 at least
         total = torch.zeros((), dtype=exact, device=x.device)
         grad_x = torch.empty_like(x) if with_grad else None
         grad_w = torch.zeros_like(weight, dtype=exact) if with_grad else None  # summed over chunks
+        chunk_loss = compiled_chunk_loss() if x.device.type in COMPILED_LOSS_DEVICES else softmax_cross_entropy
         for start in range(0, x.shape[0], chunk_rows):
             rows = slice(start, start + chunk_rows)
-            z = (xc[rows] @ wc.T).to(exact)  # (c, V) this chunk's logits, float32 like the plain path's .float()
-            target_logit = z.gather(1, safe_targets[rows])  # (c, 1)
-            z_max = z.amax(dim=1, keepdim=True)
-            z.sub_(z_max).exp_()  # in place from here on: z becomes exp(z - max)
-            sum_exp = z.sum(dim=1, keepdim=True)
-            loss = z_max + sum_exp.log() - target_logit  # (c, 1): logsumexp(z) - z_y
-            total += (loss.squeeze(1) * counted[rows]).sum()
+            loss, g = chunk_loss(xc[rows] @ wc.T, targets[rows], counted[rows], with_grad)  # (c, V) logits in
+            total += loss
             if with_grad:
-                # n * dL/dz = softmax(z) - onehot(y), for a counted row (an ignored one's is 0). The 1/n waits for
-                # backward, where it meets the loss's own gradient: p/n would be cast to fp16 here, before a
-                # gradient scaler's factor has reached it, and at 16k tokens it is below fp16's smallest number.
-                counted_rows = counted[rows, None].to(exact)  # (c, 1)
-                z.mul_(counted_rows / sum_exp)  # softmax(z)
-                z.scatter_add_(1, safe_targets[rows], -counted_rows)  # - onehot(y)
-                g = z.to(compute_dtype)
                 grad_x[rows] = g @ wc  # (c, D)
                 if compute_dtype == exact:
                     grad_w.addmm_(g.T, xc[rows])  # (V, D), accumulated in place
@@ -1056,6 +1051,40 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_x, grad_w, n = ctx.saved_tensors
         scale = grad_loss / n  # in float32 at least: a gradient scaler's factor times 1/n
         return (grad_x * scale).to(grad_x.dtype), (grad_w * scale).to(grad_w.dtype), None, None, None, None
+
+
+def softmax_cross_entropy(z: torch.Tensor, targets: torch.Tensor, counted: torch.Tensor,
+                          with_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One chunk's elementwise work: from its logits z (c, V) in the matmul dtype, the summed loss of its counted
+    rows, and n * dL/dz = softmax(z) - onehot(y) (0 for a row not counted) in z's dtype, or None."""
+    safe_targets = targets.clamp_min(0)[:, None]  # (c, 1), ignored rows point at token 0 and are masked
+    dtype, exact = z.dtype, torch.promote_types(z.dtype, torch.float32)
+    z = z.to(exact)  # float32 at least, like the plain path's .float()
+    target_logit = z.gather(1, safe_targets)  # (c, 1)
+    z_max = z.amax(dim=1, keepdim=True)
+    z.sub_(z_max).exp_()  # in place from here on: z becomes exp(z - max)
+    sum_exp = z.sum(dim=1, keepdim=True)
+    loss = ((z_max + sum_exp.log() - target_logit).squeeze(1) * counted).sum()  # logsumexp(z) - z_y
+    if not with_grad:
+        return loss, None
+    # The 1/n waits for backward, where it meets the loss's own gradient: p/n would be cast to fp16 here, before a
+    # gradient scaler's factor has reached it, and at 16k tokens it is below fp16's smallest number.
+    counted = counted[:, None].to(exact)  # (c, 1)
+    z.mul_(counted / sum_exp)  # softmax(z)
+    z.scatter_add_(1, safe_targets, -counted)  # - onehot(y)
+    return loss, z.to(dtype)
+
+
+# On a GPU the chunk's elementwise passes (a cast, max, exp, sum, the softmax, the one-hot, a cast back), each a
+# read and a write of (c, V) floats, cost more than its matrix multiplies; compiled, they fuse into two. On a CPU
+# they are a small part of the step, and compiling would add seconds to every process.
+COMPILED_LOSS_DEVICES = ("cuda",)
+
+
+@functools.cache
+def compiled_chunk_loss() -> Callable:
+    """softmax_cross_entropy compiled, once per process."""
+    return torch.compile(softmax_cross_entropy)
 
 
 def token_nll(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -1144,7 +1173,7 @@ class H64LM(nn.Module):
                              f"({self.config.max_position_embeddings}); use a shorter sequence.")
         k_pos = cache.key_positions(positions) if cache is not None else positions  # (B or 1, S)
         plain_causal = cache is None and default_positions and (self.config.sliding_window or T) >= T
-        bias = self.attention_bias(positions, k_pos, plain_causal)
+        bias = ATTENTION_MASKS.get(self.config.attn_impl, H64LM.attention_bias)(self, positions, k_pos, plain_causal)
         rope = rope_cos_sin(positions, self.rope_inv_freq) if self.config.use_rope else None
 
         x = self.embed(idx)  # (B, T, D)
@@ -2174,7 +2203,8 @@ class TrainConfig:
     eval_batches: int = 20  # validation micro-batches per evaluation
     log_every: int = 10  # steps between entries of training_history.json
     precision: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU), "bf16", "fp16" or "fp32"
-    compile: bool = False  # torch.compile each block (compile_blocks); no faster on 2 CPU cores (README, Speed)
+    compile: bool | None = None  # torch.compile each block (compile_blocks); None: on CUDA, where it pays, not
+    # on a CPU, where it does not (README, Speed)
     gradient_checkpointing: bool = False  # recompute activations in backward to save memory
     shard: bool = False  # under torchrun, FSDP2: each process holds 1/N of the weights, gradients and optimizer state,
     # and saves its share (section 20); without it each holds them all (DistributedDataParallel)
@@ -2361,20 +2391,24 @@ def train_loop(run: Run, log, on_step: Callable[[dict], None] | None = None,
                total=tc.max_steps, **quiet)
     run.step_model.train()
     t_last, window_load = time.perf_counter(), None  # window_load: (L, E) summed since the last validation
+    compiling = compiles(tc, rt)  # the first step compiles: its time is its own line, not a speed
     for step in bar:
         started = time.perf_counter()
         stats = train_step(run, step)
         now = time.perf_counter()
         run.seconds, t_last = run.seconds + now - t_last, now  # validations and saves included
         speed = {"tokens_per_s": run.tokens_per_step / (now - started)}  # the step alone: every process's tokens
-        if run.peak_flops:  # model FLOP utilisation: the share of the devices' peak that the model's FLOPs use
+        if compiling:
+            speed, compiling = {"compile_seconds": now - started}, False
+            log(f"step {step + 1} compiled the blocks: {now - started:.1f} s, left out of tokens/s")
+        elif run.peak_flops:  # model FLOP utilisation: the share of the devices' peak that the model's FLOPs use
             speed["mfu"] = speed["tokens_per_s"] * flops_per_token / run.peak_flops
         load = stats.pop("load")  # (L, E)
         balance = ({} if not len(load) else {"aux": f"{stats['aux_loss']:.3f}"} if stats["aux_loss"]
                    else {"maxvio": f"{max_violation(load).mean():.2f}"})  # without a loss: how even the load is
+        tok_s = {"tok_s": f"{speed['tokens_per_s']:,.0f}"} if "tokens_per_s" in speed else {}
         mfu = {"mfu": f"{speed['mfu']:.1%}"} if "mfu" in speed else {}
-        bar.set_postfix(loss=f"{stats['lm_loss']:.3f}", **balance, lr=f"{stats['lr']:.2e}",
-                        tok_s=f"{speed['tokens_per_s']:,.0f}", **mfu)
+        bar.set_postfix(loss=f"{stats['lm_loss']:.3f}", **balance, lr=f"{stats['lr']:.2e}", **tok_s, **mfu)
         window_load = load if window_load is None else window_load + load
         if step % tc.log_every == 0 or step == tc.max_steps - 1:
             run.history["train"].append(history_record(run, stats, load, **speed))
@@ -2541,13 +2575,20 @@ def new_run(config: H64LMConfig, tc: TrainConfig, rt: Runtime, run_dir: Path, tr
 def step_model_of(model: H64LM, tc: TrainConfig, rt: Runtime) -> nn.Module:
     """What a training step calls: the model, its blocks compiled if asked, under torchrun sharded (--shard) or in
     DDP. Sharding replaces the weights by their shards in place: build the optimizer after it."""
-    step_model = compile_blocks(model) if tc.compile else model
+    step_model = compile_blocks(model) if compiles(tc, rt) else model
     if tc.shard:
         return SHARDING.wrap(step_model, rt)
     if rt.world_size > 1:
         step_model = nn.parallel.DistributedDataParallel(step_model, device_ids=None if rt.device.type == "cpu"
                                                          else [rt.device.index])
     return step_model
+
+
+def compiles(tc: TrainConfig, rt: Runtime) -> bool:
+    """Whether the blocks are compiled: as --compile / --no-compile says, by default on CUDA where torch can."""
+    if tc.compile is not None:
+        return tc.compile
+    return rt.device.type == "cuda" and torch._dynamo.is_dynamo_supported()
 
 
 def compile_blocks(model: H64LM) -> H64LM:
@@ -3043,6 +3084,8 @@ def train_guarded(config: H64LMConfig, tc: TrainConfig, preset: str = "custom", 
     from the first step on, SIGINT and SIGTERM saved on and stopped at; MFU against the device's peak; a warning
     for a run of hours; the plots drawn at the last save, and between saves at most every PLOT_SECONDS."""
     rt = setup_runtime(tc.device, tc.precision)
+    if config.attn_impl == "flex" and rt.device.type != "cuda":
+        raise H64LMError(FLEX_ON_CPU)
     run_dir = Path(tc.out_dir) / (tc.run_name or preset)
     with contextlib.ExitStack() as cleanup:  # the folder's lock and the signal handlers, released however it ends
         held = on_rank0(rt, lambda: claim_run_dir(run_dir, resume, tc.overwrite, cleanup))
@@ -4315,6 +4358,7 @@ class StaticKVCache(KVCache):
         self.slots = min(sliding_window or context, context)
         # keys and values are allocated at the first update, with the shape and dtype attention gives them
         self.positions = torch.full((batch, self.slots), -1, device=device)  # (B, slots) each slot's position
+        torch._dynamo.mark_static_address(self.positions)
         self.slot_of_new: torch.Tensor | None = None  # (B, T') the slots the new tokens' keys go to
 
     def key_positions(self, new_positions: torch.Tensor) -> torch.Tensor:
@@ -4330,6 +4374,8 @@ class StaticKVCache(KVCache):
         if self.keys[layer] is None:
             shape = (k.shape[0], k.shape[1], self.slots, k.shape[3])  # (B, Hkv, slots, hd)
             self.keys[layer], self.values[layer] = k.new_zeros(shape), v.new_zeros(shape)
+            for t in (self.keys[layer], self.values[layer]):  # a CUDA graph writes them in place
+                torch._dynamo.mark_static_address(t)
         keys, values = self.keys[layer], self.values[layer]
         slot = self.slot_of_new[:, None, :, None]  # (B, 1, T', 1)
         T = slot.shape[2]
@@ -4358,18 +4404,85 @@ def static_cache(model: H64LM, batch: int) -> StaticKVCache:
                          model.embed.weight.device)
 
 
-def compiled_decoder() -> Callable:
+def compiled_decoder(device: torch.device) -> Callable:
     """decode_one_token compiled whole (fullgraph: no graph break), for a StaticKVCache, whose shapes do not change
-    from one token to the next, so it is compiled once per batch size. The first call compiles (seconds)."""
-    return torch.compile(decode_one_token, fullgraph=True, dynamic=False)
+    from one token to the next, so it is compiled once per batch size. The first call compiles (seconds). On CUDA
+    with CUDA graphs (mode="reduce-overhead", as gpt-fast): each token replays one recorded graph, without
+    launching its hundreds of kernels from Python one by one; the cache's tensors keep their addresses
+    (StaticKVCache marks them), so the graph reads and writes them where they are."""
+    mode = "reduce-overhead" if device.type in CUDA_GRAPH_DEVICES else None
+    return torch.compile(decode_one_token, fullgraph=True, dynamic=False, mode=mode)
+
+
+CUDA_GRAPH_DEVICES = ("cuda",)  # where compiled decoding records CUDA graphs (a CPU has none)
 
 
 def compiled_decoding(model: H64LM, batch: int) -> tuple[StaticKVCache, Callable]:
     """COMPILED_DECODING (section 13): a static cache and the compiled decoder."""
-    return static_cache(model, batch), compiled_decoder()
+    cache = static_cache(model, batch)
+    return cache, compiled_decoder(cache.positions.device)
 
 
 COMPILED_DECODING = compiled_decoding
+
+
+# FlexAttention, attn_impl="flex", which fills section 7's seam. SDPA takes
+# ALiBi, a window or padding only as a materialised (B, H, T, S) bias: no flash
+# kernel, no skipping of the tiles wholly above the diagonal, and on CUDA the
+# KV heads repeated first (section 7). FlexAttention (torch.nn.attention.
+# flex_attention; Dong et al. 2024) compiles attention with any score_mod and
+# mask_mod into one fused kernel: ALiBi is a score_mod, -m_h (i - j) added to
+# each score; causality, the window and padding are a mask_mod, from which
+# create_block_mask finds the tiles that are wholly masked, and skips them;
+# GQA is its enable_gqa. It is opt-in: torch runs its backward on GPUs only (a
+# CPU computes its forward, without gradients, so training there keeps SDPA),
+# and whether it pays on a GPU is for tests/gpu_first_run.py to measure.
+
+@functools.cache
+def compiled_flex_attention() -> Callable:
+    """flex_attention compiled, once per process: uncompiled, it is a reference that stores every score."""
+    from torch.nn.attention.flex_attention import flex_attention
+    return torch.compile(flex_attention)
+
+
+def flex_masks(model: H64LM, q_pos: torch.Tensor, k_pos: torch.Tensor, plain_causal: bool) -> tuple:
+    """ATTENTION_MASKS["flex"]: the score_mod (ALiBi's, or None) and the BlockMask of one forward, from the query
+    positions (B or 1, T) and key positions (B or 1, S), with section 5's rules (a padding query sees everything)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    B = max(q_pos.shape[0], k_pos.shape[0])
+    q_pos, k_pos = q_pos.expand(B, -1), k_pos.expand(B, -1)
+    window, slopes = model.config.sliding_window, model.alibi_slopes
+
+    def row(b):  # positions shared by every row (training's) make one mask, broadcast over the batch
+        return b if B > 1 else 0
+
+    def mask_mod(b, h, q, k):
+        distance = q_pos[row(b), q] - k_pos[row(b), k]
+        allowed = (distance >= 0) & (k_pos[row(b), k] >= 0)
+        if window is not None:
+            allowed = allowed & (distance < window)
+        return allowed | (q_pos[row(b), q] < 0)
+
+    def alibi(score, b, h, q, k):
+        return score - slopes[h] * (q_pos[row(b), q] - k_pos[row(b), k])
+    block_mask = create_block_mask(mask_mod, B if B > 1 else None, None, q_pos.shape[1], k_pos.shape[1],
+                                   device=q_pos.device)
+    return (alibi if model.config.use_alibi else None), block_mask
+
+
+def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masks: tuple) -> torch.Tensor:
+    """ATTENTION_IMPLS["flex"]: plain_attention's function with FlexAttention. q (B, H, T, hd), k and v
+    (B, Hkv, S, hd), masks from flex_masks."""
+    if q.device.type != "cuda" and torch.is_grad_enabled() and q.requires_grad:
+        raise H64LMError(FLEX_ON_CPU)
+    score_mod, block_mask = masks
+    return compiled_flex_attention()(q, k, v, score_mod=score_mod, block_mask=block_mask,
+                                     enable_gqa=q.shape[1] != k.shape[1])
+
+
+FLEX_ON_CPU = ("attn_impl='flex' trains on CUDA only (torch's FlexAttention has no backward on a CPU); "
+               "use --attn-impl sdpa here.")
+ATTENTION_IMPLS["flex"], ATTENTION_MASKS["flex"] = flex_attention, flex_masks
 
 
 def _median(values: list[float]) -> float:
@@ -4525,9 +4638,10 @@ def decode_bench(model: H64LM, rt: Runtime, new_tokens: int, repeats: int, compi
 
 
 def _decoding(model: H64LM, prompt: torch.Tensor, new_tokens: int, rt: Runtime, compile: bool) -> Callable[[], None]:
-    """A call that decodes new_tokens greedily after each row of prompt (B, T)."""
+    """A call that decodes new_tokens greedily after each row of prompt (B, T). Eager means eager: blocks that
+    bench --compile compiled in place for the training step run uncompiled here (else each new shape recompiles)."""
     def fn():
-        with rt.autocast():
+        with rt.autocast(), torch.compiler.set_stance("default" if compile else "force_eager"):
             for _ in stream_generate(model, prompt.tolist(), new_tokens, temperature=0.0, compile=compile):
                 pass
     return fn
@@ -4610,6 +4724,7 @@ def doctor(rt: Runtime, preset: str = "h64lm", log=print, debug: bool = False) -
     parts |= {"attention kernels": lambda: attention_kernel_rows(config, rt),
               "grouped GEMM": lambda: [grouped_gemm_row(config, rt)],
               "fast paths against their twins": lambda: twin_rows(small, rt),
+              "FlexAttention": lambda: [flex_row(small, rt)],
               "lower precision against float32": lambda: precision_rows(small, rt),
               "compiled decoding": lambda: [decoding_row(small, rt)],
               f"{DOCTOR_STEPS} training steps": lambda: training_rows(config, preset, rt)}
@@ -4782,6 +4897,17 @@ def twin_rows(config: H64LMConfig, rt: Runtime) -> list[dict]:
     return rows
 
 
+def flex_row(config: H64LMConfig, rt: Runtime) -> dict:
+    """FlexAttention (attn_impl="flex", opt-in) against plain attention, with the preset's attention type: outputs
+    and gradients on CUDA; on a CPU the forward alone, all torch runs there (training there takes SDPA)."""
+    config = dataclasses.replace(config, loss_impl="plain")  # so that the outputs compared are the logits
+    cuda = rt.device.type == "cuda"
+    gaps = twin_gaps(config, "attn_impl", "flex", "plain", rt, _doctor_batch(config, rt), backward=cuda)
+    what = "outputs and gradients" if cuda else "outputs, forward only"  # a CPU has no FlexAttention backward
+    return _gap_row("flex_vs_plain_attention", f"FlexAttention vs plain attention {what}", max(gaps),
+                    TWIN_TOLERANCE[rt.dtype])
+
+
 def _doctor_batch(config: H64LMConfig, rt: Runtime) -> torch.Tensor:
     """Two windows of random tokens, (2, T + 1): inputs x[:, :-1], targets x[:, 1:]."""
     torch.manual_seed(0)
@@ -4789,21 +4915,22 @@ def _doctor_batch(config: H64LMConfig, rt: Runtime) -> torch.Tensor:
 
 
 def twin_gaps(config: H64LMConfig, field: str, fast: str, readable: str, rt: Runtime,
-              x: torch.Tensor) -> tuple[float, float]:
+              x: torch.Tensor, backward: bool = True) -> tuple[float, float]:
     """The _gap between two models with the same weights that differ only in how `field` is computed (fast or
     readable): in their outputs (the logits, or the loss when the loss is compared), and the largest over every
-    parameter's gradient."""
+    parameter's gradient (0 with backward=False, which runs the forward alone, without gradients)."""
     models = [H64LM(dataclasses.replace(config, **{field: impl})).to(rt.device) for impl in (fast, readable)]
     models[0].load_state_dict(models[1].state_dict())
     outputs = []
     for model in models:
         torch.manual_seed(0)  # the same router noise in both, where the preset has any
-        with rt.autocast():
+        with rt.autocast(), torch.set_grad_enabled(backward):
             out = model(x[:, :-1], x[:, 1:])
-        out.loss.backward()
+        if backward:
+            out.loss.backward()
         outputs.append(out.loss if field == "loss_impl" else out.logits)
-    grads = [_gap(p.grad, q.grad) for p, q in zip(models[0].parameters(), models[1].parameters())]
-    return _gap(*outputs), max(grads)
+    grads = [_gap(p.grad, q.grad) for p, q in zip(models[0].parameters(), models[1].parameters()) if backward]
+    return _gap(*outputs), max(grads, default=0.0)
 
 
 def _gap(fast: torch.Tensor, readable: torch.Tensor) -> float:
@@ -4865,7 +4992,7 @@ def training_rows(config: H64LMConfig, preset: str, rt: Runtime) -> list[dict]:
     random tokens, a micro-batch each: the recipe's on CUDA, 1 x 128 tokens on CPU, where a step of the h64lm
     model takes seconds. Under torchrun, then, whether the balance bias and the weights are the same everywhere."""
     cpu = {} if rt.device.type == "cuda" else {"batch_size": 1, "seq_len": min(128, config.max_position_embeddings)}
-    tc = TrainConfig(**{**TRAIN_RECIPES.get(preset, {}), **cpu, "grad_accum": 1})
+    tc = TrainConfig(**{**TRAIN_RECIPES.get(preset, {}), **cpu, "grad_accum": 1, "compile": False})  # eager: quick
     run = synthetic_run(config, tc, rt)
     if rt.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(rt.device)
@@ -4896,7 +5023,8 @@ def sharded_rows(config: H64LMConfig, rt: Runtime) -> list[dict]:
     from the same weights on the same tokens (their losses, relative, within the tolerance of a fast path against
     its twin: the gradients are reduced in another order, and on CUDA gathered in bf16), the share of the weights
     each process holds, which must be its 1/N, and the aux_free bias, which must be the same on every process."""
-    tc = TrainConfig(batch_size=2, grad_accum=1, seq_len=config.max_position_embeddings, optimizer="adamw")
+    tc = TrainConfig(batch_size=2, grad_accum=1, seq_len=config.max_position_embeddings, optimizer="adamw",
+                     compile=False)
     losses = {}
     for shard in (False, True):
         run = synthetic_run(config, dataclasses.replace(tc, shard=shard), rt)
@@ -5195,7 +5323,7 @@ def add_dataclass_flags(group, cls, overrides: dict[str, dict]) -> None:
         changed = ", ".join(f"{name}: {values[f.name]}" for name, values in overrides.items() if f.name in values)
         text = comments.get(f.name, "").replace("%", "%%") + f" (default: {default}{'; ' + changed if changed else ''})"
         flag = "--" + f.name.replace("_", "-")
-        if f.type == "bool":
+        if f.type in ("bool", "bool | None"):
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text)
         elif f.name in CHOICES:
             group.add_argument(flag, choices=CHOICES[f.name], default=argparse.SUPPRESS, help=text)

@@ -1,5 +1,5 @@
 """The book and the workshop: Part I of h64lm.py (everything above the line that begins "# Part II") is a complete
-program of at most 3,000 lines that names nothing of Part II, and cut at that line it trains, resumes, evaluates and
+program of at most 3,200 lines that names nothing of Part II, and cut at that line it trains, resumes, evaluates and
 generates with exactly the numbers of the whole file's commands."""
 
 import ast
@@ -52,8 +52,10 @@ def globals_read(table: symtable.SymbolTable) -> set[str]:
     return names
 
 
-def test_the_marker_exists_and_part_one_is_at_most_3000_lines():
-    assert 0 < MARK <= 3000, f"Part I has {MARK} lines"
+def test_the_marker_exists_and_part_one_is_at_most_3200_lines():
+    # 3,000 at the split (issue 32); the attention lab's budget (issue 35) adds 200 for the seams that the GPU's
+    # second pass (issue 33) and the lab need: other attentions, the chunked loss compiled on a GPU.
+    assert 0 < MARK <= 3200, f"Part I has {MARK} lines"
     assert "# Part II" in SOURCE and SOURCE.count("\n# Part II") == 1
 
 

@@ -153,3 +153,124 @@ def test_the_kernel_taken_is_read_from_the_call(monkeypatch):
     assert h64lm.sdpa_kernel_taken(model, ids, rt) == "flash"
     with sdpa_kernel([SDPBackend.MATH]):
         assert h64lm.sdpa_kernel_taken(model, ids, rt) == "unfused math"
+
+
+# --- 2. FlexAttention: ALiBi as a score_mod, causality, window and padding as a BlockMask ------------------------
+
+@pytest.mark.slow
+def test_flex_attentions_forward_equals_plain_attention_with_padding_a_window_and_gqa():
+    # torch runs FlexAttention on a CPU only without gradients; its backward is compared in tests/gpu_first_run.py.
+    torch.manual_seed(0)
+    config = h64lm.H64LMConfig.from_preset("tiny", vocab_size=256, num_layers=2, sliding_window=8, loss_impl="plain")
+    assert config.num_heads > config.num_kv_heads and config.use_alibi and config.use_rope
+    plain = h64lm.H64LM(dataclasses.replace(config, attn_impl="plain"))
+    flex = h64lm.H64LM(dataclasses.replace(config, attn_impl="flex"))
+    flex.load_state_dict(plain.state_dict())
+    ids = torch.randint(0, 256, (2, 24))
+    positions = torch.arange(24)[None].repeat(2, 1) - torch.tensor([[0], [5]])  # row 1 left-padded by 5
+    positions = positions.masked_fill(positions < 0, -1)
+    with torch.no_grad():
+        for kwargs in ({"positions": positions}, {}):  # generation's padded rows; training's shared positions
+            torch.testing.assert_close(flex(ids, **kwargs).logits, plain(ids, **kwargs).logits, rtol=1e-5,
+                                       atol=1e-5)
+    with pytest.raises(h64lm.H64LMError, match="trains on CUDA only"):
+        flex(ids, ids)
+
+
+def test_training_with_flex_attention_on_a_cpu_is_refused_before_anything_is_written(tmp_path, capsys):
+    argv = ["train", "--preset", "tiny", "--attn-impl", "flex", "--device", "cpu", "--out-dir", str(tmp_path / "o")]
+    assert h64lm.main(argv) == 2
+    assert "attn_impl='flex' trains on CUDA only" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+# --- 4. The chunked loss's elementwise passes, compiled on a GPU -------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_the_compiled_chunk_loss_equals_cross_entropy_in_values_and_gradients(monkeypatch, dtype):
+    # CUDA's path, compiled on this CPU: chunks that do not divide the rows, ignored targets, and each autocast
+    # dtype (fp16 through a gradient scaler, whose factor must reach p / n before fp16 does).
+    monkeypatch.setattr(h64lm, "COMPILED_LOSS_DEVICES", ("cpu",))
+    monkeypatch.setattr(h64lm, "_chunk_rows", lambda device, vocab_size: 48)
+    compiled = []
+    chunk_loss = h64lm.compiled_chunk_loss()
+    monkeypatch.setattr(h64lm, "compiled_chunk_loss", lambda: lambda *a: compiled.append(1) or chunk_loss(*a))
+    torch.manual_seed(0)
+    N, D, V = 200, 16, 3000
+    x = torch.randn(N, D, requires_grad=True)
+    weight = (torch.randn(V, D) * 0.5).requires_grad_()
+    targets = torch.randint(0, V, (N,))
+    targets[::5] = -100
+    reference = F.cross_entropy(F.linear(x.double(), weight.double()), targets, ignore_index=-100)
+    ref_dx, ref_dw = torch.autograd.grad(reference, (x, weight))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16, enabled=dtype == torch.float16)
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        loss = h64lm.linear_cross_entropy(x, weight, targets)
+    scaler.scale(loss).backward()
+    assert len(compiled) == 5  # 200 rows in chunks of 48
+    dx, dw = x.grad / scaler.get_scale(), weight.grad / scaler.get_scale()
+    tolerance = 1e-6 if dtype == torch.float32 else 2e-2
+    assert abs(loss.item() - reference.item()) <= tolerance * reference.item()
+    assert (dw - ref_dw).norm() / ref_dw.norm() < tolerance
+    assert (dx - ref_dx).norm() / ref_dx.norm() < tolerance
+
+
+# --- Compiled decoding with CUDA graphs; bench's eager decoding left eager ----------------------------------------
+
+@pytest.mark.slow
+def test_compiled_decoding_in_cudas_mode_is_one_graph_without_breaks_or_recompiles_over_64_tokens(monkeypatch):
+    # mode="reduce-overhead" (CUDA graphs) on this CPU, which compiles it and records no graph: one graph for 63
+    # decoding steps, the eager tokens, for a batch with left padding.
+    from torch._dynamo.utils import counters
+    monkeypatch.setattr(h64lm, "CUDA_GRAPH_DEVICES", ("cpu",))
+    modes = []
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: modes.append(kw.get("mode")) or compile_(fn, **kw))
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = h64lm.H64LM(h64lm.H64LMConfig.from_preset("tiny", vocab_size=256, num_layers=2))
+    prompts = [torch.randint(3, 256, (n,)).tolist() for n in (5, 9)]
+    eager = h64lm.generate(model, prompts, 64, temperature=0)
+    counters.clear()
+    assert h64lm.generate(model, prompts, 64, temperature=0, compile=True) == eager
+    assert modes == ["reduce-overhead"]
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"], dict(counters)
+    torch._dynamo.reset()
+
+
+def test_benchs_eager_decoding_runs_blocks_compiled_for_training_uncompiled():
+    # bench --compile compiles the blocks in place for the training step; eager decoding then recompiled them for
+    # every new shape (16-token prompt, then 1 token with a growing cache), and timed the compiler.
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = h64lm.compile_blocks(h64lm.H64LM(h64lm.H64LMConfig.from_preset("tiny", vocab_size=256, num_layers=2)))
+    rt = h64lm.Runtime(device=torch.device("cpu"))
+    counters.clear()
+    h64lm._decoding(model, torch.randint(3, 256, (2, 16)), 4, rt, compile=False)()
+    assert counters["stats"]["unique_graphs"] == 0, dict(counters["stats"])
+    torch._dynamo.reset()
+
+
+# --- train compiles by default on CUDA, and says how long compiling took --------------------------------------------
+
+@pytest.mark.parametrize("device,flag,compiled", [("cuda", None, True), ("cpu", None, False), ("cuda", "--no-compile",
+                                                   False), ("cpu", "--compile", True)])
+def test_train_compiles_by_default_on_cuda_and_not_on_a_cpu(device, flag, compiled):
+    args = h64lm.build_parser().parse_args(["train", *([flag] if flag else [])])
+    _, tc, *_ = h64lm.train_settings(args)
+    assert h64lm.compiles(tc, h64lm.Runtime(device=torch.device(device))) is compiled
+
+
+@pytest.mark.slow
+def test_a_compiled_runs_first_step_reports_its_compile_time_on_its_own_line(corpus, tmp_path):
+    from conftest import TINY_FLAGS, run_cli
+    import json
+    result = run_cli("train", *TINY_FLAGS, "--compile", "--data", corpus, "--out-dir", tmp_path, "--cache-dir",
+                     tmp_path / "cache", "--batch-size", "2", "--max-steps", "3", "--eval-every", "3", "--device", "cpu")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "step 1 compiled the blocks: " in result.stdout + result.stderr
+    first, *rest = json.loads((tmp_path / "tiny" / "training_history.json").read_text())["train"]
+    assert first["compile_seconds"] > 0 and "tokens_per_s" not in first and "mfu" not in first
+    assert all(r["tokens_per_s"] > 0 and "compile_seconds" not in r for r in rest)
