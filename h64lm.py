@@ -1,7 +1,7 @@
 """H64LM: a Mixture-of-Experts language model, from scratch, in one file.
 
 The file is a book and a workshop. Part I, the book (sections 1-18, lines 1 to
-3031: everything above the line that begins "# Part II"), is a complete program
+3043: everything above the line that begins "# Part II"), is a complete program
 that builds every part of a modern sparse transformer before the whole that uses
 it, then trains, resumes, evaluates and generates. Part II, the workshop, is
 what a reader may skip: it adds guards, sharding, the routing lab, export,
