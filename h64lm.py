@@ -1076,8 +1076,8 @@ def softmax_cross_entropy(z: torch.Tensor, targets: torch.Tensor, counted: torch
 
 
 # On a GPU the chunk's elementwise passes (a cast, max, exp, sum, the softmax, the one-hot, a cast back), each a
-# read and a write of (c, V) floats, cost more than its matrix multiplies; compiled, they fuse into two. On a CPU
-# they are a small part of the step, and compiling would add seconds to every process.
+# read and a write of (c, V) floats, take longer than its matrix multiplies; compiled, they fuse into a few
+# kernels. On a CPU compiling would add seconds to every process for a part of the step not measured to be slow.
 COMPILED_LOSS_DEVICES = ("cuda",)
 
 
@@ -4439,10 +4439,12 @@ COMPILED_DECODING = compiled_decoding
 # and whether it pays on a GPU is for tests/gpu_first_run.py to measure.
 
 @functools.cache
-def compiled_flex_attention() -> Callable:
-    """flex_attention compiled, once per process: uncompiled, it is a reference that stores every score."""
+def compiled_flex_attention(device_type: str) -> Callable:
+    """flex_attention compiled, once per process and device type: uncompiled, it is a reference that stores every
+    score. On a CPU each new shape compiles anew (dynamic=False): torch 2.13's C++ kernel for FlexAttention fails
+    to build with dynamic shapes ("cur_qSplitSize2 was not declared")."""
     from torch.nn.attention.flex_attention import flex_attention
-    return torch.compile(flex_attention)
+    return torch.compile(flex_attention, dynamic=False if device_type == "cpu" else None)
 
 
 def flex_masks(model: H64LM, q_pos: torch.Tensor, k_pos: torch.Tensor, plain_causal: bool) -> tuple:
@@ -4476,8 +4478,8 @@ def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masks: tup
     if q.device.type != "cuda" and torch.is_grad_enabled() and q.requires_grad:
         raise H64LMError(FLEX_ON_CPU)
     score_mod, block_mask = masks
-    return compiled_flex_attention()(q, k, v, score_mod=score_mod, block_mask=block_mask,
-                                     enable_gqa=q.shape[1] != k.shape[1])
+    return compiled_flex_attention(q.device.type)(q, k, v, score_mod=score_mod, block_mask=block_mask,
+                                                  enable_gqa=q.shape[1] != k.shape[1])
 
 
 FLEX_ON_CPU = ("attn_impl='flex' trains on CUDA only (torch's FlexAttention has no backward on a CPU); "
@@ -4538,8 +4540,16 @@ def bench(preset: str = "tiny", device: str = "auto", precision: str = "auto", s
     result = step_figures(run.model, preset, rt, batch_size, run.seq_len, seconds, peak_memory)
     result["optimizer"] = run.tc.optimizer
     result.update(moe_overhead(run.config, run.tokens_per_step, rt, repeats))
-    result.update(decode_bench(run.model, rt, decode_tokens, repeats, compile))
+    result.update(decode_bench(uncompiled(run.model) if compile else run.model, rt, decode_tokens, repeats, compile))
     return result
+
+
+def uncompiled(model: H64LM) -> H64LM:
+    """A copy of model whose blocks are not compiled: --compile compiles the training step's blocks in place, and
+    decoding through them would recompile them at every new shape, timing the compiler as eager decoding."""
+    copy = H64LM(model.config).to(model.embed.weight.device)
+    copy.load_state_dict(model.state_dict())
+    return copy
 
 
 def bench_run(preset: str, rt: Runtime, seq_len: int | None, batch_size: int, compile: bool = False,
@@ -4638,10 +4648,9 @@ def decode_bench(model: H64LM, rt: Runtime, new_tokens: int, repeats: int, compi
 
 
 def _decoding(model: H64LM, prompt: torch.Tensor, new_tokens: int, rt: Runtime, compile: bool) -> Callable[[], None]:
-    """A call that decodes new_tokens greedily after each row of prompt (B, T). Eager means eager: blocks that
-    bench --compile compiled in place for the training step run uncompiled here (else each new shape recompiles)."""
+    """A call that decodes new_tokens greedily after each row of prompt (B, T)."""
     def fn():
-        with rt.autocast(), torch.compiler.set_stance("default" if compile else "force_eager"):
+        with rt.autocast():
             for _ in stream_generate(model, prompt.tolist(), new_tokens, temperature=0.0, compile=compile):
                 pass
     return fn
