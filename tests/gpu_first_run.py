@@ -170,7 +170,7 @@ def train_part(s: dict, device: str, folder: Path) -> dict:
         raise RuntimeError(f"exit status {result.returncode}: {result.stderr.strip()[-1500:]}")
     history = json.loads((folder / "first-run" / "training_history.json").read_text())
     timed = [r for r in history["train"] if "tokens_per_s" in r]
-    return {"steps": history["train"][-1]["step"], "first_lm_loss": history["train"][0]["lm_loss"],
+    return {"steps": history["train"][-1]["step"] + 1, "first_lm_loss": history["train"][0]["lm_loss"],
             "last_lm_loss": history["train"][-1]["lm_loss"], "val_losses": [v["loss"] for v in history["val"]],
             "median_tokens_per_s": h64lm._median([r["tokens_per_s"] for r in timed]),
             "median_mfu": h64lm._median([r["mfu"] for r in timed]) if timed and "mfu" in timed[0] else None,
