@@ -74,7 +74,8 @@ def bench_part(s: dict, device: str, compile: bool) -> dict:
                                    *(["--compile"] if compile else []), timeout=s["part_timeout"]))
     bandwidth, source = memory_bandwidth(torch.device(device))
     config = h64lm.H64LMConfig(**result["config"])
-    result |= {"bandwidth_bytes_per_s": bandwidth, "bandwidth_source": source}
+    result |= {"bandwidth_bytes_per_s": bandwidth, "bandwidth_source": source,
+               "peak_memory_gib": result["peak_memory_bytes"] / 2**30}
     for suffix, batch in (("", 1), ("_batch8", 8)):
         roofline = batch * bandwidth / decode_bytes(config, batch)
         result[f"roofline_tokens_per_s{suffix}"] = roofline
@@ -189,7 +190,7 @@ def summary(result: dict) -> list[str]:
     lines.append(f"doctor: {get('doctor', 'checks', '{}')} checks, failed: {p.get('doctor', {}).get('failed')}")
     for part in ("bench_eager", "bench_compiled"):
         lines.append(f"{part}: {get(part, 'tokens_per_s')} tokens/s, MFU {get(part, 'utilization', '{:.1%}')}, "
-                     f"peak memory {get(part, 'peak_memory_bytes', '{:,.0f}')} B, MoE layer / dense "
+                     f"peak memory {get(part, 'peak_memory_gib', '{:.2f}')} GiB, MoE layer / dense "
                      f"{get(part, 'moe_overhead', '{:.2f}')}x")
         for suffix, batch in (("", 1), ("_batch8", 8)):
             key = "decode_compiled" if part == "bench_compiled" else "decode"
