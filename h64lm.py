@@ -1034,7 +1034,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         chunk_loss = compiled_chunk_loss() if x.device.type in COMPILED_LOSS_DEVICES else softmax_cross_entropy
         for start in range(0, x.shape[0], chunk_rows):
             rows = slice(start, start + chunk_rows)
-            loss, g = chunk_loss(xc[rows] @ wc.T, targets[rows], counted[rows], with_grad)  # (c, V) logits in
+            loss, g = chunk_loss(xc[rows] @ wc.T, targets[rows], counted[rows], with_grad)  # from (c, V) logits
             total += loss
             if with_grad:
                 grad_x[rows] = g @ wc  # (c, D)
