@@ -1,7 +1,7 @@
 """H64LM: a Mixture-of-Experts language model, from scratch, in one file.
 
 The file is a book and a workshop. Part I, the book (sections 1-18, lines 1 to
-3043: everything above the line that begins "# Part II"), is a complete program
+3049: everything above the line that begins "# Part II"), is a complete program
 that builds every part of a modern sparse transformer before the whole that uses
 it, then trains, resumes, evaluates and generates. Part II, the workshop, is
 what a reader may skip: it adds guards, sharding, the routing lab, export,
@@ -2897,8 +2897,9 @@ def strip_prefixes(state: dict) -> dict:
 
 def checked_weights(ckpt: dict, config: H64LMConfig, path) -> dict:
     """The checkpoint's weights (prefixes stripped), once their names and shapes are those of the model the config
-    describes. Compared before the model is allocated: a config edited by hand (20,000 experts, say) is refused,
-    not built, and so is a checkpoint that lost a weight."""
+    describes, and their dtypes floating point (float32 in a .pt checkpoint, which is saved so and records no
+    dtype). Compared before the model is allocated: a config edited by hand (20,000 experts, say) is refused, not
+    built, and so is a checkpoint that lost a weight or whose weights became integers."""
     with torch.device("meta"):  # the model's shapes, without its memory
         expected = {name: tuple(t.shape) for name, t in H64LM(config).state_dict().items()}
     state = strip_prefixes(ckpt.get("model") if isinstance(ckpt.get("model"), dict) else {})
@@ -2908,6 +2909,11 @@ def checked_weights(ckpt: dict, config: H64LMConfig, path) -> dict:
         raise H64LMError(f"The weights in {path} do not fit the model its config describes ({wrong[0]}: "
                          f"{expected.get(wrong[0], 'absent')} expected, {found.get(wrong[0], 'absent')} found); the "
                          "file is damaged or was edited.")
+    pt = Path(path).suffix == ".pt"
+    for name, t in state.items():
+        if torch.is_tensor(t) and not (t.dtype == torch.float32 if pt else t.is_floating_point()):
+            raise H64LMError(f"The weight {name} in {path} is {str(t.dtype).removeprefix('torch.')}, not "
+                             f"{'float32' if pt else 'floating point'}; the file is damaged or was edited.")
     return state
 
 
@@ -5609,11 +5615,12 @@ def train_settings(args: argparse.Namespace) -> tuple[H64LMConfig, TrainConfig, 
     if not isinstance(saved_tc, dict) or "step" not in trained.ckpt:
         raise H64LMError(f"{resume} holds weights but no training state; start a new run instead.")
     check_same_model(saved, given.get("preset"), model_flags, resume)
-    fixed = {k: v for k, v in train_flags.items() if k not in RESUMABLE_FLAGS | {"run_name", "out_dir"}
-             and with_defaults(saved_tc)[k] != v}
+    run_tc = with_defaults(saved_tc)
+    fixed = [f"{flag_text(k, v)} (the run's: {flag_text(k, run_tc[k])})" for k, v in train_flags.items()
+             if k not in RESUMABLE_FLAGS | {"run_name", "out_dir"} and run_tc[k] != v]
     if fixed:
-        raise H64LMError(f"--resume cannot change {', '.join('--' + k.replace('_', '-') for k in fixed)}: the run "
-                         "would no longer continue the same way; start a new --run-name instead.")
+        raise H64LMError(f"--resume cannot change {', '.join(fixed)}: the run would no longer continue the same "
+                         "way; start a new --run-name instead.")
     try:  # the training settings not given are the run's own, never the preset's recipe
         tc = TrainConfig(**{**saved_tc, **train_flags, "out_dir": str(resume.parent.parent),
                             "run_name": resume.parent.name, "overwrite": False})
@@ -5674,9 +5681,17 @@ def check_same_model(saved: H64LMConfig, preset: str | None, model_flags: dict, 
     it makes with the model flags given (to_dict: what the model is, the implementations left out)."""
     have = saved.to_dict()
     wanted = {**(H64LMConfig.from_preset(preset).to_dict() if preset else have), **model_flags}
+
+    def same(k: str, v) -> bool:  # moe_layers by the layers it names: "odd" and "1,3" are one 4-layer model's
+        if k != "moe_layers" or v == have[k]:
+            return v == have[k]
+        try:
+            return saved._parse_moe_layers(v, saved.num_layers) == saved.moe_layer_ids
+        except ValueError:
+            return False
     differ = [f"{flag_text(k, v)} differs from its {'none' if have[k] is None else have[k]}"
-              for k, v in model_flags.items() if v != have[k]]
-    by_preset = [f"{k} ({wanted[k]}, its {have[k]})" for k in have if k not in model_flags and wanted[k] != have[k]]
+              for k, v in model_flags.items() if not same(k, v)]
+    by_preset = [f"{k} ({wanted[k]}, its {have[k]})" for k in have if k not in model_flags and not same(k, wanted[k])]
     if by_preset:
         differ.append(f"--preset {preset} differs in {', '.join(by_preset)}")
     if differ:

@@ -448,3 +448,55 @@ def test_a_run_folder_means_best_pt_to_open_and_latest_pt_to_resume(tmp_path):
     assert h64lm.resolve_checkpoint(run / "latest.pt", latest=True) == run / "latest.pt"  # a file is itself
     with pytest.raises(h64lm.H64LMError, match="Nothing to resume at"):
         h64lm.resolve_checkpoint(export, latest=True)
+
+
+# --- Loose ends (issue 34): what a resume names, and what a model flag means --------------------------------------
+
+def test_resume_refusing_a_training_flag_names_both_values(saved_run, capsys):
+    before = _snapshot(saved_run.parent)
+    assert h64lm.main(["train", "--resume", str(saved_run), "--batch-size", "2", "--seed", "7"]) == 2
+    err = capsys.readouterr().err
+    assert "--resume cannot change --batch-size 2 (the run's: --batch-size 4), --seed 7 (the run's: --seed " in err
+    assert _snapshot(saved_run.parent) == before
+
+
+def test_resume_compares_moe_layers_by_the_layers_they_name(saved_run, capsys):
+    # The run has 2 layers with moe_layers "odd": layer 1. "1" names the same layers; "0" and "all" do not.
+    config, *_ = settings("--resume", saved_run, "--moe-layers", "1")
+    assert config.moe_layers == "odd"  # the run's own, which means the same
+    for other in ("0", "all"):
+        assert h64lm.main(["train", "--resume", str(saved_run), "--moe-layers", other]) == 2
+        assert f"--moe-layers {other} differs from its odd" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dtype,suffix,refused", [(torch.int64, ".pt", "int64, not float32"),
+                                                  (torch.bfloat16, ".pt", "bfloat16, not float32"),
+                                                  (torch.int32, ".safetensors", "int32, not floating point"),
+                                                  (torch.bfloat16, ".safetensors", None)])
+def test_a_checkpoint_whose_weights_are_not_floating_point_is_refused_by_name(dtype, suffix, refused):
+    # Names and shapes were checked; an int64 tensor of the right shape loaded and ran. A .pt checkpoint is saved in
+    # float32 and records no dtype; an exported safetensors file may hold bf16 (export --dtype), never integers.
+    config = h64lm.H64LMConfig.from_preset("tiny", num_layers=2)
+    state = h64lm.H64LM(config).state_dict()
+    state["blocks.1.ffn.w_up"] = state["blocks.1.ffn.w_up"].to(dtype)
+    path = f"run/model{suffix}"
+    if refused is None:
+        assert h64lm.checked_weights({"model": state}, config, path)["blocks.1.ffn.w_up"].dtype == dtype
+        return
+    with pytest.raises(h64lm.H64LMError) as e:
+        h64lm.checked_weights({"model": state}, config, path)
+    assert str(e.value) == (f"The weight blocks.1.ffn.w_up in {path} is {refused}; the file is damaged or was "
+                            "edited.")
+
+
+def test_eval_refuses_a_pt_checkpoint_with_integer_weights_in_one_sentence(saved_run, tmp_path):
+    ckpt = torch.load(saved_run / "latest.pt", weights_only=True)
+    name = next(iter(ckpt["model"]))
+    ckpt["model"][name] = ckpt["model"][name].long()
+    torch.save(ckpt, tmp_path / "int.pt")
+    before = (tmp_path / "int.pt").read_bytes()
+    result = run_cli("eval", "--ckpt", tmp_path / "int.pt", "--data", "sample", "--device", "cpu")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (f"error: The weight {name} in {tmp_path / 'int.pt'} is int64, "
+                                                       "not float32; the file is damaged or was edited.")
+    assert (tmp_path / "int.pt").read_bytes() == before
