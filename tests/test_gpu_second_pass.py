@@ -1,6 +1,7 @@
 """The GPU run's second pass (issue 33): seven defects a first run on an H100 or on 8 GPUs would hit, each found by
-reading torch's sources and each shown here on the CPU twin torch offers. Every test failed on the code before its
-fix."""
+reading torch's sources and each shown here on the CPU twin torch offers (defect 6, the doctor under torchrun, is in
+test_doctor.py); then compiling by default on CUDA, CUDA graphs for decoding, and bench's eager decoding. Every test
+failed on the code before its fix."""
 
 import dataclasses
 
